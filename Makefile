@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned to what the reference machine ships on disk (a CUDA build that also
+# runs on the CPU). Override for another platform, e.g. TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install demo serve test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/finetune demo --port $(PORT)
+
+serve: install
+	$(BIN)/finetune serve --port $(PORT)
+
+test: install
+	bash .ci/services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy service worker
+
+bench: install
+	$(BIN)/python benchmarks/epoch_overhead.py
+
+clean:
+	rm -rf var .pytest_cache

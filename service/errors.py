@@ -1,0 +1,102 @@
+"""One error type and one error body: `{"error_code": ..., "detail": ...}`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorCode(str, Enum):
+    # (code, http status)
+    VALIDATION_ERROR = "VALIDATION_ERROR"
+    NOT_FOUND = "NOT_FOUND"
+    DATASET_NOT_FOUND = "DATASET_NOT_FOUND"
+    DATASET_NOT_ZIP = "DATASET_NOT_ZIP"
+    DATASET_EMPTY = "DATASET_EMPTY"
+    DATASET_LAYOUT = "DATASET_LAYOUT"
+    DATASET_TOO_FEW_CLASSES = "DATASET_TOO_FEW_CLASSES"
+    DATASET_CLASS_TOO_SMALL = "DATASET_CLASS_TOO_SMALL"
+    DATASET_NO_VALID_IMAGES = "DATASET_NO_VALID_IMAGES"
+    UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    JOB_NOT_FINISHED = "JOB_NOT_FINISHED"
+    MODEL_NOT_AVAILABLE = "MODEL_NOT_AVAILABLE"
+    UNKNOWN_BACKBONE = "UNKNOWN_BACKBONE"
+    BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    # Recorded on failed jobs, not returned by routes.
+    TRAINING_FAILED = "TRAINING_FAILED"
+    WEIGHTS_UNAVAILABLE = "WEIGHTS_UNAVAILABLE"
+    DATA_ERROR = "DATA_ERROR"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.VALIDATION_ERROR: 422,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.DATASET_NOT_FOUND: 404,
+    ErrorCode.DATASET_NOT_ZIP: 415,
+    ErrorCode.DATASET_EMPTY: 422,
+    ErrorCode.DATASET_LAYOUT: 422,
+    ErrorCode.DATASET_TOO_FEW_CLASSES: 422,
+    ErrorCode.DATASET_CLASS_TOO_SMALL: 422,
+    ErrorCode.DATASET_NO_VALID_IMAGES: 422,
+    ErrorCode.UPLOAD_TOO_LARGE: 413,
+    ErrorCode.JOB_NOT_FOUND: 404,
+    ErrorCode.JOB_NOT_FINISHED: 409,
+    ErrorCode.MODEL_NOT_AVAILABLE: 409,
+    ErrorCode.UNKNOWN_BACKBONE: 422,
+    ErrorCode.BROKER_UNAVAILABLE: 503,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
+}
+
+
+class ServiceError(Exception):
+    def __init__(self, code: ErrorCode, detail: str, extra: dict[str, Any] | None = None):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.extra = extra or {}
+
+    @property
+    def status_code(self) -> int:
+        return _STATUS.get(self.code, 500)
+
+    def body(self) -> dict[str, Any]:
+        return {"error_code": self.code.value, "detail": self.detail, **self.extra}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}")
+        body = {
+            "error_code": ErrorCode.VALIDATION_ERROR.value,
+            "detail": "; ".join(problems) or "invalid request",
+            "errors": [
+                {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                for e in exc.errors()
+            ],
+        }
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.VALIDATION_ERROR
+        if exc.status_code >= 500:
+            code = ErrorCode.INTERNAL_ERROR
+        return JSONResponse(
+            {"error_code": code.value, "detail": str(exc.detail)}, status_code=exc.status_code
+        )

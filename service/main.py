@@ -1,0 +1,32 @@
+"""The FastAPI application. It never imports torch or worker code."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from service.errors import install_error_handlers
+from service.middleware import BodySizeLimit
+from service.routes import backbones, datasets, health, jobs
+from service.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = FastAPI(
+        title="finetune",
+        version="0.1.0",
+        description="Upload labeled images, fine-tune a pretrained backbone, download the model.",
+    )
+    install_error_handlers(app)
+    for router in (health.router, datasets.router, jobs.router, backbones.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    return app
+
+
+app = create_app()

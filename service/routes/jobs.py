@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy import func, select
+
+from service import queue, transitions
+from service.db import as_utc, utcnow
+from service.deps import SessionDep, SettingsDep, StoreDep
+from service.errors import ErrorCode, ServiceError
+from service.models import Dataset, Job, JobMetric, JobStatus, new_id
+from service.schemas import (
+    JobCreate,
+    JobError,
+    JobPublic,
+    JobsPublic,
+    MetricPublic,
+    MetricsPublic,
+    Progress,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# What GET /v1/jobs/{id}/model can return: name -> (key in job.result, media type, suffix)
+MODEL_FORMATS: dict[str, tuple[str, str, str]] = {
+    "zip": ("bundle_key", "application/zip", "model.zip"),
+    "safetensors": ("safetensors_key", "application/octet-stream", "model.safetensors"),
+    "torchscript": ("torchscript_key", "application/octet-stream", "model.torchscript.pt"),
+    "metadata": ("metadata_key", "application/json", "metadata.json"),
+}
+
+
+def job_public(job: Job) -> JobPublic:
+    total = job.total_steps or 0
+    fraction = 1.0 if job.status == JobStatus.SUCCEEDED.value else (
+        min(1.0, job.step / total) if total else 0.0
+    )
+    heartbeat = as_utc(job.heartbeat_at)
+    error = (
+        JobError(code=job.error_code, message=job.error_message or "")
+        if job.error_code
+        else None
+    )
+    return JobPublic(
+        id=job.id,
+        dataset_id=job.dataset_id,
+        status=job.status,
+        config=job.config,
+        created_at=as_utc(job.created_at),  # type: ignore[arg-type]
+        started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at),
+        heartbeat_at=heartbeat,
+        heartbeat_age_seconds=(utcnow() - heartbeat).total_seconds() if heartbeat else None,
+        attempts=job.attempts,
+        progress=Progress(
+            phase=job.phase,
+            epoch=job.epoch,
+            total_epochs=job.total_epochs or job.config.get("epochs", 0),
+            step=job.step,
+            total_steps=total,
+            fraction=round(fraction, 4),
+            eta_seconds=job.eta_seconds,
+            updated_at=as_utc(job.progress_at),
+        ),
+        latest_metrics=job.latest_metrics,
+        best_metrics=job.best_metrics,
+        error=error,
+        model_available=job.status == JobStatus.SUCCEEDED.value and bool(job.result),
+    )
+
+
+def _get_job(session: SessionDep, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise ServiceError(ErrorCode.JOB_NOT_FOUND, f"job {job_id!r} not found")
+    return job
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobPublic:
+    """Queue a fine-tuning job. The row is committed first, then the task is sent by name."""
+    ds = session.get(Dataset, body.dataset_id)
+    if ds is None:
+        raise ServiceError(
+            ErrorCode.DATASET_NOT_FOUND,
+            f"dataset {body.dataset_id!r} not found; upload one with POST /v1/datasets",
+        )
+    val_min = min(ds.class_counts.values())
+    if val_min * body.val_fraction < 1 and val_min < 2:
+        raise ServiceError(
+            ErrorCode.VALIDATION_ERROR,
+            "every class needs at least 2 images to hold one out for validation",
+        )
+    config = body.model_dump(mode="json")
+    config["dataset_sha256"] = ds.sha256
+    job = Job(
+        id=new_id("job"),
+        dataset_id=ds.id,
+        status=JobStatus.QUEUED.value,
+        config=config,
+        total_epochs=body.epochs,
+    )
+    session.add(job)
+    session.commit()
+    try:
+        queue.send_train(job.id, settings)
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job.id)
+        transitions.fail(
+            session,
+            job.id,
+            code=ErrorCode.BROKER_UNAVAILABLE.value,
+            message=f"the job could not be queued: {exc}",
+        )
+        raise ServiceError(
+            ErrorCode.BROKER_UNAVAILABLE,
+            f"the job queue is unreachable; job {job.id} was recorded as failed, submit again",
+        ) from exc
+    session.refresh(job)
+    return job_public(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[JobStatus | None, Query()] = None,
+    dataset_id: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPublic:
+    query = select(Job)
+    count_query = select(func.count()).select_from(Job)
+    if status is not None:
+        query = query.where(Job.status == status.value)
+        count_query = count_query.where(Job.status == status.value)
+    if dataset_id is not None:
+        query = query.where(Job.dataset_id == dataset_id)
+        count_query = count_query.where(Job.dataset_id == dataset_id)
+    rows = session.scalars(
+        query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    return JobsPublic(data=[job_public(j) for j in rows], count=session.scalar(count_query) or 0)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job_id: str, session: SessionDep) -> JobPublic:
+    return job_public(_get_job(session, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic)
+def read_job_metrics(job_id: str, session: SessionDep) -> MetricsPublic:
+    _get_job(session, job_id)
+    rows = session.scalars(
+        select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
+    ).all()
+    data = [
+        MetricPublic.model_validate(r, from_attributes=True) for r in rows
+    ]
+    return MetricsPublic(data=data, count=len(data))
+
+
+@router.get(
+    "/{job_id}/model",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+)
+def download_model(
+    job_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    format: Literal["zip", "safetensors", "torchscript", "metadata"] = "zip",  # noqa: A002
+) -> StreamingResponse:
+    """The trained model. `zip` bundles safetensors weights, metadata.json and TorchScript."""
+    job = _get_job(session, job_id)
+    if job.status != JobStatus.SUCCEEDED.value or not job.result:
+        raise ServiceError(
+            ErrorCode.MODEL_NOT_AVAILABLE,
+            f"job {job_id} is {job.status}; a model is available once it has succeeded",
+        )
+    result_key, media_type, filename = MODEL_FORMATS[format]
+    key = job.result[result_key]
+    return StreamingResponse(
+        store.iter_chunks(key),
+        media_type=media_type,
+        headers={
+            "Content-Disposition": f'attachment; filename="{job_id}-{filename}"',
+            "Content-Length": str(store.size(key)),
+        },
+    )

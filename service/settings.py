@@ -1,0 +1,96 @@
+"""All configuration, read once from the environment (or a `.env` file).
+
+This is the only module that reads environment variables. Every name below is the
+upper-cased field name (`database_url` -> `DATABASE_URL`); docker-compose.yml sets the
+same names, and a test checks that they agree.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Where the embedded default keeps its SQLite files, local objects and caches.
+    data_dir: Path = DEFAULT_DATA_DIR
+
+    # Empty means "embedded default": SQLite / kombu-over-SQLite under data_dir.
+    database_url: str = ""
+    broker_url: str = ""
+    task_queue: str = "finetune"
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "finetune"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    # Upload and dataset limits.
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    min_images_per_class: int = Field(default=2, ge=1)
+
+    # Worker side.
+    worker_cache_dir: Path | None = None
+    weights_dir: Path | None = None
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    progress_interval_seconds: float = Field(default=2.0, ge=0)
+    dataloader_workers: int = Field(default=-1, ge=-1)  # -1: sized to the host
+
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str, info: ValidationInfo) -> str:
+        levels = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+        if v.upper() not in levels:
+            raise ValueError(f"LOG_LEVEL={v!r} is not one of {sorted(levels)}")
+        return v.upper()
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, v: str) -> str:
+        if v and not v.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"DATABASE_URL={v!r}: expected a sqlite:/// or postgresql+psycopg:// URL"
+            )
+        if v.startswith("postgresql://") or v.startswith("postgres://"):
+            # SQLAlchemy would pick psycopg2, which we do not install.
+            v = "postgresql+psycopg://" + v.split("://", 1)[1]
+        return v
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'finetune.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "objects"
+
+    @property
+    def resolved_worker_cache_dir(self) -> Path:
+        return self.worker_cache_dir or self.data_dir / "cache"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url and not self.broker_url and self.storage_backend == "local"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,41 @@
+"""The Celery application the workers run: `celery -A worker.celery_app worker`.
+
+Settings chosen for long training tasks:
+- acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost;
+- prefetch 1: a worker never holds a second job hostage while it trains;
+- results ignored: the job row in the database is the truth about a job;
+- the visibility timeout (Redis) is longer than any job may run, so the broker does not
+  redeliver a job that is still training; and even when it does, the guarded claim in
+  the database makes the second copy exit without training.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from service.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("finetune", broker=settings.resolved_broker_url, include=["worker.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    task_default_queue=settings.task_queue,
+    broker_connection_retry_on_startup=True,
+    # Redis only (kombu's SQLAlchemy transport hands its options to create_engine).
+    broker_transport_options=(
+        {"visibility_timeout": 24 * 3600}
+        if settings.resolved_broker_url.startswith(("redis", "rediss"))
+        else {}
+    ),
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+)
+logging.basicConfig(
+    level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+)

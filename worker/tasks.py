@@ -1,0 +1,215 @@
+"""The only glue between the queue, the database and the training library:
+claim the job, build its inputs, call `fit`, record the outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service import transitions
+from service.db import session_scope
+from service.errors import ErrorCode
+from service.models import Dataset, Job
+from service.queue import TRAIN_TASK
+from service.settings import Settings, get_settings
+from service.storage import StorageError, get_store
+from worker.celery_app import app
+from worker.training.callbacks import Callbacks
+from worker.training.config import TrainConfig
+from worker.training.data import prepare
+from worker.training.export import build_metadata, export_model
+from worker.training.fit import fit
+from worker.training.weights import WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class JobLost(RuntimeError):
+    """This worker no longer owns the job (reclaimed, canceled or finished elsewhere)."""
+
+
+class DbReporter(Callbacks):
+    """Writes progress and per-epoch metrics to the job row, throttled."""
+
+    def __init__(self, job_id: str, worker_id: str, settings: Settings, total_epochs: int):
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.settings = settings
+        self.total_epochs = total_epochs
+        self.phase = "starting"
+        self.lost = threading.Event()
+        self.started = time.monotonic()
+        self.last_write = 0.0
+        self.epoch = 0
+        self.done_steps = 0
+        self.total_steps = 0
+
+    def _write(self, **values: Any) -> None:
+        with session_scope(self.settings) as s:
+            if not transitions.record_progress(s, self.job_id, self.worker_id, **values):
+                self.lost.set()
+
+    def on_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.started = time.monotonic() if phase == "training" else self.started
+        self._write(
+            phase=phase, epoch=self.epoch, total_epochs=self.total_epochs,
+            step=self.done_steps, total_steps=self.total_steps,
+            eta_seconds=0.0 if phase == "exporting" else None,
+        )
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        self.epoch = epoch
+        self.done_steps = (epoch - 1) * steps_per_epoch + step
+        self.total_steps = total = self.total_epochs * steps_per_epoch
+        now = time.monotonic()
+        if now - self.last_write < self.settings.progress_interval_seconds and step != steps_per_epoch:
+            return
+        self.last_write = now
+        elapsed = now - self.started
+        eta = elapsed / self.done_steps * (total - self.done_steps) if self.done_steps else None
+        self._write(
+            phase=self.phase, epoch=epoch, total_epochs=self.total_epochs,
+            step=self.done_steps, total_steps=total, eta_seconds=eta,
+        )
+
+    def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
+        with session_scope(self.settings) as s:
+            if not transitions.record_epoch(s, self.job_id, self.worker_id, metrics, best):
+                self.lost.set()
+
+    def should_stop(self) -> bool:
+        return self.lost.is_set()
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the lease fresh while a long step or the data preparation runs."""
+
+    def __init__(self, job_id: str, worker_id: str, settings: Settings, lost: threading.Event):
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.job_id, self.worker_id, self.settings, self.lost = job_id, worker_id, settings, lost
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.heartbeat_seconds):
+            try:
+                with session_scope(self.settings) as s:
+                    if not transitions.heartbeat(s, self.job_id, self.worker_id):
+                        self.lost.set()
+                        return
+            except Exception:  # noqa: BLE001 - a missed beat is retried next period
+                log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+
+
+def _error_code(exc: BaseException) -> str:
+    if isinstance(exc, WeightsUnavailable):
+        return ErrorCode.WEIGHTS_UNAVAILABLE.value
+    if isinstance(exc, StorageError):
+        return ErrorCode.STORAGE_UNAVAILABLE.value
+    if isinstance(exc, (ValueError, KeyError, OSError)):
+        return ErrorCode.DATA_ERROR.value
+    return ErrorCode.TRAINING_FAILED.value
+
+
+def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None = None) -> str:
+    """Train job `job_id` if this worker can claim it. Returns the job's final status here."""
+    settings = settings or get_settings()
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    with session_scope(settings) as s:
+        if not transitions.claim(s, job_id, worker_id):
+            job = s.get(Job, job_id)
+            log.info("job %s not claimed (status %s)", job_id, job.status if job else "missing")
+            return job.status if job else "missing"
+        job = s.get(Job, job_id)
+        assert job is not None
+        ds = s.get(Dataset, job.dataset_id)
+        assert ds is not None
+        config = TrainConfig.from_dict(job.config)
+        archive_key, index_key, dataset_id = ds.archive_key, ds.index_key, ds.id
+
+    reporter = DbReporter(job_id, worker_id, settings, config.epochs)
+    heartbeat = Heartbeat(job_id, worker_id, settings, reporter.lost)
+    heartbeat.start()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
+    try:
+        store = get_store(settings)
+        cache_dir = settings.resolved_worker_cache_dir / "datasets" / dataset_id
+        archive = cache_dir / "archive.zip"
+        reporter.on_phase("preparing")
+        if not archive.is_file():
+            store.get_file(archive_key, archive)
+        index = json.loads(store.get_bytes(index_key))
+        data = prepare(archive, index, config, cache_dir)
+
+        result = fit(
+            config,
+            data,
+            reporter,
+            weights_dir=settings.weights_dir,
+            num_workers=settings.dataloader_workers,
+        )
+        if reporter.lost.is_set():
+            raise JobLost(f"job {job_id} is no longer owned by {worker_id}")
+
+        reporter.on_phase("exporting")
+        metadata = build_metadata(
+            config,
+            result.classes,
+            result.best,
+            {"job_id": job_id, "dataset_id": dataset_id, "dataset_sha256": job.config.get("dataset_sha256")},
+        )
+        files = export_model(result.model, metadata, workdir / "model")
+        prefix = f"jobs/{job_id}/model"
+        keys = {}
+        for name, path in files.items():
+            key = f"{prefix}/{name}"
+            store.put_file(key, path)
+            keys[name] = key
+        outcome = {
+            "bundle_key": keys["model.zip"],
+            "safetensors_key": keys["model.safetensors"],
+            "torchscript_key": keys["model.torchscript.pt"],
+            "metadata_key": keys["metadata.json"],
+            "best": result.best,
+            "device": result.device,
+            "num_train_images": int(len(data.train_idx)),
+            "num_val_images": int(len(data.val_idx)),
+        }
+        with session_scope(settings) as s:
+            if not transitions.succeed(s, job_id, worker_id, outcome):
+                raise JobLost(f"job {job_id} could not be marked succeeded by {worker_id}")
+        log.info("job %s succeeded: %s", job_id, result.best)
+        return "succeeded"
+    except JobLost:
+        log.warning("job %s: lost ownership, stopping without recording", job_id)
+        return "lost"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        with session_scope(settings) as s:
+            transitions.fail(
+                s,
+                job_id,
+                code=_error_code(exc),
+                message=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+                worker_id=worker_id,
+            )
+        return "failed"
+    finally:
+        heartbeat.stopped.set()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@app.task(name=TRAIN_TASK)
+def train_job(job_id: str) -> None:
+    run_job(job_id)

@@ -1,0 +1,22 @@
+"""How `fit` reports progress: callbacks, never globals or the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Callbacks:
+    """Override what you need; every hook is optional."""
+
+    def on_phase(self, phase: str) -> None:
+        """'preparing', 'training', 'evaluating', 'exporting'."""
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """After each optimizer step (1-based `step` within 1-based `epoch`)."""
+
+    def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
+        """After validation, with this epoch's metrics and the best so far."""
+
+    def should_stop(self) -> bool:
+        """Polled between steps; True ends training after the current step."""
+        return False

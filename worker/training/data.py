@@ -1,0 +1,180 @@
+"""Datasets for training: images decoded once into a compact pre-resized cache.
+
+The cache is a uint8 memmap of shape (N, S, S, 3), S = image_size / crop_pct, written
+once per (dataset, S) and reused by every job on that host. Memory stays bounded however
+large the dataset: pages are read on demand, and decoding never bounds an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from worker.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+_INTERP = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The one conversion used at ingest, training and prediction: EXIF orientation applied,
+    palette/alpha/CMYK/grayscale to RGB (transparent pixels composited on white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Shorter side to `size`, then the central size x size square, as uint8 HWC."""
+    img = to_rgb(img)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), _INTERP.get(interpolation, Image.Resampling.BICUBIC))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def build_image_cache(
+    archive: Path,
+    paths: Sequence[str],
+    size: int,
+    out: Path,
+    interpolation: str = "bicubic",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> np.memmap:
+    """Decode every image of `archive` once into `out` (atomic: a crash leaves no half cache)."""
+    if out.is_file():
+        return open_image_cache(out, len(paths), size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.part")
+    cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    with zipfile.ZipFile(archive) as zf:
+        for i, name in enumerate(paths):
+            with zf.open(name) as f, Image.open(f) as img:
+                cache[i] = resize_center_crop(img, size, interpolation)
+            if on_progress is not None and (i % 256 == 0 or i == len(paths) - 1):
+                on_progress(i + 1, len(paths))
+    cache.flush()
+    del cache
+    os.replace(tmp, out)
+    return open_image_cache(out, len(paths), size)
+
+
+def open_image_cache(path: Path, n: int, size: int) -> np.memmap:
+    cache = np.load(path, mmap_mode="r")
+    if cache.shape != (n, size, size, 3):
+        raise ValueError(f"image cache {path} has shape {cache.shape}, expected {(n, size, size, 3)}")
+    return cache  # type: ignore[no-any-return]
+
+
+def stratified_split(
+    labels: Sequence[int], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, hold out round(val_fraction * n) images (at least one when n >= 2)."""
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    train, val = [], []
+    for cls in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == cls)
+        rng.shuffle(idx)
+        n_val = int(round(val_fraction * len(idx)))
+        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def train_transform(config: TrainConfig) -> T.Transform:
+    spec, aug = config.spec, config.augmentation
+    steps: list[T.Transform] = []
+    if aug.random_resized_crop:
+        steps.append(T.RandomResizedCrop(config.image_size, scale=(aug.crop_scale_min, 1.0), antialias=True))
+    else:
+        steps.append(T.CenterCrop(config.image_size))
+    if aug.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(steps)
+
+
+def eval_transform(config: TrainConfig) -> T.Transform:
+    spec = config.spec
+    return T.Compose(
+        [
+            T.CenterCrop(config.image_size),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+class CachedImages(Dataset[tuple[torch.Tensor, int]]):
+    def __init__(self, cache: np.ndarray, labels: Sequence[int], indices: np.ndarray, transform: Any):
+        self.cache = cache
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        img = torch.from_numpy(np.array(self.cache[j])).permute(2, 0, 1)  # copy: the memmap is read-only
+        return self.transform(img), int(self.labels[j])
+
+
+@dataclass
+class PreparedData:
+    """What `fit` trains on: the cache, labels, class names and the split."""
+
+    cache: np.ndarray
+    labels: list[int]
+    classes: list[str]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+    def train_set(self, config: TrainConfig) -> CachedImages:
+        return CachedImages(self.cache, self.labels, self.train_idx, train_transform(config))
+
+    def val_set(self, config: TrainConfig) -> CachedImages:
+        return CachedImages(self.cache, self.labels, self.val_idx, eval_transform(config))
+
+
+def prepare(
+    archive: Path,
+    index: dict[str, Any],
+    config: TrainConfig,
+    cache_dir: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PreparedData:
+    entries = index["entries"]
+    paths = [e["path"] for e in entries]
+    labels = [int(e["label"]) for e in entries]
+    size = config.resize_size
+    cache = build_image_cache(
+        archive, paths, size, cache_dir / f"images_{size}_{config.spec.interpolation}.npy",
+        config.spec.interpolation, on_progress,
+    )
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    log.info("prepared %d images (%d train / %d val) at %dpx", len(paths), len(train_idx), len(val_idx), size)
+    return PreparedData(cache, labels, list(index["classes"]), train_idx, val_idx)

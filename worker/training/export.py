@@ -1,0 +1,119 @@
+"""Model files that work without this service.
+
+A trained model is written as:
+- `model.safetensors`: the weights (no pickle, safe to load from anyone);
+- `metadata.json`: everything needed to rebuild and use it (backbone and library
+  architecture name, class names, input size, resize size, mean/std, interpolation,
+  metrics, training config, library versions);
+- `model.torchscript.pt`: a traced TorchScript module for runtimes without timm;
+- `model.zip`: the three files together, the default download.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from service.backbones import BACKBONES
+from worker.training.backbones import build_architecture
+from worker.training.config import TrainConfig
+from worker.training.data import resize_center_crop
+
+FORMAT_VERSION = 1
+FILES = ("model.safetensors", "metadata.json", "model.torchscript.pt")
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def build_metadata(
+    config: TrainConfig, classes: list[str], metrics: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    spec = config.spec
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": "image-classification",
+        "backbone": spec.name,
+        "library": spec.library,
+        "architecture": spec.arch,
+        "num_classes": len(classes),
+        "class_names": classes,
+        "input_size": [3, config.image_size, config.image_size],
+        "resize_size": config.resize_size,
+        "crop": "center",
+        "interpolation": spec.interpolation,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "color": "RGB",
+        "metrics": metrics,
+        "train_config": config.to_dict(),
+        "library_versions": library_versions(),
+        **extra,
+    }
+
+
+def export_model(
+    model: nn.Module, metadata: dict[str, Any], out_dir: Path
+) -> dict[str, Path]:
+    """Write the model files into `out_dir`; return name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").eval()
+    paths = {name: out_dir / name for name in FILES}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(paths["model.safetensors"]), metadata={"format": "pt"})
+    paths["metadata.json"].write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    size = metadata["input_size"][1]
+    example = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(paths["model.torchscript.pt"]))
+    bundle = out_dir / "model.zip"
+    with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in FILES:
+            zf.write(paths[name], arcname=name)
+    paths["model.zip"] = bundle
+    return paths
+
+
+def load_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from `model.safetensors` + `metadata.json` (no unpickling)."""
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    spec = BACKBONES[metadata["backbone"]]
+    model = build_architecture(spec, metadata["num_classes"])
+    state = load_file(str(model_dir / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), metadata
+
+
+def preprocess(images: list[Image.Image], metadata: dict[str, Any]) -> torch.Tensor:
+    """PIL images -> normalized batch, exactly as the model was evaluated in training."""
+    size = metadata["input_size"][1]
+    resize = metadata["resize_size"]
+    mean = torch.tensor(metadata["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(metadata["std"]).view(1, 3, 1, 1)
+    arrays = []
+    for img in images:
+        arr = resize_center_crop(img, resize, metadata["interpolation"])
+        off = int(round((resize - size) / 2.0))  # as torchvision CenterCrop
+        arrays.append(arr[off : off + size, off : off + size])
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    return (batch - mean) / std
+
