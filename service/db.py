@@ -97,4 +97,6 @@ def migrate(settings: Settings | None = None) -> None:
     from alembic import command
 
     settings = settings or get_settings()
-    command.upgrade(alembic_config(settings.resolved_database_url), "head")
+    url = settings.resolved_database_url
+    get_engine(url)  # creates the SQLite file's folder on a fresh machine
+    command.upgrade(alembic_config(url), "head")

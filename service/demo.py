@@ -26,7 +26,9 @@ from service.settings import get_settings
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
-def digits_split(seed: int = 0) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
+def digits_split(
+    seed: int = 0,
+) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
     """(train, held_out): 8x8 digits as uint8 images, 20% held out per class."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -36,6 +38,7 @@ def digits_split(seed: int = 0) -> tuple[list[tuple[np.ndarray, int]], list[tupl
     idx_train, idx_test = train_test_split(
         np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=seed
     )
+
     def pick(idx: np.ndarray) -> list[tuple[np.ndarray, int]]:
         return [(images[i], int(digits.target[i])) for i in idx]
 
@@ -78,7 +81,8 @@ def follow_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
                 bar.reset(total=prog["total_steps"])
             bar.n = prog["step"] if job["status"] != "succeeded" else bar.total
             bar.set_description(
-                f"{job['status']}/{prog['phase'] or '-'} epoch {prog['epoch']}/{prog['total_epochs']}"
+                f"{job['status']}/{prog['phase'] or '-'} "
+                f"epoch {prog['epoch']}/{prog['total_epochs']}"
             )
             post = {}
             if job["latest_metrics"]:
@@ -114,7 +118,9 @@ def evaluate_download(model_zip: Path, held_out: list[tuple[np.ndarray, int]]) -
             chunk = held_out[start : start + 128]
             batch = preprocess([Image.fromarray(img, mode="L") for img, _ in chunk], metadata)
             preds = model(batch).argmax(1).tolist()
-            correct += sum(classes[p] == str(label) for p, (_, label) in zip(preds, chunk))
+            correct += sum(
+                classes[p] == str(label) for p, (_, label) in zip(preds, chunk, strict=True)
+            )
     return correct / len(held_out)
 
 
@@ -141,12 +147,16 @@ def run_demo(
             archive = imagefolder_zip(train, demo_dir / "digits.zip")
             with open(archive, "rb") as f:
                 resp = client.post(
-                    "/v1/datasets", files={"file": ("digits.zip", f, "application/zip")},
+                    "/v1/datasets",
+                    files={"file": ("digits.zip", f, "application/zip")},
                     data={"name": "sklearn-digits"},
                 )
             resp.raise_for_status()
             ds = resp.json()
-            print(f"uploaded dataset {ds['id']}: {ds['num_images']} images in {ds['num_classes']} classes")
+            print(
+                f"uploaded dataset {ds['id']}: {ds['num_images']} images "
+                f"in {ds['num_classes']} classes"
+            )
 
             resp = client.post(
                 "/v1/jobs",
@@ -185,7 +195,9 @@ def run_demo(
             accuracy = evaluate_download(model_zip, held_out)
             print(f"downloaded {model_zip} ({model_zip.stat().st_size / 1e6:.1f} MB)")
             print(f"held-out accuracy on {len(held_out)} unseen digits: {accuracy:.3f}")
-            print(f"DEMO_RESULT job={job_id} wall_seconds={wall:.1f} held_out_accuracy={accuracy:.4f}")
+            print(
+                f"DEMO_RESULT job={job_id} wall_seconds={wall:.1f} held_out_accuracy={accuracy:.4f}"
+            )
         if not keep_running:
             return 0
         print(

@@ -124,7 +124,9 @@ def ingest_zip(fileobj: BinaryIO, *, max_pixels: int, min_per_class: int) -> Ing
     try:
         zf = zipfile.ZipFile(fileobj)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ServiceError(ErrorCode.DATASET_NOT_ZIP, f"the zip archive is unreadable: {exc}")
+        raise ServiceError(
+            ErrorCode.DATASET_NOT_ZIP, f"the zip archive is unreadable: {exc}"
+        ) from exc
 
     rejected: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []

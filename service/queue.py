@@ -31,7 +31,10 @@ def client(settings: Settings | None = None) -> Celery:
 def send_train(job_id: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     client(settings).send_task(
-        TRAIN_TASK, args=[job_id], queue=settings.task_queue, retry=True,
+        TRAIN_TASK,
+        args=[job_id],
+        queue=settings.task_queue,
+        retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )
 

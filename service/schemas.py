@@ -60,7 +60,7 @@ class JobCreate(BaseModel):
     image_size: int = Field(224, ge=32, le=1024)
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    augmentation: Augmentation = Augmentation()
+    augmentation: Augmentation = Field(default_factory=Augmentation)
 
     @field_validator("backbone")
     @classmethod

@@ -231,7 +231,9 @@ class S3ObjectStore(ObjectStore):
             return False
 
     def size(self, key: str) -> int:
-        return int(self.client.head_object(Bucket=self.bucket, Key=_check_key(key))["ContentLength"])
+        return int(
+            self.client.head_object(Bucket=self.bucket, Key=_check_key(key))["ContentLength"]
+        )
 
     def delete_prefix(self, prefix: str) -> None:
         paginator = self.client.get_paginator("list_objects_v2")

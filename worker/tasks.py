@@ -63,8 +63,11 @@ class DbReporter(Callbacks):
         self.phase = phase
         self.started = time.monotonic() if phase == "training" else self.started
         self._write(
-            phase=phase, epoch=self.epoch, total_epochs=self.total_epochs,
-            step=self.done_steps, total_steps=self.total_steps,
+            phase=phase,
+            epoch=self.epoch,
+            total_epochs=self.total_epochs,
+            step=self.done_steps,
+            total_steps=self.total_steps,
             eta_seconds=0.0 if phase == "exporting" else None,
         )
 
@@ -73,14 +76,21 @@ class DbReporter(Callbacks):
         self.done_steps = (epoch - 1) * steps_per_epoch + step
         self.total_steps = total = self.total_epochs * steps_per_epoch
         now = time.monotonic()
-        if now - self.last_write < self.settings.progress_interval_seconds and step != steps_per_epoch:
+        if (
+            now - self.last_write < self.settings.progress_interval_seconds
+            and step != steps_per_epoch
+        ):
             return
         self.last_write = now
         elapsed = now - self.started
         eta = elapsed / self.done_steps * (total - self.done_steps) if self.done_steps else None
         self._write(
-            phase=self.phase, epoch=epoch, total_epochs=self.total_epochs,
-            step=self.done_steps, total_steps=total, eta_seconds=eta,
+            phase=self.phase,
+            epoch=epoch,
+            total_epochs=self.total_epochs,
+            step=self.done_steps,
+            total_steps=total,
+            eta_seconds=eta,
         )
 
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
@@ -166,7 +176,11 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             config,
             result.classes,
             result.best,
-            {"job_id": job_id, "dataset_id": dataset_id, "dataset_sha256": job.config.get("dataset_sha256")},
+            {
+                "job_id": job_id,
+                "dataset_id": dataset_id,
+                "dataset_sha256": job.config.get("dataset_sha256"),
+            },
         )
         files = export_model(result.model, metadata, workdir / "model")
         prefix = f"jobs/{job_id}/model"

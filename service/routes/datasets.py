@@ -3,7 +3,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -80,7 +79,9 @@ def create_dataset(
         session.commit()
     except StorageError as exc:
         store.delete_prefix(prefix)
-        raise ServiceError(ErrorCode.STORAGE_UNAVAILABLE, f"could not store the dataset: {exc}")
+        raise ServiceError(
+            ErrorCode.STORAGE_UNAVAILABLE, f"could not store the dataset: {exc}"
+        ) from exc
     except BaseException:
         session.rollback()
         store.delete_prefix(prefix)

@@ -36,14 +36,14 @@ MODEL_FORMATS: dict[str, tuple[str, str, str]] = {
 
 def job_public(job: Job) -> JobPublic:
     total = job.total_steps or 0
-    fraction = 1.0 if job.status == JobStatus.SUCCEEDED.value else (
-        min(1.0, job.step / total) if total else 0.0
+    fraction = (
+        1.0
+        if job.status == JobStatus.SUCCEEDED.value
+        else (min(1.0, job.step / total) if total else 0.0)
     )
     heartbeat = as_utc(job.heartbeat_at)
     error = (
-        JobError(code=job.error_code, message=job.error_message or "")
-        if job.error_code
-        else None
+        JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     )
     return JobPublic(
         id=job.id,
@@ -157,9 +157,7 @@ def read_job_metrics(job_id: str, session: SessionDep) -> MetricsPublic:
     rows = session.scalars(
         select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
     ).all()
-    data = [
-        MetricPublic.model_validate(r, from_attributes=True) for r in rows
-    ]
+    data = [MetricPublic.model_validate(r, from_attributes=True) for r in rows]
     return MetricsPublic(data=data, count=len(data))
 
 

@@ -34,7 +34,9 @@ class TrainConfig:
         values = {k: v for k, v in raw.items() if k in known}
         aug = values.pop("augmentation", None) or {}
         aug_known = {f.name for f in fields(AugmentConfig)}
-        return cls(**values, augmentation=AugmentConfig(**{k: v for k, v in aug.items() if k in aug_known}))
+        return cls(
+            **values, augmentation=AugmentConfig(**{k: v for k, v in aug.items() if k in aug_known})
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -66,7 +66,9 @@ def build_image_cache(
         return open_image_cache(out, len(paths), size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.part")
-    cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    cache = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
+    )
     with zipfile.ZipFile(archive) as zf:
         for i, name in enumerate(paths):
             with zf.open(name) as f, Image.open(f) as img:
@@ -82,7 +84,9 @@ def build_image_cache(
 def open_image_cache(path: Path, n: int, size: int) -> np.memmap:
     cache = np.load(path, mmap_mode="r")
     if cache.shape != (n, size, size, 3):
-        raise ValueError(f"image cache {path} has shape {cache.shape}, expected {(n, size, size, 3)}")
+        raise ValueError(
+            f"image cache {path} has shape {cache.shape}, expected {(n, size, size, 3)}"
+        )
     return cache  # type: ignore[no-any-return]
 
 
@@ -107,7 +111,9 @@ def train_transform(config: TrainConfig) -> T.Transform:
     spec, aug = config.spec, config.augmentation
     steps: list[T.Transform] = []
     if aug.random_resized_crop:
-        steps.append(T.RandomResizedCrop(config.image_size, scale=(aug.crop_scale_min, 1.0), antialias=True))
+        steps.append(
+            T.RandomResizedCrop(config.image_size, scale=(aug.crop_scale_min, 1.0), antialias=True)
+        )
     else:
         steps.append(T.CenterCrop(config.image_size))
     if aug.hflip:
@@ -128,7 +134,9 @@ def eval_transform(config: TrainConfig) -> T.Transform:
 
 
 class CachedImages(Dataset[tuple[torch.Tensor, int]]):
-    def __init__(self, cache: np.ndarray, labels: Sequence[int], indices: np.ndarray, transform: Any):
+    def __init__(
+        self, cache: np.ndarray, labels: Sequence[int], indices: np.ndarray, transform: Any
+    ):
         self.cache = cache
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = indices
@@ -139,7 +147,9 @@ class CachedImages(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
-        img = torch.from_numpy(np.array(self.cache[j])).permute(2, 0, 1)  # copy: the memmap is read-only
+        img = torch.from_numpy(np.array(self.cache[j])).permute(
+            2, 0, 1
+        )  # copy: the memmap is read-only
         return self.transform(img), int(self.labels[j])
 
 
@@ -172,9 +182,19 @@ def prepare(
     labels = [int(e["label"]) for e in entries]
     size = config.resize_size
     cache = build_image_cache(
-        archive, paths, size, cache_dir / f"images_{size}_{config.spec.interpolation}.npy",
-        config.spec.interpolation, on_progress,
+        archive,
+        paths,
+        size,
+        cache_dir / f"images_{size}_{config.spec.interpolation}.npy",
+        config.spec.interpolation,
+        on_progress,
     )
     train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-    log.info("prepared %d images (%d train / %d val) at %dpx", len(paths), len(train_idx), len(val_idx), size)
+    log.info(
+        "prepared %d images (%d train / %d val) at %dpx",
+        len(paths),
+        len(train_idx),
+        len(val_idx),
+        size,
+    )
     return PreparedData(cache, labels, list(index["classes"]), train_idx, val_idx)

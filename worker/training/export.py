@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,7 @@ def build_metadata(
     }
 
 
-def export_model(
-    model: nn.Module, metadata: dict[str, Any], out_dir: Path
-) -> dict[str, Path]:
+def export_model(model: nn.Module, metadata: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write the model files into `out_dir`; return name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
@@ -82,9 +81,12 @@ def export_model(
     paths["metadata.json"].write_text(json.dumps(metadata, indent=2, sort_keys=True))
     size = metadata["input_size"][1]
     example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
+    # TorchScript is deprecated upstream in favour of torch.export, but it is still what
+    # most deployment runtimes (C++ libtorch, Triton's pytorch backend) load today.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(paths["model.torchscript.pt"]))
+        traced.save(str(paths["model.torchscript.pt"]))
     bundle = out_dir / "model.zip"
     with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in FILES:
@@ -116,4 +118,3 @@ def preprocess(images: list[Image.Image], metadata: dict[str, Any]) -> torch.Ten
         arrays.append(arr[off : off + size, off : off + size])
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
     return (batch - mean) / std
-

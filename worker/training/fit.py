@@ -54,7 +54,9 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
 
 def default_num_workers() -> int:
     # On a small host the model needs every core; loading from the uint8 cache is cheap.
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return 0 if cpus <= 4 else min(8, cpus // 2)
 
 
@@ -160,7 +162,7 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return FitResult(
         model=model,
         classes=data.classes,

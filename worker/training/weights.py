@@ -51,7 +51,13 @@ _STAGEN = {
     "_project_conv": "conv_pwl",
     "_bn2": "bn3",
 }
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 _BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 

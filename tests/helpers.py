@@ -1,0 +1,63 @@
+"""Builders for the archives the tests upload."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def noise_image(seed: int, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+def make_zip(files: Iterable[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def imagefolder_zip(counts: dict[str, int], prefix: str = "") -> bytes:
+    """A valid ImageFolder zip with `counts[class]` random PNGs per class."""
+    files = []
+    seed = 0
+    for cls, n in counts.items():
+        for i in range(n):
+            seed += 1
+            files.append((f"{prefix}{cls}/{i:03d}.png", png_bytes(noise_image(seed))))
+    return make_zip(files)
+
+
+def digits_samples(
+    limit: int | None = None,
+) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
+    """scikit-learn digits as uint8 8x8 images: (train, held_out), stratified 80/20."""
+    from service.demo import digits_split
+
+    train, held_out = digits_split(seed=0)
+    if limit is not None:
+        train = train[:limit]
+    return train, held_out
+
+
+def digits_zip(samples: list[tuple[np.ndarray, int]]) -> bytes:
+    return make_zip(
+        (f"digits/{label}/{i:05d}.png", png_bytes(img)) for i, (img, label) in enumerate(samples)
+    )

@@ -1,0 +1,138 @@
+"""The whole path over HTTP with real processes: upload digits, train in a Celery worker,
+poll until done, download, and use the model files outside the service."""
+
+import io
+import json
+import time
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers import digits_samples, digits_zip
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(server_url, worker_process, tmp_path_factory):
+    train, held_out = digits_samples()
+    client = httpx.Client(base_url=server_url, timeout=60)
+    ds = client.post(
+        "/v1/datasets", files={"file": ("digits.zip", digits_zip(train), "application/zip")}
+    )
+    assert ds.status_code == 201, ds.text
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "dataset_id": ds.json()["id"],
+            "epochs": 3,
+            "image_size": 64,
+            "batch_size": 32,
+            "learning_rate": 1e-3,
+            "augmentation": {"hflip": False},
+        },
+    ).json()
+    seen = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/jobs/{job['id']}").json()
+        seen.append(state)
+        if state["status"] in ("succeeded", "failed", "canceled"):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(
+            f"job did not finish; worker log:\n{worker_process.log_path.read_text()[-3000:]}"
+        )
+    assert state["status"] == "succeeded", state["error"]
+    resp = client.get(f"/v1/jobs/{job['id']}/model")
+    assert resp.status_code == 200
+    out = tmp_path_factory.mktemp("model")
+    zipfile.ZipFile(io.BytesIO(resp.content)).extractall(out)
+    return client, job["id"], seen, state, out, held_out
+
+
+def test_job_runs_to_success_with_live_progress(trained):
+    _, _, seen, final, _, _ = trained
+    statuses = [s["status"] for s in seen]
+    assert "running" in statuses and statuses[-1] == "succeeded"
+    running = [s for s in seen if s["status"] == "running" and s["progress"]["total_steps"]]
+    assert running, "progress was never reported while running"
+    assert any(s["progress"]["eta_seconds"] is not None for s in running)
+    assert all(s["heartbeat_age_seconds"] is not None for s in running)
+    fractions = [s["progress"]["fraction"] for s in running]
+    assert fractions == sorted(fractions)
+    assert final["progress"]["fraction"] == 1.0 and final["model_available"]
+    assert final["attempts"] == 1 and final["finished_at"] is not None
+
+
+def test_per_epoch_metrics_are_recorded(trained):
+    client, job_id, _, final, _, _ = trained
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()
+    assert metrics["count"] == 3 and [m["epoch"] for m in metrics["data"]] == [1, 2, 3]
+    for m in metrics["data"]:
+        assert m["train_loss"] > 0 and 0 <= m["val_accuracy"] <= 1
+        assert m["val_loss"] > 0 and m["images_per_second"] > 0
+    assert final["best_metrics"]["val_accuracy"] == max(m["val_accuracy"] for m in metrics["data"])
+    assert final["latest_metrics"]["epoch"] == 3
+
+
+def test_downloaded_model_files_load_outside_the_service_and_agree(trained):
+    """Rebuild from safetensors with timm alone, load TorchScript with torch alone."""
+    import timm
+
+    _, _, _, _, out, held_out = trained
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["backbone"] == "efficientnet_lite0" and meta["class_names"] == [
+        str(i) for i in range(10)
+    ]
+    assert meta["input_size"] == [3, 64, 64] and meta["mean"] == [0.5, 0.5, 0.5]
+    assert "torch" in meta["library_versions"] and "val_accuracy" in meta["metrics"]
+
+    rebuilt = timm.create_model(meta["architecture"], num_classes=meta["num_classes"])
+    rebuilt.load_state_dict(load_file(str(out / "model.safetensors")))
+    rebuilt.eval()
+    scripted = torch.jit.load(str(out / "model.torchscript.pt")).eval()
+
+    # Preprocess from metadata alone: resize, center crop, normalize.
+    size, resize = meta["input_size"][1], meta["resize_size"]
+    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    batch = []
+    for img, _ in held_out:
+        im = Image.fromarray(img).convert("RGB").resize((resize, resize), Image.Resampling.BICUBIC)
+        off = int(round((resize - size) / 2))
+        im = im.crop((off, off, off + size, off + size))
+        batch.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+    x = (torch.stack(batch).float() / 255 - mean) / std
+    with torch.no_grad():
+        a, b = rebuilt(x), scripted(x)
+    assert torch.allclose(a, b, atol=1e-4)
+    preds = [meta["class_names"][i] for i in a.argmax(1).tolist()]
+    accuracy = sum(p == str(y) for p, (_, y) in zip(preds, held_out, strict=True)) / len(held_out)
+    assert accuracy > 0.85, accuracy  # chance is 0.1
+
+
+def test_each_download_format_is_served(trained):
+    client, job_id, _, _, out, _ = trained
+    for fmt, name in [
+        ("safetensors", "model.safetensors"),
+        ("torchscript", "model.torchscript.pt"),
+        ("metadata", "metadata.json"),
+    ]:
+        resp = client.get(f"/v1/jobs/{job_id}/model", params={"format": fmt})
+        assert resp.status_code == 200
+        assert resp.content == (out / name).read_bytes()
+        assert f"{job_id}-{name}" in resp.headers["content-disposition"]
+    assert client.get(f"/v1/jobs/{job_id}/model", params={"format": "pickle"}).status_code == 422
+
+
+def test_succeeded_jobs_are_listed_by_status(trained):
+    client, job_id, _, _, _, _ = trained
+    ids = [j["id"] for j in client.get("/v1/jobs", params={"status": "succeeded"}).json()["data"]]
+    assert job_id in ids
