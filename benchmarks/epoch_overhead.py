@@ -70,6 +70,7 @@ def worker_epochs(data_dir: Path, zip_bytes: bytes, epochs: int, batch_size: int
         job = api.post(
             "/v1/jobs",
             json={"dataset_id": ds["id"], "epochs": epochs, "image_size": image_size,
+                  "strategy": "full",  # like for like with the bare loop
                   "batch_size": batch_size, "augmentation": {"hflip": False}},
         ).json()
     start = time.perf_counter()

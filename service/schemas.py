@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.augmentations import AUG_OPS
 from service.backbones import BACKBONES, DEFAULT_BACKBONE
 
 
@@ -38,14 +39,58 @@ class DatasetsPublic(BaseModel):
     count: int
 
 
+class AugmentationOp(BaseModel):
+    """One explicit op: `{"name": "rotation", "degrees": 10}`. See AUG_OPS for names and ranges."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    @model_validator(mode="after")
+    def _known_op(self) -> AugmentationOp:
+        if self.name not in AUG_OPS:
+            raise ValueError(
+                f"unknown augmentation op {self.name!r}; available: {', '.join(sorted(AUG_OPS))}"
+            )
+        allowed = AUG_OPS[self.name]
+        for key, value in (self.model_extra or {}).items():
+            if key not in allowed:
+                raise ValueError(
+                    f"op {self.name!r} has no parameter {key!r}; "
+                    f"it takes: {', '.join(sorted(allowed)) or 'none'}"
+                )
+            lo, hi = allowed[key]
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not lo <= value <= hi
+            ):
+                raise ValueError(f"op {self.name!r}: {key}={value!r} is outside [{lo}, {hi}]")
+        return self
+
+
 class Augmentation(BaseModel):
-    """Training-time augmentation. Flips are on by default; turn them off for digits or text."""
+    """Training-time augmentation: a preset, or an explicit list of ops.
+
+    Presets: `none` (center crop), `light` (random resized crop + flip), `standard` (+
+    TrivialAugmentWide + random erasing), `strong` (+ MixUp/CutMix). Flips are on by
+    default; turn them off for digits, text and anything not mirror-symmetric."""
 
     model_config = ConfigDict(extra="forbid")
 
-    random_resized_crop: bool = True
-    crop_scale_min: float = Field(0.35, gt=0.0, le=1.0)
+    preset: Literal["none", "light", "standard", "strong"] = "light"
     hflip: bool = True
+    ops: list[AugmentationOp] | None = Field(None, max_length=20)
+    mixup_alpha: float | None = Field(None, ge=0.0, le=10.0)
+    cutmix_alpha: float | None = Field(None, ge=0.0, le=10.0)
+
+
+class EarlyStoppingCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
+    patience: int = Field(3, ge=1, le=100)
+    min_delta: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class JobCreate(BaseModel):
@@ -53,13 +98,29 @@ class JobCreate(BaseModel):
 
     dataset_id: str = Field(min_length=1, max_length=40)
     backbone: str = DEFAULT_BACKBONE
+    strategy: Literal["lp_ft", "full", "linear_probe", "gradual"] = "lp_ft"
     epochs: int = Field(5, ge=1, le=500)
+    probe_epochs: int = Field(30, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.05, ge=0.0, le=1.0)
+    backbone_lr_mult: float | None = Field(None, ge=0.0, le=10.0)
+    freeze_norm_stats: bool | None = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "onecycle", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0.0, le=50.0)
+    weight_decay: float | None = Field(
+        None, ge=0.0, le=1.0, description="default: 0.05 with AdamW, 1e-4 with SGD"
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
+    grad_clip_norm: float | None = Field(None, gt=0.0, le=1000.0)
     image_size: int = Field(224, ge=32, le=1024)
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    early_stopping: EarlyStoppingCreate | None = None
+    class_balance: Literal["auto", "none", "weighted_loss", "balanced_sampler"] = "auto"
+    imbalance_threshold: float = Field(3.0, ge=1.0, le=1000.0)
+    time_budget_seconds: float | None = Field(None, ge=5.0, le=7 * 24 * 3600.0)
+    compile: bool = False
     augmentation: Augmentation = Field(default_factory=Augmentation)
 
     @field_validator("backbone")
@@ -129,12 +190,29 @@ class MetricsPublic(BaseModel):
 class BackbonePublic(BaseModel):
     name: str
     library: str
+    architecture: str
     params_millions: float
     default_input_size: int
     imagenet_top1: float
-    offline_weights: bool
+    mean: list[float]
+    std: list[float]
+    interpolation: str
+    crop_pct: float
+    weights_available: bool
+    weights_source: str | None
 
 
 class BackbonesPublic(BaseModel):
     data: list[BackbonePublic]
     count: int
+
+
+class JobReport(BaseModel):
+    job_id: str
+    status: str
+    backbone: str
+    classes: list[str]
+    best_epoch: dict[str, Any] | None
+    validation: dict[str, Any] | None
+    test: dict[str, Any] | None
+    training: dict[str, Any]

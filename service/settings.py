@@ -43,7 +43,16 @@ class Settings(BaseSettings):
 
     # Worker side.
     worker_cache_dir: Path | None = None
+    # Pretrained weights: an explicit folder of <backbone>.safetensors files, then the
+    # torch hub and Hugging Face caches (the same variables torch and huggingface_hub read).
     weights_dir: Path | None = None
+    torch_home: Path | None = None
+    hf_home: Path | None = None
+    hf_hub_cache: Path | None = None
+    xdg_cache_home: Path | None = None
+    # Off by default: a backbone is accepted only when its weights are on this host, so a
+    # job never fails an hour later on an air-gapped machine. `finetune weights pull`.
+    allow_weight_downloads: bool = False
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     progress_interval_seconds: float = Field(default=2.0, ge=0)
     dataloader_workers: int = Field(default=-1, ge=-1)  # -1: sized to the host
@@ -85,6 +94,18 @@ class Settings(BaseSettings):
     @property
     def resolved_worker_cache_dir(self) -> Path:
         return self.worker_cache_dir or self.data_dir / "cache"
+
+    @property
+    def resolved_torch_hub_dir(self) -> Path:
+        cache = self.xdg_cache_home or Path.home() / ".cache"
+        return (self.torch_home or cache / "torch") / "hub"
+
+    @property
+    def resolved_hf_cache(self) -> Path:
+        if self.hf_hub_cache:
+            return self.hf_hub_cache
+        cache = self.xdg_cache_home or Path.home() / ".cache"
+        return (self.hf_home or cache / "huggingface") / "hub"
 
     @property
     def embedded(self) -> bool:

@@ -74,6 +74,9 @@ def integration_env(pg_url, s3_endpoint, tmp_path_factory) -> Iterator[dict[str,
         "S3_SECRET_ACCESS_KEY": "testing",
         "S3_REGION": "us-east-1",
         "DATA_DIR": str(data_dir),
+        # Empty caches: only packaged weights count, whatever this machine has cached.
+        "TORCH_HOME": str(data_dir / "torch"),
+        "HF_HUB_CACHE": str(data_dir / "hf"),
         "PROGRESS_INTERVAL_SECONDS": "0.5",
         "HEARTBEAT_SECONDS": "2",
     }

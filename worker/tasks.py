@@ -29,7 +29,8 @@ from worker.training.config import TrainConfig
 from worker.training.data import prepare
 from worker.training.export import build_metadata, export_model
 from worker.training.fit import fit
-from worker.training.weights import WeightsUnavailable
+from worker.training.plots import confusion_matrix_png, curves_png
+from worker.training.weights import WeightsSource, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class DbReporter(Callbacks):
         self.epoch = 0
         self.done_steps = 0
         self.total_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self.store = get_store(settings)
 
     def _write(self, **values: Any) -> None:
         with session_scope(self.settings) as s:
@@ -97,6 +100,13 @@ class DbReporter(Callbacks):
         with session_scope(self.settings) as s:
             if not transitions.record_epoch(s, self.job_id, self.worker_id, metrics, best):
                 self.lost.set()
+        self.history.append(metrics)
+        try:  # live curves; a plotting hiccup must never fail the job
+            self.store.put_bytes(
+                f"jobs/{self.job_id}/plots/curves.png", curves_png(self.history, self.job_id)
+            )
+        except Exception:  # noqa: BLE001
+            log.warning("could not render curves for %s", self.job_id, exc_info=True)
 
     def should_stop(self) -> bool:
         return self.lost.is_set()
@@ -161,14 +171,16 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         index = json.loads(store.get_bytes(index_key))
         data = prepare(archive, index, config, cache_dir)
 
-        result = fit(
-            config,
-            data,
-            reporter,
-            weights_dir=settings.weights_dir,
-            num_workers=settings.dataloader_workers,
+        weights = WeightsSource(
+            settings.weights_dir,
+            settings.allow_weight_downloads,
+            settings.resolved_torch_hub_dir,
+            settings.resolved_hf_cache,
         )
-        if reporter.lost.is_set():
+        result = fit(
+            config, data, reporter, weights=weights, num_workers=settings.dataloader_workers
+        )
+        if reporter.lost.is_set() or result.stopped:
             raise JobLost(f"job {job_id} is no longer owned by {worker_id}")
 
         reporter.on_phase("exporting")
@@ -183,6 +195,12 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             },
         )
         files = export_model(result.model, metadata, workdir / "model")
+        validation = result.report.get("validation", {})
+        if "confusion_matrix" in validation:
+            store.put_bytes(
+                f"jobs/{job_id}/plots/confusion_matrix.png",
+                confusion_matrix_png(validation["confusion_matrix"], result.classes),
+            )
         prefix = f"jobs/{job_id}/model"
         keys = {}
         for name, path in files.items():
@@ -195,6 +213,9 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             "torchscript_key": keys["model.torchscript.pt"],
             "metadata_key": keys["metadata.json"],
             "best": result.best,
+            "report": result.report,
+            "training": {**result.extra, "stopped_reason": result.stopped_reason},
+            "classes": result.classes,
             "device": result.device,
             "num_train_images": int(len(data.train_idx)),
             "num_val_images": int(len(data.val_idx)),

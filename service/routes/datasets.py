@@ -3,9 +3,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Annotated
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import func, select
 
 from service.deps import SessionDep, SettingsDep, StoreDep
@@ -109,3 +114,63 @@ def read_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
     if ds is None:
         raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"dataset {dataset_id!r} not found")
     return dataset_public(ds)
+
+
+_preview_slots = threading.BoundedSemaphore(2)  # at most two preview renderers at once
+
+
+@router.get(
+    "/{dataset_id}/augmentations/preview",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def preview_augmentations(
+    dataset_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    preset: Literal["none", "light", "standard", "strong"] = "light",
+    hflip: bool = True,
+    image_size: Annotated[int, Query(ge=32, le=512)] = 224,
+    seed: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    samples: Annotated[int, Query(ge=1, le=16)] = 8,
+) -> Response:
+    """A PNG grid: rows are sample images (one class after another), columns are four
+    augmented draws, through the same transforms a job with this augmentation uses."""
+    if session.get(Dataset, dataset_id) is None:
+        raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"dataset {dataset_id!r} not found")
+    augmentation = {"preset": preset, "hflip": hflip}
+    params = json.dumps([augmentation, image_size, seed, samples], sort_keys=True)
+    key = f"datasets/{dataset_id}/previews/{hashlib.sha256(params.encode()).hexdigest()[:24]}.png"
+    if store.exists(key):
+        return Response(store.get_bytes(key), media_type="image/png")
+    # Rendering needs torch, which the API process never imports: a short-lived process does it.
+    with _preview_slots, tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/preview.png"
+        cmd = [
+            sys.executable,
+            "-m",
+            "worker.preview",
+            dataset_id,
+            out,
+            json.dumps(augmentation),
+            "--image-size",
+            str(image_size),
+            "--seed",
+            str(seed),
+            "--samples",
+            str(samples),
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired as exc:
+            raise ServiceError(ErrorCode.PREVIEW_FAILED, "rendering the preview timed out") from exc
+        if proc.returncode != 0:
+            log.error("preview failed: %s", proc.stderr[-2000:])
+            raise ServiceError(
+                ErrorCode.PREVIEW_FAILED,
+                f"rendering the preview failed: {proc.stderr.strip().splitlines()[-1:]}",
+            )
+        png = Path(out).read_bytes()
+    store.put_bytes(key, png)
+    return Response(png, media_type="image/png")

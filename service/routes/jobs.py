@@ -8,14 +8,17 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 
 from service import queue, transitions
+from service.backbones import BACKBONES
 from service.db import as_utc, utcnow
 from service.deps import SessionDep, SettingsDep, StoreDep
 from service.errors import ErrorCode, ServiceError
 from service.models import Dataset, Job, JobMetric, JobStatus, new_id
+from service.routes.backbones import usable_backbones, weights_on_host
 from service.schemas import (
     JobCreate,
     JobError,
     JobPublic,
+    JobReport,
     JobsPublic,
     MetricPublic,
     MetricsPublic,
@@ -88,6 +91,14 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> J
         raise ServiceError(
             ErrorCode.DATASET_NOT_FOUND,
             f"dataset {body.dataset_id!r} not found; upload one with POST /v1/datasets",
+        )
+    spec = BACKBONES[body.backbone]
+    if not settings.allow_weight_downloads and weights_on_host(spec, settings) is None:
+        raise ServiceError(
+            ErrorCode.WEIGHTS_UNAVAILABLE,
+            f"no ImageNet weights for {body.backbone!r} on this host; usable now: "
+            f"{', '.join(usable_backbones(settings))}. Run `finetune weights pull "
+            f"{body.backbone}` on a host with internet, or set ALLOW_WEIGHT_DOWNLOADS=true",
         )
     val_min = min(ds.class_counts.values())
     if val_min * body.val_fraction < 1 and val_min < 2:
@@ -189,3 +200,55 @@ def download_model(
             "Content-Length": str(store.size(key)),
         },
     )
+
+
+@router.get("/{job_id}/report", response_model=JobReport)
+def read_job_report(job_id: str, session: SessionDep) -> JobReport:
+    """Full evaluation of the delivered model: top-1/top-5, per-class precision, recall and
+    F1, macro-F1, confusion matrix and expected calibration error, on the validation split
+    (and the test split when the dataset has one)."""
+    job = _get_job(session, job_id)
+    result = job.result or {}
+    if job.status != JobStatus.SUCCEEDED.value or "report" not in result:
+        raise ServiceError(
+            ErrorCode.REPORT_NOT_AVAILABLE,
+            f"job {job_id} is {job.status}; the evaluation report is written when it succeeds "
+            f"(live metrics: GET /v1/jobs/{job_id}/metrics)",
+        )
+    return JobReport(
+        job_id=job.id,
+        status=job.status,
+        backbone=job.config["backbone"],
+        classes=result.get("classes", []),
+        best_epoch=job.best_metrics,
+        validation=result["report"].get("validation"),
+        test=result["report"].get("test"),
+        training=result.get("training", {}),
+    )
+
+
+PLOTS = ("curves", "confusion_matrix")
+
+
+@router.get(
+    "/{job_id}/plots/{name}.png",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def read_job_plot(
+    job_id: str, name: str, session: SessionDep, store: StoreDep
+) -> StreamingResponse:
+    """`curves` (loss and accuracy per epoch, updated live) or `confusion_matrix` (at the end)."""
+    _get_job(session, job_id)
+    if name not in PLOTS:
+        raise ServiceError(
+            ErrorCode.NOT_FOUND, f"no plot named {name!r}; available: {', '.join(PLOTS)}"
+        )
+    key = f"jobs/{job_id}/plots/{name}.png"
+    if not store.exists(key):
+        raise ServiceError(
+            ErrorCode.PLOT_NOT_AVAILABLE,
+            f"plot {name!r} of job {job_id} is not drawn yet (curves after the first epoch, "
+            "the confusion matrix when the job succeeds)",
+        )
+    return StreamingResponse(store.iter_chunks(key), media_type="image/png")

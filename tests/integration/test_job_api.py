@@ -47,6 +47,16 @@ def test_create_job_returns_queued_with_defaults_and_sends_the_task(
         ({"val_fraction": 0.95}, "val_fraction"),
         ({"backbone": "alexnet"}, "backbone"),
         ({"augmentation": {"hflip": "sometimes"}}, "hflip"),
+        ({"strategy": "yolo"}, "strategy"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"schedule": "sawtooth"}, "schedule"),
+        ({"early_stopping": {"patience": 0}}, "patience"),
+        ({"label_smoothing": 0.9}, "label_smoothing"),
+        ({"time_budget_seconds": 1}, "time_budget_seconds"),
+        ({"augmentation": {"preset": "extreme"}}, "preset"),
+        ({"augmentation": {"ops": [{"name": "warp"}]}}, "warp"),
+        ({"augmentation": {"ops": [{"name": "rotation", "degrees": 500}]}}, "degrees"),
+        ({"augmentation": {"ops": [{"name": "rotation", "angle": 5}]}}, "angle"),
         ({"surprise": 1}, "surprise"),
     ],
 )
@@ -133,11 +143,69 @@ def test_health_and_readiness(api):
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
 
 
-def test_backbones_are_listed_with_offline_availability(api):
+def test_backbones_are_listed_with_their_weights_availability(api):
     data = {b["name"]: b for b in api.get("/v1/backbones").json()["data"]}
-    assert data["efficientnet_lite0"]["offline_weights"] is True
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        assert data[name]["weights_available"] and data[name]["weights_source"] == "package"
+    # The test caches are empty, so hub-only backbones have no weights here.
+    assert data["resnet50"]["weights_available"] is False and data["resnet50"]["weights_source"] is None
     assert data["efficientnet_lite0"]["default_input_size"] == 224
-    assert {"resnet18", "resnet50", "convnext_tiny", "vit_base_patch16_224"} <= set(data)
+    assert data["efficientnet_lite0"]["mean"] == [0.5, 0.5, 0.5]
+    assert {"resnet18", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny",
+            "vit_base_patch16_224"} <= set(data)
+
+
+def test_a_backbone_without_weights_is_refused_at_submit_listing_usable_ones(api, dataset_id):
+    resp = api.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "convnext_tiny"})
+    assert resp.status_code == 422
+    body = resp.json()
+    assert body["error_code"] == "WEIGHTS_UNAVAILABLE"
+    assert "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2" in body["detail"]
+    assert "finetune weights pull convnext_tiny" in body["detail"]
+
+
+def test_a_weights_file_makes_a_backbone_usable(api, dataset_id, integration_env, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from service.settings import Settings, get_settings
+
+    (tmp_path / "resnet18.safetensors").write_bytes(b"placeholder: availability is by file")
+    settings = Settings(weights_dir=tmp_path)
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app) as client:
+        data = {b["name"]: b for b in client.get("/v1/backbones").json()["data"]}
+        assert data["resnet18"]["weights_source"] == "file"
+        resp = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "resnet18"})
+        assert resp.status_code == 201, resp.text
+
+
+def test_report_and_plots_of_an_unfinished_job_say_when_they_come(api, dataset_id):
+    job = api.post("/v1/jobs", json={"dataset_id": dataset_id}).json()
+    report = api.get(f"/v1/jobs/{job['id']}/report")
+    assert report.status_code == 409 and report.json()["error_code"] == "REPORT_NOT_AVAILABLE"
+    plot = api.get(f"/v1/jobs/{job['id']}/plots/curves.png")
+    assert plot.status_code == 404 and plot.json()["error_code"] == "PLOT_NOT_AVAILABLE"
+
+
+def test_augmentation_preview_is_a_png_grid_and_is_cached(api, dataset_id):
+    from io import BytesIO
+
+    from PIL import Image
+
+    params = {"preset": "strong", "image_size": 48, "samples": 2, "hflip": "false"}
+    first = api.get(f"/v1/datasets/{dataset_id}/augmentations/preview", params=params)
+    assert first.status_code == 200, first.text
+    image = Image.open(BytesIO(first.content))
+    assert image.format == "PNG"
+    assert image.size == (120 + 4 * (48 + 4), 2 * (48 + 4))  # label column + 4 draws, 2 rows
+    again = api.get(f"/v1/datasets/{dataset_id}/augmentations/preview", params=params)
+    assert again.content == first.content
+    bad = api.get(f"/v1/datasets/{dataset_id}/augmentations/preview", params={"preset": "wild"})
+    assert bad.status_code == 422 and "preset" in bad.json()["detail"]
+    missing = api.get("/v1/datasets/ds_nope/augmentations/preview")
+    assert missing.status_code == 404
 
 
 def _closed_port() -> int:

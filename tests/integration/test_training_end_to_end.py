@@ -74,7 +74,8 @@ def test_job_runs_to_success_with_live_progress(trained):
 def test_per_epoch_metrics_are_recorded(trained):
     client, job_id, _, final, _, _ = trained
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()
-    assert metrics["count"] == 3 and [m["epoch"] for m in metrics["data"]] == [1, 2, 3]
+    # Epoch 0 is the linear probe of the default lp_ft strategy, then 3 fine-tuning epochs.
+    assert metrics["count"] == 4 and [m["epoch"] for m in metrics["data"]] == [0, 1, 2, 3]
     for m in metrics["data"]:
         assert m["train_loss"] > 0 and 0 <= m["val_accuracy"] <= 1
         assert m["val_loss"] > 0 and m["images_per_second"] > 0
@@ -136,3 +137,30 @@ def test_succeeded_jobs_are_listed_by_status(trained):
     client, job_id, _, _, _, _ = trained
     ids = [j["id"] for j in client.get("/v1/jobs", params={"status": "succeeded"}).json()["data"]]
     assert job_id in ids
+
+
+def test_report_has_the_full_evaluation(trained):
+    client, job_id, _, final, _, held_out = trained
+    report = client.get(f"/v1/jobs/{job_id}/report").json()
+    val = report["validation"]
+    assert report["classes"] == [str(i) for i in range(10)] and report["test"] is None
+    n = val["num_samples"]
+    assert 280 <= n <= 290  # 20% of the 1437 uploaded digits, rounded per class
+    assert val["top1_accuracy"] == pytest.approx(final["best_metrics"]["val_accuracy"], abs=1e-6)
+    assert val["top5_accuracy"] >= val["top1_accuracy"]
+    assert 0 <= val["ece"] <= 1 and 0 < val["macro_f1"] <= 1
+    assert len(val["per_class"]) == 10 and {"precision", "recall", "f1", "support"} <= set(val["per_class"][0])
+    cm = val["confusion_matrix"]
+    assert sum(map(sum, cm)) == n and sum(cm[i][i] for i in range(10)) / n == pytest.approx(val["top1_accuracy"])
+    assert report["training"]["strategy"] == "lp_ft" and "probe" in report["training"]
+
+
+@pytest.mark.parametrize("name", ["curves", "confusion_matrix"])
+def test_plots_are_served_as_png(trained, name):
+    client, job_id, _, _, _, _ = trained
+    resp = client.get(f"/v1/jobs/{job_id}/plots/{name}.png")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(resp.content))
+    assert image.format == "PNG" and image.width > 300 and image.height > 200
+    missing = client.get(f"/v1/jobs/{job_id}/plots/roc.png")
+    assert missing.status_code == 404 and "curves" in missing.json()["detail"]

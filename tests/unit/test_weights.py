@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from service.backbones import BACKBONES
 from worker.training.backbones import build_architecture, create_model
-from worker.training.weights import WeightsUnavailable, resolve_state_dict
+from worker.training.weights import WeightsSource, WeightsUnavailable, resolve_state_dict
 
 
 def chelsea_batch() -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_packaged_lite0_weights_classify_a_cat_as_egyptian_cat():
 
 def test_packaged_weights_are_found_without_network():
     _, source = resolve_state_dict(BACKBONES["efficientnet_lite0"], allow_download=False)
-    assert source == "package"
+    assert source.startswith("package:")
 
 
 def test_explicit_local_file_wins_over_every_other_source(tmp_path: Path):
@@ -64,14 +64,52 @@ def test_torchvision_weights_are_read_from_the_torch_hub_cache(tmp_path: Path, m
     (tmp_path / "checkpoints").mkdir()
     torch.save(model.net.state_dict(), tmp_path / "checkpoints" / filename)
     sd, source = resolve_state_dict(spec, allow_download=False)
-    assert source == "torch-hub-cache"
-    built = create_model("resnet18", 3, allow_download=False)
+    assert source.startswith("torch-hub-cache:")
+    built = create_model("resnet18", 3, weights=WeightsSource(torch_hub_dir=tmp_path))
     assert torch.equal(built.net.conv1.weight, model.net.conv1.weight)
     assert built(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_missing_weights_without_network_name_the_fix(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(WeightsUnavailable):
-        resolve_state_dict(BACKBONES["resnet18"], allow_download=False)
+def test_timm_weights_are_read_from_the_hugging_face_cache(tmp_path: Path):
+    spec = BACKBONES["efficientnet_b0"]
+    model = build_architecture(spec, 1000)
+    org, name = spec.hub_id.split("/")
+    repo = tmp_path / f"models--{org}--{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(model.state_dict(), str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    source = WeightsSource(torch_hub_dir=tmp_path / "torch", hf_cache=tmp_path)
+    _, where = source.resolve(spec)
+    assert where.startswith("hf-cache:")
+    built = create_model("efficientnet_b0", 3, weights=source)
+    assert torch.equal(built.conv_stem.weight, model.conv_stem.weight)
+
+
+def test_missing_weights_without_network_name_the_fix(tmp_path: Path):
+    source = WeightsSource(torch_hub_dir=tmp_path / "t", hf_cache=tmp_path / "hf")
+    with pytest.raises(WeightsUnavailable, match="finetune weights pull resnet18"):
+        source.resolve(BACKBONES["resnet18"])
+
+
+def test_a_pickle_in_the_weights_folder_is_refused(tmp_path: Path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "efficientnet_lite0.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(WeightsUnavailable, match="could not be loaded"):
+        WeightsSource(weights_dir=tmp_path).resolve(BACKBONES["efficientnet_lite0"])
+
+
+def test_weights_pull_copies_cached_weights_into_weights_dir(tmp_path: Path):
+    from service.settings import Settings
+    from worker.training.weights import pull
+
+    settings = Settings(weights_dir=tmp_path / "w", torch_home=tmp_path / "t", hf_hub_cache=tmp_path / "h")
+    message = pull(BACKBONES["efficientnet_lite0"], settings)
+    assert "already here (package" in message
+    state, where = WeightsSource(weights_dir=tmp_path / "w").resolve(BACKBONES["efficientnet_lite0"])
+    assert where.startswith("file:") and "conv_stem.weight" in state

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from service.backbones import BACKBONES, BackboneSpec
-from worker.training.weights import resolve_state_dict
+from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,9 @@ class TorchvisionResNet(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.net.fc
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        return {"stem": r"^net\.(?:conv1|bn1)", "blocks": r"^net\.layer(\d+)"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -61,8 +63,7 @@ def create_model(
     backbone: str,
     num_classes: int,
     pretrained: bool = True,
-    weights_dir: Path | None = None,
-    allow_download: bool = True,
+    weights: WeightsSource | None = None,
     keep_imagenet_head: bool = False,
 ) -> nn.Module:
     """ImageNet-pretrained `backbone` with a fresh `num_classes` head (or, with
@@ -72,7 +73,7 @@ def create_model(
     spec = BACKBONES[backbone]
     model = build_architecture(spec, 1000)
     if pretrained:
-        state, source = resolve_state_dict(spec, weights_dir, allow_download)
+        state, source = (weights or WeightsSource()).resolve(spec)
         target = model.net if isinstance(model, TorchvisionResNet) else model
         target.load_state_dict(state, strict=True)
         log.info("%s: ImageNet weights from %s", backbone, source)

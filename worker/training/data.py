@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from worker.training.augment import eval_transform, train_transform
 from worker.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -107,32 +107,6 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def train_transform(config: TrainConfig) -> T.Transform:
-    spec, aug = config.spec, config.augmentation
-    steps: list[T.Transform] = []
-    if aug.random_resized_crop:
-        steps.append(
-            T.RandomResizedCrop(config.image_size, scale=(aug.crop_scale_min, 1.0), antialias=True)
-        )
-    else:
-        steps.append(T.CenterCrop(config.image_size))
-    if aug.hflip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)]
-    return T.Compose(steps)
-
-
-def eval_transform(config: TrainConfig) -> T.Transform:
-    spec = config.spec
-    return T.Compose(
-        [
-            T.CenterCrop(config.image_size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(spec.mean, spec.std),
-        ]
-    )
-
-
 class CachedImages(Dataset[tuple[torch.Tensor, int]]):
     def __init__(
         self, cache: np.ndarray, labels: Sequence[int], indices: np.ndarray, transform: Any
@@ -162,12 +136,22 @@ class PreparedData:
     classes: list[str]
     train_idx: np.ndarray
     val_idx: np.ndarray
+    test_idx: np.ndarray | None = None
 
     def train_set(self, config: TrainConfig) -> CachedImages:
         return CachedImages(self.cache, self.labels, self.train_idx, train_transform(config))
 
+    def eval_train_set(self, config: TrainConfig) -> CachedImages:
+        """The training images without augmentation (for cached features)."""
+        return CachedImages(self.cache, self.labels, self.train_idx, eval_transform(config))
+
     def val_set(self, config: TrainConfig) -> CachedImages:
         return CachedImages(self.cache, self.labels, self.val_idx, eval_transform(config))
+
+    def test_set(self, config: TrainConfig) -> CachedImages | None:
+        if self.test_idx is None or len(self.test_idx) == 0:
+            return None
+        return CachedImages(self.cache, self.labels, self.test_idx, eval_transform(config))
 
 
 def prepare(

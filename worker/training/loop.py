@@ -1,9 +1,10 @@
-"""One epoch of training, one pass of evaluation."""
+"""One epoch of training, one pass of inference."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +19,23 @@ class EpochStats:
     accuracy: float
     images: int
     seconds: float
+    data_seconds: float
     stopped: bool = False
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def loader_images_per_second(self) -> float:
+        """How fast the input pipeline alone delivered (time spent waiting for batches)."""
+        return self.images / self.data_seconds if self.data_seconds > 0 else float("inf")
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+    return torch.autocast(
+        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
 
 
 def train_one_epoch(
@@ -35,78 +48,97 @@ def train_one_epoch(
     epoch: int,
     callbacks: Callbacks,
     amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    mixing: Any = None,
+    grad_clip_norm: float | None = None,
+    freeze_norm_stats: bool = False,
 ) -> EpochStats:
     model.train()
+    if freeze_norm_stats:
+        # Keep BatchNorm on its running statistics: the batch statistics of a small,
+        # unusual dataset would shift every feature the probed head was fitted to.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     # Sums stay on the device: a .item() per step would force a sync on the GPU.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     steps = len(loader)
     start = time.perf_counter()
+    data_seconds = 0.0
     stopped = False
+    fetch_start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, start=1):
+        data_seconds += time.perf_counter() - fetch_start
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        hard_targets = targets
+        if mixing is not None:
+            images, targets = mixing(images, targets)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with _autocast(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            optimizer.step()
         scheduler.step()
-        n = targets.shape[0]
+        n = hard_targets.shape[0]
         loss_sum += loss.detach() * n
-        correct += (logits.detach().argmax(1) == targets).sum()
+        correct += (logits.detach().argmax(1) == hard_targets).sum()
         seen += n
         callbacks.on_step(epoch, step, steps)
         if callbacks.should_stop():
             stopped = True
             break
+        fetch_start = time.perf_counter()
     seconds = time.perf_counter() - start
     return EpochStats(
         loss=float(loss_sum) / max(seen, 1),
         accuracy=float(correct) / max(seen, 1),
         images=seen,
         seconds=seconds,
+        data_seconds=data_seconds,
         stopped=stopped,
     )
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    features: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) for a whole loader, on the CPU."""
+    """(logits, targets) for a whole loader, on the CPU; with `features`, the pooled
+    pre-logits features instead of logits."""
     model.eval()
-    all_logits, all_targets = [], []
+    outputs, all_targets = [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            logits = model(images)
-        all_logits.append(logits.float().cpu())
+        with _autocast(device, amp_dtype):
+            if features:
+                pooled = model.forward_features(images)  # type: ignore[operator]
+                out = model.forward_head(pooled, pre_logits=True)  # type: ignore[operator]
+            else:
+                out = model(images)
+        outputs.append(out.float().cpu())
         all_targets.append(targets)
-    return torch.cat(all_logits), torch.cat(all_targets)
-
-
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[float, float]:
-    """(mean loss, top-1 accuracy)."""
-    logits, targets = predict(model, loader, device, amp_dtype)
-    if len(targets) == 0:
-        return float("nan"), float("nan")
-    loss = float(loss_fn(logits, targets))
-    accuracy = float((logits.argmax(1) == targets).float().mean())
-    return loss, accuracy
+    if not outputs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outputs), torch.cat(all_targets)

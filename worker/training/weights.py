@@ -1,22 +1,22 @@
-"""Where ImageNet weights come from, without needing a network.
+"""Loading ImageNet weights, without needing a network.
 
-Order: an explicit local file (`WEIGHTS_DIR/<backbone>.safetensors|.pth`); the torch hub /
-Hugging Face caches; weights shipped inside a Python package; and only then a hub download
-(the normal path for users with internet). Every state dict is loaded with
-`weights_only=True` or from safetensors: never an arbitrary unpickle.
+Where to look is decided by `service.backbones.locate_weights` (shared with the API, which
+checks availability at submit time): an explicit file in WEIGHTS_DIR, the torch hub /
+Hugging Face caches, weights shipped in a Python package. A hub download, the normal path
+for users with internet, comes last and only when allowed. Every state dict is loaded from
+safetensors or with `weights_only=True`: never an arbitrary unpickle.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from service.backbones import BackboneSpec
+from service.backbones import BackboneSpec, WeightsLocation, locate_weights
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def load_state_file(path: Path) -> StateDict:
 
         return load_file(str(path))
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise WeightsUnavailable(f"{path} does not hold a state dict")
@@ -63,9 +63,7 @@ _BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 def map_lite_state_dict(src: StateDict, stage_sizes: tuple[int, ...]) -> StateDict:
     """Rename lukemelas-style EfficientNet-Lite keys onto timm's layout."""
-    flat_to_stage: list[tuple[int, int]] = [
-        (stage, block) for stage, n in enumerate(stage_sizes) for block in range(n)
-    ]
+    flat_to_stage = [(stage, block) for stage, n in enumerate(stage_sizes) for block in range(n)]
     out: StateDict = {}
     for key, value in src.items():
         m = _BLOCK.match(key)
@@ -80,102 +78,106 @@ def map_lite_state_dict(src: StateDict, stage_sizes: tuple[int, ...]) -> StateDi
     return out
 
 
-def _package_file(module_name: str) -> Path:
-    module = importlib.import_module(module_name)
-    files = sorted(Path(module.__file__ or "").parent.glob("models/*.pth"))
-    if not files:
-        raise WeightsUnavailable(f"package {module_name} ships no .pth file")
-    return files[0]
+def load_location(spec: BackboneSpec, location: WeightsLocation) -> StateDict:
+    state = load_state_file(location.path)
+    if location.kind == "package":
+        state = map_lite_state_dict(state, spec.stage_sizes)
+    return state
 
 
-def _from_package(spec: BackboneSpec) -> StateDict | None:
-    if not spec.weights_package or not spec.weights_package_installed():
-        return None
-    path = _package_file(spec.weights_package)
-    log.info("loading %s weights from package file %s", spec.name, path)
-    return map_lite_state_dict(load_state_file(path), spec.stage_sizes)
-
-
-# --- caches and hub ------------------------------------------------------------------------
-
-
-def _torchvision_weights(spec: BackboneSpec) -> object:
-    from torchvision.models import get_model_weights
-
-    return get_model_weights(spec.arch).DEFAULT  # type: ignore[attr-defined]
-
-
-def _from_torch_hub_cache(spec: BackboneSpec) -> StateDict | None:
-    if spec.library != "torchvision":
-        return None
-    url: str = _torchvision_weights(spec).url  # type: ignore[attr-defined]
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-    return load_state_file(path) if path.is_file() else None
-
-
-def _timm_hub_id(spec: BackboneSpec) -> str | None:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.arch)
-    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-
-
-def _from_hf_cache(spec: BackboneSpec) -> StateDict | None:
-    if spec.library != "timm":
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = _timm_hub_id(spec)
-    if not repo:
-        return None
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str):
-            return load_state_file(Path(found))
-    return None
-
-
-def _from_hub(spec: BackboneSpec) -> StateDict:
-    """The online path: download into the standard caches, then load from there."""
+def download(spec: BackboneSpec, torch_hub_dir: Path, hf_cache: Path) -> Path:
+    """Fetch the weights into the standard cache (the online path); return the file."""
     if spec.library == "torchvision":
-        weights = _torchvision_weights(spec)
-        return weights.get_state_dict(progress=False)  # type: ignore[attr-defined, no-any-return]
+        from torchvision.models import get_model_weights
+
+        weights = get_model_weights(spec.arch).DEFAULT  # type: ignore[attr-defined]
+        weights.get_state_dict(progress=False, model_dir=str(torch_hub_dir / "checkpoints"))
+        return torch_hub_dir / "checkpoints" / str(spec.hub_file)
+    if not spec.hub_id:
+        raise WeightsUnavailable(f"{spec.name} has no hub weights to download")
     from huggingface_hub import hf_hub_download
 
-    repo = _timm_hub_id(spec)
-    if not repo:
-        raise WeightsUnavailable(f"timm has no hub weights for {spec.arch}")
-    return load_state_file(Path(hf_hub_download(repo, "model.safetensors")))
+    return Path(hf_hub_download(spec.hub_id, "model.safetensors", cache_dir=str(hf_cache)))
 
 
 def resolve_state_dict(
-    spec: BackboneSpec, weights_dir: Path | None = None, allow_download: bool = True
+    spec: BackboneSpec,
+    weights_dir: Path | None = None,
+    allow_download: bool = False,
+    torch_hub_dir: Path | None = None,
+    hf_cache: Path | None = None,
 ) -> tuple[StateDict, str]:
     """Return (state dict, where it came from) in the documented order."""
-    if weights_dir is not None:
-        for suffix in (".safetensors", ".pth", ".pt"):
-            path = weights_dir / f"{spec.name}{suffix}"
-            if path.is_file():
-                return load_state_file(path), f"file:{path}"
-    sources: list[tuple[str, Callable[[BackboneSpec], StateDict | None]]] = [
-        ("torch-hub-cache", _from_torch_hub_cache),
-        ("hf-cache", _from_hf_cache),
-        ("package", _from_package),
-    ]
-    for name, source in sources:
+    # Unless told otherwise, the caches torch and huggingface_hub themselves would use.
+    if torch_hub_dir is None:
+        torch_hub_dir = Path(torch.hub.get_dir())
+    if hf_cache is None:
+        from huggingface_hub import constants
+
+        hf_cache = Path(constants.HF_HUB_CACHE)
+    location = locate_weights(spec, weights_dir, torch_hub_dir, hf_cache)
+    if location is not None:
         try:
-            sd = source(spec)
-        except Exception as exc:  # noqa: BLE001 - a broken cache entry falls through
-            log.warning("weights source %s failed for %s: %s", name, spec.name, exc)
-            continue
-        if sd is not None:
-            return sd, name
+            return load_location(spec, location), f"{location.kind}:{location.path}"
+        except Exception as exc:  # noqa: BLE001 - a corrupt cache entry must say so
+            raise WeightsUnavailable(
+                f"weights for {spec.name} at {location.path} could not be loaded: {exc}"
+            ) from exc
     if not allow_download:
-        raise WeightsUnavailable(f"no local ImageNet weights for {spec.name}")
+        raise WeightsUnavailable(
+            f"no ImageNet weights for {spec.name} on this host; run `finetune weights pull "
+            f"{spec.name}` where there is internet, or place {spec.name}.safetensors in WEIGHTS_DIR"
+        )
     try:
-        return _from_hub(spec), "hub"
+        path = download(spec, torch_hub_dir, hf_cache)
     except Exception as exc:
         raise WeightsUnavailable(
-            f"ImageNet weights for {spec.name} are not on this host and could not be "
-            f"downloaded ({exc}); place {spec.name}.safetensors in WEIGHTS_DIR"
+            f"ImageNet weights for {spec.name} could not be downloaded ({exc}); "
+            f"place {spec.name}.safetensors in WEIGHTS_DIR"
         ) from exc
+    return load_state_file(path), f"hub:{path}"
+
+
+class WeightsSource:
+    """Where `create_model` may look for weights (built from Settings by the worker)."""
+
+    def __init__(
+        self,
+        weights_dir: Path | None = None,
+        allow_download: bool = False,
+        torch_hub_dir: Path | None = None,
+        hf_cache: Path | None = None,
+    ):
+        self.weights_dir = weights_dir
+        self.allow_download = allow_download
+        self.torch_hub_dir = torch_hub_dir
+        self.hf_cache = hf_cache
+
+    def resolve(self, spec: BackboneSpec) -> tuple[StateDict, str]:
+        return resolve_state_dict(
+            spec, self.weights_dir, self.allow_download, self.torch_hub_dir, self.hf_cache
+        )
+
+
+def pull(spec: BackboneSpec, settings: Settings) -> str:
+    """Fill this host's cache with `spec`'s weights (downloading when they are not already
+    here) and, when WEIGHTS_DIR is set, write `<name>.safetensors` there too: copy that
+    folder to an air-gapped host and set WEIGHTS_DIR there."""
+    from safetensors.torch import save_file
+
+    torch_hub_dir, hf_cache = settings.resolved_torch_hub_dir, settings.resolved_hf_cache
+    location = locate_weights(spec, None, torch_hub_dir, hf_cache)
+    if location is not None:
+        state, where = (
+            load_location(spec, location),
+            f"already here ({location.kind}: {location.path})",
+        )
+    else:
+        path = download(spec, torch_hub_dir, hf_cache)
+        state, where = load_state_file(path), f"downloaded to {path}"
+    if settings.weights_dir is None:
+        return where
+    settings.weights_dir.mkdir(parents=True, exist_ok=True)
+    target = settings.weights_dir / f"{spec.name}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return f"{where}; saved {target}"

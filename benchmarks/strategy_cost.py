@@ -1,0 +1,49 @@
+"""What an epoch costs per strategy: `linear_probe` (a pass over cached features, after a
+one-time feature extraction) vs `full` (a pass through the whole network), same data.
+
+    .venv/bin/python benchmarks/strategy_cost.py [--epochs 3] [--image-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.demo import digits_split, imagefolder_zip  # noqa: E402
+from service.ingest import ingest_zip  # noqa: E402
+from worker.training.config import AugmentConfig, TrainConfig  # noqa: E402
+from worker.training.data import prepare  # noqa: E402
+from worker.training.fit import fit  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=64)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="cost-"))
+    train, _ = digits_split()
+    archive = imagefolder_zip(train, tmp / "digits.zip")
+    index = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2).index()
+    rows = {}
+    for strategy in ("linear_probe", "full"):
+        cfg = TrainConfig(strategy=strategy, epochs=args.epochs, image_size=args.image_size,
+                          augmentation=AugmentConfig(hflip=False))
+        result = fit(cfg, prepare(archive, index, cfg, tmp / "cache"), num_workers=0)
+        epoch = statistics.median(h["epoch_seconds"] for h in result.history)
+        rows[strategy] = (epoch, result.extra.get("probe", {}).get("feature_seconds"))
+    probe, full = rows["linear_probe"], rows["full"]
+    print(f"digits {len(train)} images ({args.image_size}px, 80% train), efficientnet_lite0")
+    print(f"full fine-tune epoch (median):   {full[0]:.3f}s")
+    print(f"linear_probe head epoch (median): {probe[0]:.4f}s  (+ {probe[1]:.2f}s once for features)")
+    print(f"ratio probe epoch / full epoch:   {probe[0] / full[0]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Every strategy, preset and training control on a small real dataset (digits, 32 px)."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+
+from service.ingest import ingest_zip
+from tests.helpers import digits_samples, digits_zip
+from worker.training.callbacks import Callbacks
+from worker.training.config import AugmentConfig, EarlyStopping, TrainConfig
+from worker.training.data import prepare
+from worker.training.fit import fit
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("strategies")
+    train, _ = digits_samples(limit=500)
+    archive = tmp / "digits.zip"
+    archive.write_bytes(digits_zip(train))
+    index = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2).index()
+    return archive, index, tmp
+
+
+def run(digits, **overrides):
+    archive, index, tmp = digits
+    params = dict(epochs=2, image_size=32, batch_size=32, learning_rate=2e-3, probe_epochs=15,
+                  augmentation=AugmentConfig(hflip=False))
+    params.update(overrides)
+    config = TrainConfig(**params)
+    data = prepare(archive, index, config, tmp / "cache")
+    return fit(config, data, num_workers=0)
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "full", "lp_ft", "gradual"])
+def test_each_strategy_learns(digits, strategy):
+    result = run(digits, strategy=strategy, epochs=20 if strategy == "linear_probe" else 2)
+    assert result.best["val_accuracy"] > 0.4, result.history  # chance is 0.1
+    assert result.report["validation"]["top1_accuracy"] == pytest.approx(result.best["val_accuracy"], abs=1e-6)
+    assert result.extra["strategy"] == strategy
+
+
+def test_lp_ft_probes_first_and_keeps_the_probe_if_fine_tuning_is_worse(digits):
+    result = run(digits, strategy="lp_ft")
+    assert result.history[0]["phase"] == "probe" and result.history[0]["epoch"] == 0
+    assert [h["phase"] for h in result.history[1:]] == ["fine_tune", "fine_tune"]
+    assert result.best["val_accuracy"] == max(h["val_accuracy"] for h in result.history)
+    assert result.extra["probe"]["feature_seconds"] > 0
+
+
+def test_linear_probe_epochs_cost_a_fraction_of_full_epochs(digits):
+    probe = run(digits, strategy="linear_probe", epochs=5)
+    full = run(digits, strategy="full", epochs=1)
+    probe_epoch = np.median([h["epoch_seconds"] for h in probe.history])
+    assert probe_epoch * 5 < full.history[0]["epoch_seconds"]
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "standard", "strong"])
+def test_each_augmentation_preset_learns(digits, preset):
+    result = run(digits, strategy="full", augmentation=AugmentConfig(preset=preset, hflip=False))
+    assert result.best["val_accuracy"] > 0.3, (preset, result.history)
+
+
+def test_an_explicit_op_list_trains(digits):
+    ops = [{"name": "random_resized_crop", "scale_min": 0.5}, {"name": "rotation", "degrees": 10},
+           {"name": "color_jitter", "brightness": 0.3}, {"name": "random_erasing", "p": 0.2}]
+    result = run(digits, strategy="full", augmentation=AugmentConfig(ops=ops, hflip=False))
+    assert result.best["val_accuracy"] > 0.3
+
+
+def test_flips_can_be_switched_off():
+    from worker.training.augment import resolved_ops
+
+    for preset in ("light", "standard", "strong"):
+        on = resolved_ops(TrainConfig(augmentation=AugmentConfig(preset=preset)))
+        off = resolved_ops(TrainConfig(augmentation=AugmentConfig(preset=preset, hflip=False)))
+        assert any(op["name"] == "hflip" for op in on)
+        assert not any(op["name"] == "hflip" for op in off)
+
+
+def test_same_seed_on_cpu_gives_the_same_metrics(digits):
+    a = run(digits, strategy="full", epochs=1, seed=11)
+    b = run(digits, strategy="full", epochs=1, seed=11)
+    keys = ("train_loss", "val_loss", "val_accuracy")
+    assert [tuple(h[k] for k in keys) for h in a.history] == [tuple(h[k] for k in keys) for h in b.history]
+
+
+def test_early_stopping_stops_and_restores_the_best(digits):
+    result = run(
+        digits, strategy="full", epochs=12, learning_rate=1e-7, warmup_epochs=0,
+        early_stopping=EarlyStopping(metric="val_accuracy", patience=2, min_delta=0.2),
+    )
+    assert result.stopped_reason == "early_stopping"
+    assert len(result.history) == 3  # the first epoch sets the bar, two more fail to clear it
+    assert result.best["epoch"] == 1
+
+
+def test_time_budget_ends_training_early_with_a_usable_model(digits):
+    start = time.monotonic()
+    result = run(digits, strategy="full", epochs=200, time_budget_seconds=8)
+    elapsed = time.monotonic() - start
+    assert len(result.history) < 200
+    assert elapsed < 8 + 3 * result.history[0]["epoch_seconds"] + 5
+    assert result.extra.get("epochs_fitted_to_budget") or result.stopped_reason == "time_budget"
+    assert result.best["val_accuracy"] > 0.3
+
+
+def test_imbalance_turns_on_class_weights_automatically(digits):
+    archive, index, tmp = digits
+    # Keep all of class 0, a tenth of the others: ratio ~10 > threshold 3.
+    kept, seen = [], {}
+    for e in index["entries"]:
+        seen[e["label"]] = seen.get(e["label"], 0) + 1
+        if e["label"] == 0 or seen[e["label"]] <= 6:
+            kept.append(e)
+    skewed = (archive, {**index, "entries": kept}, tmp / "skewed")
+    auto = run(skewed, strategy="full", epochs=1)
+    assert auto.extra["class_balance"] == "weighted_loss"
+    sampler = run(skewed, strategy="full", epochs=1, class_balance="balanced_sampler")
+    assert sampler.extra["class_balance"] == "balanced_sampler"
+    balanced = run(digits, strategy="full", epochs=1)
+    assert balanced.extra["class_balance"] == "none"
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("sgd", "step"), ("adamw", "onecycle"), ("sgd", "constant")])
+def test_optimizers_and_schedules_train(digits, optimizer, schedule):
+    sgd = optimizer == "sgd"
+    result = run(digits, strategy="full", optimizer=optimizer, schedule=schedule, epochs=3 if sgd else 2,
+                 learning_rate=0.05 if sgd else 2e-3, label_smoothing=0.1,
+                 grad_clip_norm=None if sgd else 1.0)
+    assert result.best["val_accuracy"] > 0.3, result.history
+
+
+def test_a_stop_request_ends_training_between_steps(digits):
+    class StopAfterThree(Callbacks):
+        steps = 0
+
+        def on_step(self, epoch, step, steps_per_epoch):
+            self.steps += 1
+
+        def should_stop(self):
+            return self.steps >= 3
+
+    archive, index, tmp = digits
+    config = TrainConfig(strategy="full", epochs=5, image_size=32, augmentation=AugmentConfig(hflip=False))
+    cb = StopAfterThree()
+    result = fit(config, prepare(archive, index, config, tmp / "cache"), cb, num_workers=0)
+    assert result.stopped and cb.steps == 3 and result.history == []
