@@ -63,8 +63,12 @@ def run(name: str, budget: float, seed: int, image_size: int, hflip: bool) -> di
     out = {}
     for recipe, kw in RECIPES.items():
         cfg = TrainConfig(
-            image_size=image_size, batch_size=32, seed=seed, time_budget_seconds=budget,
-            augmentation=AugmentConfig(hflip=hflip), **kw,  # type: ignore[arg-type]
+            image_size=image_size,
+            batch_size=32,
+            seed=seed,
+            time_budget_seconds=budget,
+            augmentation=AugmentConfig(hflip=hflip),
+            **kw,  # type: ignore[arg-type]
         )
         data = prepare(archive, index, cfg, tmp / "cache")
         # Validation comes out of the non-test part only.
@@ -72,8 +76,11 @@ def run(name: str, budget: float, seed: int, image_size: int, hflip: bool) -> di
         data.train_idx, data.val_idx, data.test_idx = rest[sub_train], rest[sub_val], test
         result = fit(cfg, data, num_workers=0)
         out[recipe] = result.report["test"]["top1_accuracy"]
-        print(f"  {name} seed {seed} {recipe}: test acc {out[recipe]:.4f} "
-              f"({len(result.history)} epochs, stopped: {result.stopped_reason})", flush=True)
+        print(
+            f"  {name} seed {seed} {recipe}: test acc {out[recipe]:.4f} "
+            f"({len(result.history)} epochs, stopped: {result.stopped_reason})",
+            flush=True,
+        )
     return out
 
 
@@ -96,8 +103,10 @@ def main() -> None:
     for name, rows in table.items():
         budget = args.digits_budget if name == "digits" else args.lfw_budget
         for recipe, accs in rows.items():
-            print(f"| {name} ({budget:.0f} s) | {recipe} | {statistics.mean(accs):.4f} | "
-                  f"{', '.join(f'{a:.4f}' for a in accs)} |")
+            print(
+                f"| {name} ({budget:.0f} s) | {recipe} | {statistics.mean(accs):.4f} | "
+                f"{', '.join(f'{a:.4f}' for a in accs)} |"
+            )
 
 
 if __name__ == "__main__":

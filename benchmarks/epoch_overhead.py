@@ -22,7 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def bare_epochs(archive: Path, index: dict, epochs: int, batch_size: int, image_size: int) -> list[float]:
+def bare_epochs(
+    archive: Path, index: dict, epochs: int, batch_size: int, image_size: int
+) -> list[float]:
     import torch
     from torch.utils.data import DataLoader
 
@@ -31,7 +33,9 @@ def bare_epochs(archive: Path, index: dict, epochs: int, batch_size: int, image_
     from worker.training.data import prepare
 
     config = TrainConfig(
-        epochs=epochs, image_size=image_size, batch_size=batch_size,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
         augmentation=AugmentConfig(hflip=False),
     )
     data = prepare(archive, index, config, archive.parent / "bare-cache")
@@ -52,7 +56,9 @@ def bare_epochs(archive: Path, index: dict, epochs: int, batch_size: int, image_
     return times
 
 
-def worker_epochs(data_dir: Path, zip_bytes: bytes, epochs: int, batch_size: int, image_size: int) -> tuple[list[float], float]:
+def worker_epochs(
+    data_dir: Path, zip_bytes: bytes, epochs: int, batch_size: int, image_size: int
+) -> tuple[list[float], float]:
     os.environ["DATA_DIR"] = str(data_dir)
     from fastapi.testclient import TestClient
     from sqlalchemy import select
@@ -66,18 +72,27 @@ def worker_epochs(data_dir: Path, zip_bytes: bytes, epochs: int, batch_size: int
     get_settings.cache_clear()
     migrate()
     with TestClient(create_app()) as api:
-        ds = api.post("/v1/datasets", files={"file": ("d.zip", zip_bytes, "application/zip")}).json()
+        ds = api.post(
+            "/v1/datasets", files={"file": ("d.zip", zip_bytes, "application/zip")}
+        ).json()
         job = api.post(
             "/v1/jobs",
-            json={"dataset_id": ds["id"], "epochs": epochs, "image_size": image_size,
-                  "strategy": "full",  # like for like with the bare loop
-                  "batch_size": batch_size, "augmentation": {"hflip": False}},
+            json={
+                "dataset_id": ds["id"],
+                "epochs": epochs,
+                "image_size": image_size,
+                "strategy": "full",  # like for like with the bare loop
+                "batch_size": batch_size,
+                "augmentation": {"hflip": False},
+            },
         ).json()
     start = time.perf_counter()
     assert run_job(job["id"]) == "succeeded"
     wall = time.perf_counter() - start
     with session_scope() as s:
-        rows = s.scalars(select(JobMetric).where(JobMetric.job_id == job["id"]).order_by(JobMetric.epoch)).all()
+        rows = s.scalars(
+            select(JobMetric).where(JobMetric.job_id == job["id"]).order_by(JobMetric.epoch)
+        ).all()
         return [r.epoch_seconds for r in rows], wall
 
 
@@ -107,13 +122,19 @@ def main() -> None:
     for r in range(args.rounds):
         # Skip each run's first epoch: it pays for allocator and kernel warm-up.
         bare += bare_epochs(archive, index, args.epochs, args.batch_size, args.image_size)[1:]
-        w, wall = worker_epochs(tmp / f"var{r}", zip_bytes, args.epochs, args.batch_size, args.image_size)
+        w, wall = worker_epochs(
+            tmp / f"var{r}", zip_bytes, args.epochs, args.batch_size, args.image_size
+        )
         worker += w[1:]
         walls.append(wall)
-        print(f"round {r + 1}: bare {bare[-1]:.2f}s/epoch, worker {worker[-1]:.2f}s/epoch", flush=True)
+        print(
+            f"round {r + 1}: bare {bare[-1]:.2f}s/epoch, worker {worker[-1]:.2f}s/epoch", flush=True
+        )
     b, w = statistics.median(bare), statistics.median(worker)
-    print(f"\nefficientnet_lite0, digits {len(train)} images (80% train), {args.image_size}px, "
-          f"batch {args.batch_size}, torch threads {__import__('torch').get_num_threads()}")
+    print(
+        f"\nefficientnet_lite0, digits {len(train)} images (80% train), {args.image_size}px, "
+        f"batch {args.batch_size}, torch threads {__import__('torch').get_num_threads()}"
+    )
     print(f"bare loop epoch (median of {len(bare)}): {b:.2f}s")
     print(f"worker epoch    (median of {len(worker)}): {w:.2f}s")
     print(f"ratio worker/bare: {w / b:.3f}")

@@ -33,15 +33,21 @@ def main() -> None:
     index = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2).index()
     rows = {}
     for strategy in ("linear_probe", "full"):
-        cfg = TrainConfig(strategy=strategy, epochs=args.epochs, image_size=args.image_size,
-                          augmentation=AugmentConfig(hflip=False))
+        cfg = TrainConfig(
+            strategy=strategy,
+            epochs=args.epochs,
+            image_size=args.image_size,
+            augmentation=AugmentConfig(hflip=False),
+        )
         result = fit(cfg, prepare(archive, index, cfg, tmp / "cache"), num_workers=0)
         epoch = statistics.median(h["epoch_seconds"] for h in result.history)
         rows[strategy] = (epoch, result.extra.get("probe", {}).get("feature_seconds"))
     probe, full = rows["linear_probe"], rows["full"]
     print(f"digits {len(train)} images ({args.image_size}px, 80% train), efficientnet_lite0")
     print(f"full fine-tune epoch (median):   {full[0]:.3f}s")
-    print(f"linear_probe head epoch (median): {probe[0]:.4f}s  (+ {probe[1]:.2f}s once for features)")
+    print(
+        f"linear_probe head epoch (median): {probe[0]:.4f}s  (+ {probe[1]:.2f}s once for features)"
+    )
     print(f"ratio probe epoch / full epoch:   {probe[0] / full[0]:.4f}")
 
 

@@ -100,3 +100,7 @@ class JobMetric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float)
     epoch_seconds: Mapped[float | None] = mapped_column(Float)
+    phase: Mapped[str | None] = mapped_column(String(20))  # "probe" or "fine_tune"
+    val_top5_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_macro_f1: Mapped[float | None] = mapped_column(Float)
+    loader_images_per_second: Mapped[float | None] = mapped_column(Float)

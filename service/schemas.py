@@ -172,6 +172,10 @@ class JobsPublic(BaseModel):
 
 class MetricPublic(BaseModel):
     epoch: int
+    phase: str | None
+    val_top5_accuracy: float | None
+    val_macro_f1: float | None
+    loader_images_per_second: float | None
     train_loss: float
     train_accuracy: float | None
     val_loss: float | None

@@ -110,6 +110,10 @@ def record_epoch(
             learning_rate=metrics.get("learning_rate"),
             images_per_second=metrics.get("images_per_second"),
             epoch_seconds=metrics.get("epoch_seconds"),
+            phase=metrics.get("phase"),
+            val_top5_accuracy=metrics.get("val_top5_accuracy"),
+            val_macro_f1=metrics.get("val_macro_f1"),
+            loader_images_per_second=metrics.get("loader_images_per_second"),
         )
     )
     result = session.execute(

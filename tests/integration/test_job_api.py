@@ -148,11 +148,19 @@ def test_backbones_are_listed_with_their_weights_availability(api):
     for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         assert data[name]["weights_available"] and data[name]["weights_source"] == "package"
     # The test caches are empty, so hub-only backbones have no weights here.
-    assert data["resnet50"]["weights_available"] is False and data["resnet50"]["weights_source"] is None
+    assert (
+        data["resnet50"]["weights_available"] is False
+        and data["resnet50"]["weights_source"] is None
+    )
     assert data["efficientnet_lite0"]["default_input_size"] == 224
     assert data["efficientnet_lite0"]["mean"] == [0.5, 0.5, 0.5]
-    assert {"resnet18", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny",
-            "vit_base_patch16_224"} <= set(data)
+    assert {
+        "resnet18",
+        "mobilenetv3_large_100",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "vit_base_patch16_224",
+    } <= set(data)
 
 
 def test_a_backbone_without_weights_is_refused_at_submit_listing_usable_ones(api, dataset_id):

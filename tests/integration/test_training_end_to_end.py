@@ -149,9 +149,13 @@ def test_report_has_the_full_evaluation(trained):
     assert val["top1_accuracy"] == pytest.approx(final["best_metrics"]["val_accuracy"], abs=1e-6)
     assert val["top5_accuracy"] >= val["top1_accuracy"]
     assert 0 <= val["ece"] <= 1 and 0 < val["macro_f1"] <= 1
-    assert len(val["per_class"]) == 10 and {"precision", "recall", "f1", "support"} <= set(val["per_class"][0])
+    assert len(val["per_class"]) == 10 and {"precision", "recall", "f1", "support"} <= set(
+        val["per_class"][0]
+    )
     cm = val["confusion_matrix"]
-    assert sum(map(sum, cm)) == n and sum(cm[i][i] for i in range(10)) / n == pytest.approx(val["top1_accuracy"])
+    assert sum(map(sum, cm)) == n and sum(cm[i][i] for i in range(10)) / n == pytest.approx(
+        val["top1_accuracy"]
+    )
     assert report["training"]["strategy"] == "lp_ft" and "probe" in report["training"]
 
 

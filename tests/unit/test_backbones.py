@@ -37,8 +37,10 @@ def test_every_backbone_has_the_same_head_api(name):
 def test_every_backbone_with_weights_builds_pretrained_for_three_classes(name):
     location = _location(name)
     if location is None:
-        pytest.skip(f"no ImageNet weights for {name} on this host (no WEIGHTS_DIR file, "
-                    "torch/HF cache entry or package); `finetune weights pull` fetches them")
+        pytest.skip(
+            f"no ImageNet weights for {name} on this host (no WEIGHTS_DIR file, "
+            "torch/HF cache entry or package); `finetune weights pull` fetches them"
+        )
     model = create_model(name, 3, weights=WeightsSource()).eval()
     size = 224 if name.startswith("vit") else 64
     with torch.no_grad():
@@ -59,8 +61,14 @@ def test_lite1_and_lite2_package_weights_map_onto_timm(name, size):
     from skimage import data
 
     model = create_model(name, 1000, keep_imagenet_head=True).eval()
-    tf = T.Compose([T.PILToTensor(), T.Resize((size, size)), T.ToDtype(torch.float32, scale=True),
-                    T.Normalize([0.5] * 3, [0.5] * 3)])
+    tf = T.Compose(
+        [
+            T.PILToTensor(),
+            T.Resize((size, size)),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
     with torch.no_grad():
         probs = model(tf(Image.fromarray(data.chelsea()))[None]).softmax(-1)[0]
     assert int(probs.argmax()) in (281, 282, 285)  # tabby, tiger cat, Egyptian cat

@@ -15,7 +15,11 @@ def predictions():
     targets = rng.integers(0, c, n)
     logits = rng.normal(size=(n, c)) * 2
     logits[np.arange(n), targets] += rng.normal(1.0, 1.5, n)  # better than chance, imperfect
-    return torch.tensor(logits, dtype=torch.float32), torch.tensor(targets), [f"c{i}" for i in range(c)]
+    return (
+        torch.tensor(logits, dtype=torch.float32),
+        torch.tensor(targets),
+        [f"c{i}" for i in range(c)],
+    )
 
 
 def test_report_matches_scikit_learn(predictions):
@@ -34,7 +38,9 @@ def test_report_matches_scikit_learn(predictions):
         assert row["f1"] == pytest.approx(f1[i])
         assert row["support"] == support[i]
     assert report["confusion_matrix"] == skm.confusion_matrix(y, p, labels=range(7)).tolist()
-    assert report["loss"] == pytest.approx(skm.log_loss(y, logits.softmax(1).numpy(), labels=range(7)), rel=1e-4)
+    assert report["loss"] == pytest.approx(
+        skm.log_loss(y, logits.softmax(1).numpy(), labels=range(7)), rel=1e-4
+    )
 
 
 def test_expected_calibration_error_by_hand():
@@ -53,4 +59,10 @@ def test_perfectly_confident_and_right_is_calibrated():
 def test_classes_never_predicted_get_zero_precision_not_nan():
     logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]])
     report = classification_report(logits, torch.tensor([0, 2, 1]), ["a", "b", "c"])
-    assert report["per_class"][2] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert report["per_class"][2] == {
+        "class": "c",
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 1,
+    }

@@ -26,8 +26,14 @@ def digits(tmp_path_factory):
 
 def run(digits, **overrides):
     archive, index, tmp = digits
-    params = dict(epochs=2, image_size=32, batch_size=32, learning_rate=2e-3, probe_epochs=15,
-                  augmentation=AugmentConfig(hflip=False))
+    params = dict(
+        epochs=2,
+        image_size=32,
+        batch_size=32,
+        learning_rate=2e-3,
+        probe_epochs=15,
+        augmentation=AugmentConfig(hflip=False),
+    )
     params.update(overrides)
     config = TrainConfig(**params)
     data = prepare(archive, index, config, tmp / "cache")
@@ -38,7 +44,9 @@ def run(digits, **overrides):
 def test_each_strategy_learns(digits, strategy):
     result = run(digits, strategy=strategy, epochs=20 if strategy == "linear_probe" else 2)
     assert result.best["val_accuracy"] > 0.4, result.history  # chance is 0.1
-    assert result.report["validation"]["top1_accuracy"] == pytest.approx(result.best["val_accuracy"], abs=1e-6)
+    assert result.report["validation"]["top1_accuracy"] == pytest.approx(
+        result.best["val_accuracy"], abs=1e-6
+    )
     assert result.extra["strategy"] == strategy
 
 
@@ -64,8 +72,12 @@ def test_each_augmentation_preset_learns(digits, preset):
 
 
 def test_an_explicit_op_list_trains(digits):
-    ops = [{"name": "random_resized_crop", "scale_min": 0.5}, {"name": "rotation", "degrees": 10},
-           {"name": "color_jitter", "brightness": 0.3}, {"name": "random_erasing", "p": 0.2}]
+    ops = [
+        {"name": "random_resized_crop", "scale_min": 0.5},
+        {"name": "rotation", "degrees": 10},
+        {"name": "color_jitter", "brightness": 0.3},
+        {"name": "random_erasing", "p": 0.2},
+    ]
     result = run(digits, strategy="full", augmentation=AugmentConfig(ops=ops, hflip=False))
     assert result.best["val_accuracy"] > 0.3
 
@@ -84,12 +96,18 @@ def test_same_seed_on_cpu_gives_the_same_metrics(digits):
     a = run(digits, strategy="full", epochs=1, seed=11)
     b = run(digits, strategy="full", epochs=1, seed=11)
     keys = ("train_loss", "val_loss", "val_accuracy")
-    assert [tuple(h[k] for k in keys) for h in a.history] == [tuple(h[k] for k in keys) for h in b.history]
+    assert [tuple(h[k] for k in keys) for h in a.history] == [
+        tuple(h[k] for k in keys) for h in b.history
+    ]
 
 
 def test_early_stopping_stops_and_restores_the_best(digits):
     result = run(
-        digits, strategy="full", epochs=12, learning_rate=1e-7, warmup_epochs=0,
+        digits,
+        strategy="full",
+        epochs=12,
+        learning_rate=1e-7,
+        warmup_epochs=0,
         early_stopping=EarlyStopping(metric="val_accuracy", patience=2, min_delta=0.2),
     )
     assert result.stopped_reason == "early_stopping"
@@ -124,12 +142,21 @@ def test_imbalance_turns_on_class_weights_automatically(digits):
     assert balanced.extra["class_balance"] == "none"
 
 
-@pytest.mark.parametrize("optimizer, schedule", [("sgd", "step"), ("adamw", "onecycle"), ("sgd", "constant")])
+@pytest.mark.parametrize(
+    "optimizer, schedule", [("sgd", "step"), ("adamw", "onecycle"), ("sgd", "constant")]
+)
 def test_optimizers_and_schedules_train(digits, optimizer, schedule):
     sgd = optimizer == "sgd"
-    result = run(digits, strategy="full", optimizer=optimizer, schedule=schedule, epochs=3 if sgd else 2,
-                 learning_rate=0.05 if sgd else 2e-3, label_smoothing=0.1,
-                 grad_clip_norm=None if sgd else 1.0)
+    result = run(
+        digits,
+        strategy="full",
+        optimizer=optimizer,
+        schedule=schedule,
+        epochs=3 if sgd else 2,
+        learning_rate=0.05 if sgd else 2e-3,
+        label_smoothing=0.1,
+        grad_clip_norm=None if sgd else 1.0,
+    )
     assert result.best["val_accuracy"] > 0.3, result.history
 
 
@@ -144,7 +171,9 @@ def test_a_stop_request_ends_training_between_steps(digits):
             return self.steps >= 3
 
     archive, index, tmp = digits
-    config = TrainConfig(strategy="full", epochs=5, image_size=32, augmentation=AugmentConfig(hflip=False))
+    config = TrainConfig(
+        strategy="full", epochs=5, image_size=32, augmentation=AugmentConfig(hflip=False)
+    )
     cb = StopAfterThree()
     result = fit(config, prepare(archive, index, config, tmp / "cache"), cb, num_workers=0)
     assert result.stopped and cb.steps == 3 and result.history == []

@@ -54,9 +54,10 @@ def digits_run(tmp_path_factory):
 
 def test_fine_tuning_learns_digits_well_above_chance(digits_run):
     _, _, result, _, _, _ = digits_run
-    assert len(result.history) == 2
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]  # lp_ft: the probe is epoch 0
     assert result.best["val_accuracy"] > 0.6  # chance is 0.1
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    tuned = [h for h in result.history if h["phase"] == "fine_tune"]
+    assert tuned[-1]["train_loss"] < tuned[0]["train_loss"]
 
 
 def test_progress_flows_out_through_callbacks(digits_run):
@@ -64,10 +65,12 @@ def test_progress_flows_out_through_callbacks(digits_run):
     steps_per_epoch = recorder.steps[0][2]
     assert len(recorder.steps) == 2 * steps_per_epoch
     assert recorder.steps[-1] == (2, steps_per_epoch, steps_per_epoch)
-    assert [m["epoch"] for m, _ in recorder.epochs] == [1, 2]
+    assert [m["epoch"] for m, _ in recorder.epochs] == [0, 1, 2]
+    assert recorder.phases == ["extracting features", "probing", "training"]
     assert recorder.epochs[-1][1] == result.best
     for metrics, _ in recorder.epochs:
         assert metrics["images_per_second"] > 0 and metrics["epoch_seconds"] > 0
+        assert metrics["loader_images_per_second"] > 0
 
 
 def test_exported_safetensors_and_torchscript_give_the_same_predictions(digits_run):

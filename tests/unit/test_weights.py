@@ -108,8 +108,12 @@ def test_weights_pull_copies_cached_weights_into_weights_dir(tmp_path: Path):
     from service.settings import Settings
     from worker.training.weights import pull
 
-    settings = Settings(weights_dir=tmp_path / "w", torch_home=tmp_path / "t", hf_hub_cache=tmp_path / "h")
+    settings = Settings(
+        weights_dir=tmp_path / "w", torch_home=tmp_path / "t", hf_hub_cache=tmp_path / "h"
+    )
     message = pull(BACKBONES["efficientnet_lite0"], settings)
     assert "already here (package" in message
-    state, where = WeightsSource(weights_dir=tmp_path / "w").resolve(BACKBONES["efficientnet_lite0"])
+    state, where = WeightsSource(weights_dir=tmp_path / "w").resolve(
+        BACKBONES["efficientnet_lite0"]
+    )
     assert where.startswith("file:") and "conv_stem.weight" in state

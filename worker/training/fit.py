@@ -34,6 +34,15 @@ from worker.training.config import TrainConfig
 from worker.training.data import PreparedData
 from worker.training.loop import predict, train_one_epoch
 from worker.training.metrics import classification_report
+from worker.training.optim import (
+    LrPlan,
+    backbone_stages,
+    class_weights,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    set_trainable,
+)
 from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
@@ -79,32 +88,6 @@ def default_num_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = cpus or 1
     return 0 if cpus <= 4 else min(8, cpus // 2)
-
-
-class LrPlan:
-    """Per-step LR factor. Re-plannable: under a time budget the schedule is shrunk to the
-    epochs that fit, so the cosine decay still completes."""
-
-    def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, warmup_steps: int):
-        self.schedule = schedule
-        self.steps_per_epoch = steps_per_epoch
-        self.warmup_steps = warmup_steps
-        self.replan(epochs)
-
-    def replan(self, epochs: int) -> None:
-        self.epochs = epochs
-        self.total_steps = max(1, self.steps_per_epoch * epochs)
-        self.step_every = max(1, epochs // 3) * self.steps_per_epoch
-
-    def __call__(self, step: int) -> float:
-        if self.schedule == "constant":
-            return 1.0
-        if self.schedule == "step":
-            return float(0.1 ** (step // self.step_every))
-        if step < self.warmup_steps:  # cosine with linear warmup
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class _Control(Callbacks):
@@ -159,83 +142,6 @@ class _Best:
         return better
 
 
-def _class_weights(
-    config: TrainConfig, labels: np.ndarray, n_classes: int
-) -> tuple[str, torch.Tensor | None]:
-    counts = np.bincount(labels, minlength=n_classes).astype(float)
-    ratio = counts.max() / max(counts.min(), 1.0)
-    mode = config.class_balance
-    if mode == "auto":
-        mode = "weighted_loss" if ratio > config.imbalance_threshold else "none"
-    if mode == "weighted_loss":
-        w = counts.sum() / (n_classes * np.maximum(counts, 1.0))
-        return mode, torch.tensor(w, dtype=torch.float32)
-    return mode, None
-
-
-def _param_groups(
-    model: nn.Module, lr: float, backbone_mult: float, wd: float
-) -> list[dict[str, Any]]:
-    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
-    head = [p for p in model.parameters() if id(p) in head_ids]
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
-    # No weight decay on norms and biases (1-d tensors).
-    groups = [
-        {
-            "params": [p for p in backbone if p.ndim > 1],
-            "lr": lr * backbone_mult,
-            "weight_decay": wd,
-        },
-        {
-            "params": [p for p in backbone if p.ndim <= 1],
-            "lr": lr * backbone_mult,
-            "weight_decay": 0.0,
-        },
-        {"params": [p for p in head if p.ndim > 1], "lr": lr, "weight_decay": wd},
-        {"params": [p for p in head if p.ndim <= 1], "lr": lr, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def _make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    total = max(1, steps_per_epoch * epochs)
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total + 1
-        )
-    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
-    plan = LrPlan(config.schedule, steps_per_epoch, epochs, warmup)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
-
-
-def _backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
-    """Backbone parameters grouped bottom (stem) to top, head excluded."""
-    from timm.models import group_parameters
-
-    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
-    named = dict(model.named_parameters())
-    grouped = group_parameters(model, model.group_matcher(coarse=True))  # type: ignore[operator]
-    stages = []
-    for key in sorted(grouped):
-        params = [named[n] for n in grouped[key] if id(named[n]) not in head_ids]
-        if params:
-            stages.append(params)
-    return stages
-
-
-def _set_trainable(params: list[nn.Parameter], flag: bool) -> None:
-    for p in params:
-        p.requires_grad_(flag)
-
-
 def _epoch_metrics(
     epoch: int, stats: Any, report: dict[str, Any], lr: float, phase: str
 ) -> dict[str, Any]:
@@ -275,21 +181,41 @@ class _HeadStats:
         return float("inf")
 
 
-def _probe(
-    model: nn.Module,
-    config: TrainConfig,
-    data: PreparedData,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    loss_fn: nn.Module,
-    control: _Control,
-    epochs: int,
-    report_epochs: bool,
-    best: _Best,
-    history: list[dict[str, Any]],
-    loader_kwargs: dict[str, Any],
-) -> dict[str, Any]:
-    """Train only the head on features computed once (eval transform, frozen backbone)."""
+@dataclass
+class _Run:
+    """What the phases of one `fit` share."""
+
+    model: nn.Module
+    config: TrainConfig
+    data: PreparedData
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    loss_fn: nn.Module
+    control: _Control
+    best: _Best
+    history: list[dict[str, Any]]
+    loader_kwargs: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def _probe(run: _Run, epochs: int, report_epochs: bool) -> dict[str, Any]:
+    """Train only the head on features computed once (eval transform, frozen backbone).
+    With `report_epochs` (linear_probe) each head epoch is an epoch of the job; otherwise
+    (lp_ft) the probed model is recorded once, as epoch 0."""
+    model, config, data, device, control, best = (
+        run.model,
+        run.config,
+        run.data,
+        run.device,
+        run.control,
+        run.best,
+    )
+    amp_dtype, loss_fn, history, loader_kwargs = (
+        run.amp_dtype,
+        run.loss_fn,
+        run.history,
+        run.loader_kwargs,
+    )
     control.on_phase("extracting features")
     t0 = time.perf_counter()
     bs = config.batch_size * 2
@@ -312,7 +238,10 @@ def _probe(
     head_params = list(head.parameters())
     optimizer = torch.optim.AdamW(
         [
-            {"params": [p for p in head_params if p.ndim > 1], "weight_decay": config.effective_weight_decay},
+            {
+                "params": [p for p in head_params if p.ndim > 1],
+                "weight_decay": config.effective_weight_decay,
+            },
             {"params": [p for p in head_params if p.ndim <= 1], "weight_decay": 0.0},
         ],
         lr=config.learning_rate,
@@ -327,7 +256,7 @@ def _probe(
     steps = len(loader) * epochs
     plan = LrPlan("cosine", len(loader), epochs, max(1, steps // 20))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
-    val_feats, val_y_dev = val_feats.to(device), val_y.to(device)
+    val_feats = val_feats.to(device)
     control.on_phase("probing")
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
@@ -360,7 +289,6 @@ def _probe(
                 break
         if control.should_stop():
             break
-    del val_y_dev
     final = classification_report(val_logits.cpu(), val_y, data.classes) if len(val_y) else {}
     if not report_epochs:
         # The probed model is a candidate too: fine-tuning must beat it to replace it.
@@ -409,9 +337,9 @@ def fit(
     train_labels = np.asarray(data.labels)[data.train_idx]
     if len(train_labels) == 0:
         raise ValueError("the training split is empty")
-    balance, class_weights = _class_weights(config, train_labels, n_classes)
+    balance, weights_per_class = class_weights(config, train_labels, n_classes)
     loss_fn = nn.CrossEntropyLoss(
-        weight=class_weights.to(device) if class_weights is not None else None,
+        weight=weights_per_class.to(device) if weights_per_class is not None else None,
         label_smoothing=config.label_smoothing,
     )
     metric = config.early_stopping.metric if config.early_stopping else "val_accuracy"
@@ -419,40 +347,29 @@ def fit(
     history: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"class_balance": balance, "strategy": config.strategy}
 
+    run = _Run(
+        model,
+        config,
+        data,
+        device,
+        amp_dtype,
+        loss_fn,
+        control,
+        best,
+        history,
+        loader_kwargs,
+        extra,
+    )
     if config.strategy in ("linear_probe", "lp_ft"):
-        _set_trainable([p for p in model.parameters()], False)
-        _set_trainable(list(model.get_classifier().parameters()), True)  # type: ignore[operator]
-        is_probe_only = config.strategy == "linear_probe"
+        set_trainable(list(model.parameters()), False)
+        set_trainable(list(model.get_classifier().parameters()), True)  # type: ignore[operator]
+        probe_only = config.strategy == "linear_probe"
         extra["probe"] = _probe(
-            model,
-            config,
-            data,
-            device,
-            amp_dtype,
-            loss_fn,
-            control,
-            config.epochs if is_probe_only else config.probe_epochs,
-            is_probe_only,
-            best,
-            history,
-            loader_kwargs,
+            run, config.epochs if probe_only else config.probe_epochs, probe_only
         )
-        _set_trainable(list(model.parameters()), True)
-
+        set_trainable(list(model.parameters()), True)
     if config.strategy != "linear_probe" and control.reason is None:
-        _fine_tune(
-            model,
-            config,
-            data,
-            device,
-            amp_dtype,
-            loss_fn,
-            control,
-            best,
-            history,
-            loader_kwargs,
-            extra,
-        )
+        _fine_tune(run)
 
     if best.state is not None:
         model.load_state_dict(best.state)
@@ -470,19 +387,23 @@ def fit(
     )
 
 
-def _fine_tune(
-    model: nn.Module,
-    config: TrainConfig,
-    data: PreparedData,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    loss_fn: nn.Module,
-    control: _Control,
-    best: _Best,
-    history: list[dict[str, Any]],
-    loader_kwargs: dict[str, Any],
-    extra: dict[str, Any],
-) -> None:
+def _fine_tune(run: _Run) -> None:
+    """Train the whole network (gradual: from the top down) with augmentation."""
+    model, config, data, device, control, best = (
+        run.model,
+        run.config,
+        run.data,
+        run.device,
+        run.control,
+        run.best,
+    )
+    amp_dtype, loss_fn, history, loader_kwargs, extra = (
+        run.amp_dtype,
+        run.loss_fn,
+        run.history,
+        run.loader_kwargs,
+        run.extra,
+    )
     train_set = data.train_set(config)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
@@ -504,13 +425,13 @@ def _fine_tune(
     )
     val_loader = DataLoader(data.val_set(config), batch_size=config.batch_size * 2, **loader_kwargs)
     mult = config.effective_backbone_lr_mult
-    optimizer = _make_optimizer(
-        config, _param_groups(model, config.learning_rate, mult, config.effective_weight_decay)
+    optimizer = make_optimizer(
+        config, param_groups(model, config.learning_rate, mult, config.effective_weight_decay)
     )
-    scheduler = _make_scheduler(config, optimizer, len(train_loader), config.epochs)
+    scheduler = make_scheduler(config, optimizer, len(train_loader), config.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     mixing = batch_mixing(config, len(data.classes))
-    stages = _backbone_stages(model) if config.strategy == "gradual" else []
+    stages = backbone_stages(model) if config.strategy == "gradual" else []
     train_model: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
 
     control.on_phase("training")
@@ -523,7 +444,7 @@ def _fine_tune(
         if stages:
             unfrozen = math.ceil(epoch * len(stages) / planned)
             for i, params in enumerate(stages):
-                _set_trainable(params, i >= len(stages) - unfrozen)
+                set_trainable(params, i >= len(stages) - unfrozen)
         lr = optimizer.param_groups[-1]["lr"]
         stats = train_one_epoch(
             train_model,
@@ -563,7 +484,7 @@ def _fine_tune(
                 planned = fits  # >= epoch: at worst, this epoch was the last
                 plan.replan(planned)
                 extra["epochs_fitted_to_budget"] = planned
-    _set_trainable(list(model.parameters()), True)
+    set_trainable(list(model.parameters()), True)
 
 
 def _final_report(

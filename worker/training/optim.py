@@ -1,0 +1,115 @@
+"""Optimizers, parameter groups, learning-rate plans and freezing: the knobs of `fit`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.training.config import TrainConfig
+
+
+class LrPlan:
+    """Per-step LR factor. Re-plannable: under a time budget the schedule is shrunk to the
+    epochs that fit, so the cosine decay still completes."""
+
+    def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, warmup_steps: int):
+        self.schedule = schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.warmup_steps = warmup_steps
+        self.replan(epochs)
+
+    def replan(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.total_steps = max(1, self.steps_per_epoch * epochs)
+        self.step_every = max(1, epochs // 3) * self.steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "step":
+            return float(0.1 ** (step // self.step_every))
+        if step < self.warmup_steps:  # cosine with linear warmup
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def class_weights(
+    config: TrainConfig, labels: np.ndarray, n_classes: int
+) -> tuple[str, torch.Tensor | None]:
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    ratio = counts.max() / max(counts.min(), 1.0)
+    mode = config.class_balance
+    if mode == "auto":
+        mode = "weighted_loss" if ratio > config.imbalance_threshold else "none"
+    if mode == "weighted_loss":
+        w = counts.sum() / (n_classes * np.maximum(counts, 1.0))
+        return mode, torch.tensor(w, dtype=torch.float32)
+    return mode, None
+
+
+def param_groups(
+    model: nn.Module, lr: float, backbone_mult: float, wd: float
+) -> list[dict[str, Any]]:
+    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    # No weight decay on norms and biases (1-d tensors).
+    groups = [
+        {
+            "params": [p for p in backbone if p.ndim > 1],
+            "lr": lr * backbone_mult,
+            "weight_decay": wd,
+        },
+        {
+            "params": [p for p in backbone if p.ndim <= 1],
+            "lr": lr * backbone_mult,
+            "weight_decay": 0.0,
+        },
+        {"params": [p for p in head if p.ndim > 1], "lr": lr, "weight_decay": wd},
+        {"params": [p for p in head if p.ndim <= 1], "lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(1, steps_per_epoch * epochs)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total + 1
+        )
+    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+    plan = LrPlan(config.schedule, steps_per_epoch, epochs, warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
+
+
+def backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Backbone parameters grouped bottom (stem) to top, head excluded."""
+    from timm.models import group_parameters
+
+    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
+    named = dict(model.named_parameters())
+    grouped = group_parameters(model, model.group_matcher(coarse=True))  # type: ignore[operator]
+    stages = []
+    for key in sorted(grouped):
+        params = [named[n] for n in grouped[key] if id(named[n]) not in head_ids]
+        if params:
+            stages.append(params)
+    return stages
+
+
+def set_trainable(params: list[nn.Parameter], flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)
