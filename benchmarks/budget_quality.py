@@ -6,7 +6,8 @@ Datasets built from packaged data: scikit-learn's digits (1797 8x8 images, 10 cl
 scikit-image's lfw_subset (200 25x25 images, face / not face). Each keeps a stratified test
 split the training never sees; accuracy is reported on it.
 
-    .venv/bin/python benchmarks/budget_quality.py [--seeds 0 1] [--digits-budget 45] [--lfw-budget 20]
+    .venv/bin/python benchmarks/budget_quality.py [--seeds 0 1] \
+        [--digits-budget 45] [--lfw-budget 20]
 """
 
 from __future__ import annotations

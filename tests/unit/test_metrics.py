@@ -46,7 +46,7 @@ def test_report_matches_scikit_learn(predictions):
 def test_expected_calibration_error_by_hand():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
     targets = np.array([0, 1, 0, 1])
-    # bins (width 1/15): 0.9 alone (correct), 0.8 alone (wrong), 0.6 alone (correct), 0.7 alone (correct)
+    # bins of width 1/15: 0.9 alone (right), 0.8 alone (wrong), 0.6 and 0.7 alone (right)
     expected = (abs(1 - 0.9) + abs(0 - 0.8) + abs(1 - 0.6) + abs(1 - 0.7)) / 4
     assert expected_calibration_error(probs, targets) == pytest.approx(expected)
 
