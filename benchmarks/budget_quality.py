@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.ingest import ingest_zip  # noqa: E402
+from service.ingest import Limits, ingest_archive  # noqa: E402
 from worker.training.config import AugmentConfig, TrainConfig  # noqa: E402
 from worker.training.data import prepare, stratified_split  # noqa: E402
 from worker.training.fit import fit  # noqa: E402
@@ -58,7 +58,9 @@ def run(name: str, budget: float, seed: int, image_size: int, hflip: bool) -> di
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="PNG")
             zf.writestr(f"{y}/{i:05d}.png", buf.getvalue())
-    index = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2).index()
+    with open(archive, "rb") as f:
+        index = ingest_archive(f, tmp / "images.zip", Limits()).index()
+    archive = tmp / "images.zip"
     entry_labels = [e["label"] for e in index["entries"]]
     rest, test = stratified_split(entry_labels, 0.25, seed=1000 + seed)
     out = {}

@@ -7,7 +7,6 @@ one-time feature extraction) vs `full` (a pass through the whole network), same 
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.demo import digits_split, imagefolder_zip  # noqa: E402
-from service.ingest import ingest_zip  # noqa: E402
+from service.ingest import Limits, ingest_archive  # noqa: E402
 from worker.training.config import AugmentConfig, TrainConfig  # noqa: E402
 from worker.training.data import prepare  # noqa: E402
 from worker.training.fit import fit  # noqa: E402
@@ -30,7 +29,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cost-"))
     train, _ = digits_split()
     archive = imagefolder_zip(train, tmp / "digits.zip")
-    index = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2).index()
+    with open(archive, "rb") as f:
+        index = ingest_archive(f, tmp / "images.zip", Limits()).index()
+    archive = tmp / "images.zip"
     rows = {}
     for strategy in ("linear_probe", "full"):
         cfg = TrainConfig(

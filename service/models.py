@@ -46,7 +46,10 @@ class Dataset(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     classes: Mapped[list[Any]] = mapped_column(JSON)  # class names, index = label
     class_counts: Mapped[dict[str, Any]] = mapped_column(JSON)
-    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # rejected/skipped files
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # layout, files, duplicates
+    # Datasets are immutable; deleting one removes its files and hides it, while the jobs
+    # that used it keep their record (and the content hash).
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):

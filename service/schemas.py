@@ -26,12 +26,22 @@ class DatasetPublic(BaseModel):
     name: str
     created_at: datetime
     size_bytes: int
-    sha256: str
+    sha256: str = Field(description="content hash: images, labels and splits")
+    format: str
+    layout: str = Field(description="imagefolder, splits (train/val/test folders) or manifest")
     num_images: int
     num_classes: int
     classes: list[ClassCount]
+    splits: dict[str, dict[str, int]] = Field(description="split -> class -> count")
+    imbalance_ratio: float | None
+    image_sizes: dict[str, Any] | None
+    duplicates: dict[str, Any] | None
+    leakage: dict[str, Any] | None
+    conflicting_labels: dict[str, Any] | None
     rejected: list[FileIssue] = []
     skipped: list[FileIssue] = []
+    num_rejected: int = 0
+    num_skipped: int = 0
 
 
 class DatasetsPublic(BaseModel):

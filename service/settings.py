@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     min_images_per_class: int = Field(default=2, ge=1)
+    max_archive_entries: int = Field(default=1_000_000, gt=0)
+    max_dataset_bytes: int = Field(default=64 * 1024**3, gt=0)  # uncompressed image bytes
+    max_compression_ratio: float = Field(default=200.0, gt=1.0)
+    # Prefixes `POST /v1/datasets/import` may read from (s3://bucket/prefix); empty: none.
+    import_allowed_prefixes: list[str] = Field(default_factory=list)
 
     # Worker side.
     worker_cache_dir: Path | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -61,3 +63,11 @@ def digits_zip(samples: list[tuple[np.ndarray, int]]) -> bytes:
     return make_zip(
         (f"digits/{label}/{i:05d}.png", png_bytes(img)) for i, (img, label) in enumerate(samples)
     )
+
+
+def ingest_bytes(data: bytes, out: Path, **limits: Any):
+    """Run the real ingest on archive bytes; the canonical images zip lands at `out`."""
+    from service.ingest import Limits, ingest_archive
+
+    params = {"max_pixels": 10**6, "min_per_class": 2, **limits}
+    return ingest_archive(io.BytesIO(data), out, Limits(**params))

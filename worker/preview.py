@@ -50,7 +50,7 @@ def render(dataset_id: str, augmentation: dict, image_size: int, seed: int, samp
         if ds is None:
             raise SystemExit(f"dataset {dataset_id} not found")
         archive_key, index_key, classes = ds.archive_key, ds.index_key, list(ds.classes)
-    cache = settings.resolved_worker_cache_dir / "datasets" / dataset_id / "archive.zip"
+    cache = settings.resolved_worker_cache_dir / "datasets" / dataset_id / "images.zip"
     if not cache.is_file():
         store.get_file(archive_key, cache)
     index = json.loads(store.get_bytes(index_key))

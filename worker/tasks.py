@@ -164,7 +164,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     try:
         store = get_store(settings)
         cache_dir = settings.resolved_worker_cache_dir / "datasets" / dataset_id
-        archive = cache_dir / "archive.zip"
+        archive = cache_dir / "images.zip"
         reporter.on_phase("preparing")
         if not archive.is_file():
             store.get_file(archive_key, archive)
@@ -217,8 +217,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             "training": {**result.extra, "stopped_reason": result.stopped_reason},
             "classes": result.classes,
             "device": result.device,
-            "num_train_images": int(len(data.train_idx)),
-            "num_val_images": int(len(data.val_idx)),
+            "split": data.split,
         }
         with session_scope(settings) as s:
             if not transitions.succeed(s, job_id, worker_id, outcome):

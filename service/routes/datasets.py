@@ -13,11 +13,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import func, select
 
+from service.db import utcnow
 from service.deps import SessionDep, SettingsDep, StoreDep
 from service.errors import ErrorCode, ServiceError
-from service.ingest import MAX_LISTED, ingest_zip
-from service.models import Dataset, new_id
+from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive
+from service.ingest.thumbnails import samples_png
+from service.models import Dataset, Job, JobStatus, new_id
 from service.schemas import ClassCount, DatasetPublic, DatasetsPublic, FileIssue
+from service.settings import Settings
 from service.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -26,60 +29,90 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 def dataset_public(ds: Dataset) -> DatasetPublic:
     report = ds.report or {}
+    details = report.get("details", {})
     return DatasetPublic(
         id=ds.id,
         name=ds.name,
         created_at=ds.created_at,
         size_bytes=ds.size_bytes,
         sha256=ds.sha256,
+        format=report.get("format", "zip"),
+        layout=report.get("layout", "imagefolder"),
         num_images=ds.num_images,
         num_classes=len(ds.classes),
         classes=[ClassCount(name=c, count=int(ds.class_counts.get(c, 0))) for c in ds.classes],
+        splits=details.get("counts", {}),
+        imbalance_ratio=details.get("imbalance_ratio"),
+        image_sizes=details.get("image_sizes"),
+        duplicates=details.get("duplicates"),
+        leakage=details.get("leakage"),
+        conflicting_labels=details.get("conflicting_labels"),
         rejected=[FileIssue(**r) for r in report.get("rejected", [])[:MAX_LISTED]],
         skipped=[FileIssue(**r) for r in report.get("skipped", [])[:MAX_LISTED]],
+        num_rejected=report.get("num_rejected", len(report.get("rejected", []))),
+        num_skipped=report.get("num_skipped", len(report.get("skipped", []))),
     )
 
 
-@router.post("", status_code=201, response_model=DatasetPublic)
-def create_dataset(
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    file: UploadFile = File(description="zip archive, one folder per class"),  # noqa: B008
-    name: str | None = Form(None, max_length=200),
-) -> DatasetPublic:
-    """Upload a labeled-image dataset. Every image is decoded and checked before anything
-    is stored; files that cannot be used are listed in `rejected` / `skipped`."""
-    src = file.file  # spooled to disk by the multipart parser past 1 MiB
-    report = ingest_zip(
-        src, max_pixels=settings.max_image_pixels, min_per_class=settings.min_images_per_class
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_pixels=settings.max_image_pixels,
+        min_per_class=settings.min_images_per_class,
+        max_entries=settings.max_archive_entries,
+        max_total_bytes=settings.max_dataset_bytes,
+        max_compression_ratio=settings.max_compression_ratio,
     )
 
-    src.seek(0)
+
+def content_hash(report: IngestReport) -> str:
+    """Identifies the dataset by what it holds (images, labels, splits), not by how it was
+    packed: the same images zipped twice hash the same."""
     digest = hashlib.sha256()
-    size = 0
-    while chunk := src.read(1024 * 1024):
-        digest.update(chunk)
-        size += len(chunk)
-    src.seek(0)
+    rows = sorted(
+        (e["source"], report.classes[e["label"]], e["split"] or "", e["sha256"])
+        for e in report.entries
+    )
+    digest.update(json.dumps(rows).encode())
+    return digest.hexdigest()
 
+
+def store_dataset(
+    session: SessionDep,
+    store: StoreDep,
+    report: IngestReport,
+    images_zip: Path,
+    name: str,
+    size_bytes: int,
+) -> Dataset:
+    """Write the checked dataset: objects first, then the row; undo the objects on failure."""
     ds_id = new_id("ds")
     prefix = f"datasets/{ds_id}"
     ds = Dataset(
         id=ds_id,
-        name=name or (file.filename or ds_id).rsplit(".", 1)[0],
-        archive_key=f"{prefix}/archive.zip",
+        name=name,
+        archive_key=f"{prefix}/images.zip",
         index_key=f"{prefix}/index.json",
-        size_bytes=size,
-        sha256=digest.hexdigest(),
+        size_bytes=size_bytes,
+        sha256=content_hash(report),
         num_images=len(report.entries),
         classes=report.classes,
         class_counts=report.class_counts,
-        report={"rejected": report.rejected, "skipped": report.skipped},
+        report={
+            "format": report.format,
+            "layout": report.layout,
+            "rejected": report.rejected[:1000],
+            "skipped": report.skipped[:1000],
+            "num_rejected": len(report.rejected),
+            "num_skipped": len(report.skipped),
+            "details": report.details,
+        },
     )
     try:
-        store.put_stream(ds.archive_key, src)
+        store.put_file(ds.archive_key, images_zip)
         store.put_bytes(ds.index_key, json.dumps(report.index()).encode())
+        store.put_bytes(
+            f"{prefix}/samples.png", samples_png(images_zip, report.entries, report.classes)
+        )
         session.add(ds)
         session.commit()
     except StorageError as exc:
@@ -92,7 +125,38 @@ def create_dataset(
         store.delete_prefix(prefix)
         raise
     log.info("dataset %s created: %d images, %d classes", ds.id, ds.num_images, len(ds.classes))
+    return ds
+
+
+@router.post("", status_code=201, response_model=DatasetPublic)
+def create_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    file: Annotated[
+        UploadFile, File(description="zip, tar or tar.gz: ImageFolder, train/val/test, or manifest")
+    ],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetPublic:
+    """Upload a labeled-image dataset. Every image is decoded and checked before anything
+    is stored; files that cannot be used are listed in `rejected` / `skipped`."""
+    src = file.file  # spooled to disk by the multipart parser past 1 MiB
+    size = src.seek(0, 2)
+    with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
+        images_zip = Path(tmp) / "images.zip"
+        report = ingest_archive(src, images_zip, limits_from(settings))
+        stem = (file.filename or "dataset").split("/")[-1]
+        for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+            stem = stem.removesuffix(suffix)
+        ds = store_dataset(session, store, report, images_zip, name or stem, size)
     return dataset_public(ds)
+
+
+def _get_dataset(session: SessionDep, dataset_id: str) -> Dataset:
+    ds = session.get(Dataset, dataset_id)
+    if ds is None or ds.deleted_at is not None:
+        raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"dataset {dataset_id!r} not found")
+    return ds
 
 
 @router.get("", response_model=DatasetsPublic)
@@ -101,19 +165,54 @@ def list_datasets(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DatasetsPublic:
+    live = Dataset.deleted_at.is_(None)
     rows = session.scalars(
-        select(Dataset).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)
+        select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)
     ).all()
-    count = session.scalar(select(func.count()).select_from(Dataset)) or 0
+    count = session.scalar(select(func.count()).select_from(Dataset).where(live)) or 0
     return DatasetsPublic(data=[dataset_public(d) for d in rows], count=count)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def read_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
-    ds = session.get(Dataset, dataset_id)
-    if ds is None:
-        raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"dataset {dataset_id!r} not found")
-    return dataset_public(ds)
+    return dataset_public(_get_dataset(session, dataset_id))
+
+
+@router.get(
+    "/{dataset_id}/samples.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def read_dataset_samples(dataset_id: str, session: SessionDep, store: StoreDep) -> Response:
+    """Sample thumbnails, one row per class, with its image count."""
+    ds = _get_dataset(session, dataset_id)
+    key = ds.archive_key.rsplit("/", 1)[0] + "/samples.png"
+    return Response(store.get_bytes(key), media_type="image/png")
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response)
+def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep) -> Response:
+    """Remove a dataset's files. Refused (409) while a queued or running job uses it;
+    finished jobs keep their record, their models and the dataset's content hash."""
+    ds = _get_dataset(session, dataset_id)
+    active = session.scalars(
+        select(Job.id).where(
+            Job.dataset_id == ds.id,
+            Job.status.in_(
+                [JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.INTERRUPTED.value]
+            ),
+        )
+    ).all()
+    if active:
+        raise ServiceError(
+            ErrorCode.DATASET_IN_USE,
+            f"dataset {dataset_id} is used by {len(active)} unfinished job(s) "
+            f"({', '.join(active[:5])}); cancel them or wait for them to finish",
+        )
+    ds.deleted_at = utcnow()
+    session.commit()
+    store.delete_prefix(ds.archive_key.rsplit("/", 1)[0])
+    return Response(status_code=204)
 
 
 _preview_slots = threading.BoundedSemaphore(2)  # at most two preview renderers at once
@@ -137,8 +236,7 @@ def preview_augmentations(
 ) -> Response:
     """A PNG grid: rows are sample images (one class after another), columns are four
     augmented draws, through the same transforms a job with this augmentation uses."""
-    if session.get(Dataset, dataset_id) is None:
-        raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"dataset {dataset_id!r} not found")
+    _get_dataset(session, dataset_id)
     augmentation = {"preset": preset, "hflip": hflip}
     params = json.dumps([augmentation, image_size, seed, samples], sort_keys=True)
     key = f"datasets/{dataset_id}/previews/{hashlib.sha256(params.encode()).hexdigest()[:24]}.png"

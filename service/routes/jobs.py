@@ -87,7 +87,7 @@ def _get_job(session: SessionDep, job_id: str) -> Job:
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """Queue a fine-tuning job. The row is committed first, then the task is sent by name."""
     ds = session.get(Dataset, body.dataset_id)
-    if ds is None:
+    if ds is None or ds.deleted_at is not None:
         raise ServiceError(
             ErrorCode.DATASET_NOT_FOUND,
             f"dataset {body.dataset_id!r} not found; upload one with POST /v1/datasets",

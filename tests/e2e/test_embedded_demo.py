@@ -40,7 +40,7 @@ def test_demo_trains_downloads_and_reports_held_out_accuracy(tmp_path: Path):
     var = tmp_path / "var"
     # Everything lives under DATA_DIR: SQLite DB, broker, objects, the downloaded model.
     assert (var / "finetune.db").is_file() and (var / "broker.db").is_file()
-    assert list((var / "objects" / "datasets").glob("ds_*/archive.zip"))
+    assert list((var / "objects" / "datasets").glob("ds_*/images.zip"))
     assert (var / "objects" / "jobs" / match.group(1) / "model" / "model.safetensors").is_file()
     assert (var / "demo" / "model" / "model.torchscript.pt").is_file()
     assert "%" in out and "step" in out  # the progress bar was drawn

@@ -38,9 +38,10 @@ def test_upload_returns_id_classes_and_counts_and_stores_archive_and_index(api, 
     assert body["num_images"] == 7 and len(body["sha256"]) == 64
     keys = objects(integration_env, f"datasets/{body['id']}/")
     assert sorted(keys) == [
-        f"datasets/{body['id']}/archive.zip",
-        f"datasets/{body['id']}/index.json",
+        f"datasets/{body['id']}/{name}" for name in ("images.zip", "index.json", "samples.png")
     ]
+    assert body["layout"] == "imagefolder" and body["format"] == "zip"
+    assert body["splits"] == {"unsplit": {"cat": 3, "dog": 4}}
     assert api.get(f"/v1/datasets/{body['id']}").json() == body
 
 
@@ -62,7 +63,7 @@ def test_partly_broken_upload_is_accepted_and_lists_what_was_rejected(api):
 @pytest.mark.parametrize(
     "data, status, code, mentions",
     [
-        (b"PK\x03\x04 definitely not a zip", 415, "DATASET_NOT_ZIP", "zip"),
+        (b"PK\x03\x04 definitely not a zip", 415, "DATASET_NOT_ARCHIVE", "zip"),
         (make_zip([]), 422, "DATASET_EMPTY", "no image files"),
         (imagefolder_zip({"solo": 3}), 422, "DATASET_TOO_FEW_CLASSES", "'solo'"),
         (imagefolder_zip({"a": 3, "b": 1}), 422, "DATASET_CLASS_TOO_SMALL", "'b' has 1"),
@@ -114,3 +115,100 @@ def test_oversized_upload_is_refused_with_413_before_it_is_stored(integration_en
     assert resp.json()["error_code"] == "UPLOAD_TOO_LARGE"
     assert "2048" in resp.json()["detail"]
     assert objects(integration_env) == before
+
+
+def test_a_tar_gz_with_train_val_test_folders_keeps_its_splits(api):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        seed = 0
+        for split, n in (("train", 3), ("val", 2), ("test", 2)):
+            for cls in ("x", "y"):
+                for i in range(n):
+                    seed += 1
+                    data = png_bytes(noise_image(seed))
+                    info = tarfile.TarInfo(f"set/{split}/{cls}/{i}.png")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    body = upload(api, buf.getvalue(), filename="set.tar.gz").json()
+    assert body["format"] == "tar" and body["layout"] == "splits" and body["name"] == "set"
+    assert body["splits"] == {
+        "test": {"x": 2, "y": 2},
+        "train": {"x": 3, "y": 3},
+        "val": {"x": 2, "y": 2},
+    }
+    assert body["leakage"]["groups"] == 0 and body["duplicates"]["exact_groups"] == 0
+
+
+def test_the_same_images_packed_differently_have_the_same_content_hash(api):
+    files = [
+        (f"{c}/{i}.png", png_bytes(noise_image(i + 7 * j)))
+        for j, c in enumerate("ab")
+        for i in range(3)
+    ]
+    first = upload(api, make_zip(files)).json()
+    second = upload(api, make_zip(list(reversed(files)))).json()
+    assert first["id"] != second["id"] and first["sha256"] == second["sha256"]
+
+
+def test_sample_thumbnails_are_a_png_with_a_row_per_class(api):
+    import io
+
+    from PIL import Image
+
+    ds = upload(api, imagefolder_zip({"cat": 3, "dog": 2, "eel": 2})).json()
+    resp = api.get(f"/v1/datasets/{ds['id']}/samples.png")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(resp.content)).height == 3 * 68
+
+
+def test_delete_is_refused_while_a_job_uses_the_dataset_then_removes_it(api, integration_env):
+    from service.db import session_scope
+    from service.models import Job
+
+    ds = upload(api, imagefolder_zip({"a": 3, "b": 3})).json()
+    job = api.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 1}).json()
+    refused = api.delete(f"/v1/datasets/{ds['id']}")
+    assert refused.status_code == 409 and refused.json()["error_code"] == "DATASET_IN_USE"
+    assert job["id"] in refused.json()["detail"]
+    with session_scope() as s:  # the job ends (as a worker would record it)
+        s.get(Job, job["id"]).status = "failed"
+    assert api.delete(f"/v1/datasets/{ds['id']}").status_code == 204
+    assert api.get(f"/v1/datasets/{ds['id']}").status_code == 404
+    assert objects(integration_env, f"datasets/{ds['id']}/") == []
+    assert api.get(f"/v1/jobs/{job['id']}").json()["config"]["dataset_sha256"] == ds["sha256"]
+    again = api.post("/v1/jobs", json={"dataset_id": ds["id"]})
+    assert again.status_code == 404 and again.json()["error_code"] == "DATASET_NOT_FOUND"
+
+
+def test_hostile_uploads_write_nothing_outside_their_own_prefix(api, integration_env):
+    import io
+    import tarfile
+
+    evil = [
+        ("../../etc/x.png", png_bytes(noise_image(1))),
+        ("/abs/y.png", png_bytes(noise_image(2))),
+    ]
+    good = [
+        (f"{c}/{i}.png", png_bytes(noise_image(40 + i + 5 * j)))
+        for j, c in enumerate("ab")
+        for i in range(2)
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in evil + good:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("a/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../../etc/passwd"
+        tf.addfile(link)
+    ids = {d["id"] for d in api.get("/v1/datasets", params={"limit": 500}).json()["data"]}
+    body = upload(api, buf.getvalue(), filename="evil.tar").json()
+    assert {r["path"] for r in body["rejected"]} == {"../../etc/x.png", "/abs/y.png", "a/link.png"}
+    for key in objects(integration_env, ""):
+        assert key.split("/")[0] in ("datasets", "jobs")
+        if key.startswith("datasets/"):
+            assert key.split("/")[1] in ids | {body["id"]}

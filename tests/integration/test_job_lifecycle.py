@@ -77,11 +77,11 @@ def test_a_failed_job_records_why(api, job_id, integration_env):
         aws_secret_access_key="testing",
         region_name="us-east-1",
     )
-    s3.delete_object(Bucket=integration_env["S3_BUCKET"], Key=f"datasets/{ds_id}/archive.zip")
+    s3.delete_object(Bucket=integration_env["S3_BUCKET"], Key=f"datasets/{ds_id}/images.zip")
     assert run_job(job_id, worker_id="w1") == "failed"
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["finished_at"]
     assert job["error"]["code"] == "STORAGE_UNAVAILABLE"
-    assert "archive.zip" in job["error"]["message"]
+    assert "images.zip" in job["error"]["message"]
     with session_scope() as s:
         assert "Traceback" in s.get(Job, job_id).error_traceback

@@ -1,13 +1,11 @@
 """Every strategy, preset and training control on a small real dataset (digits, 32 px)."""
 
-import io
 import time
 
 import numpy as np
 import pytest
 
-from service.ingest import ingest_zip
-from tests.helpers import digits_samples, digits_zip
+from tests.helpers import digits_samples, digits_zip, ingest_bytes
 from worker.training.callbacks import Callbacks
 from worker.training.config import AugmentConfig, EarlyStopping, TrainConfig
 from worker.training.data import prepare
@@ -18,9 +16,8 @@ from worker.training.fit import fit
 def digits(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("strategies")
     train, _ = digits_samples(limit=500)
-    archive = tmp / "digits.zip"
-    archive.write_bytes(digits_zip(train))
-    index = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2).index()
+    archive = tmp / "images.zip"
+    index = ingest_bytes(digits_zip(train), archive).index()
     return archive, index, tmp
 
 
@@ -67,8 +64,12 @@ def test_linear_probe_epochs_cost_a_fraction_of_full_epochs(digits):
 
 @pytest.mark.parametrize("preset", ["none", "light", "standard", "strong"])
 def test_each_augmentation_preset_learns(digits, preset):
-    result = run(digits, strategy="full", augmentation=AugmentConfig(preset=preset, hflip=False))
-    assert result.best["val_accuracy"] > 0.3, (preset, result.history)
+    # MixUp/CutMix (strong) learn more slowly per epoch: give it one more.
+    epochs = 3 if preset == "strong" else 2
+    result = run(
+        digits, strategy="full", epochs=epochs, augmentation=AugmentConfig(preset=preset, hflip=False)
+    )
+    assert result.best["val_accuracy"] > 0.3, (preset, result.history)  # chance is 0.1
 
 
 def test_an_explicit_op_list_trains(digits):

@@ -1,14 +1,12 @@
 """The training library on its own: no Celery, no database, no network."""
 
-import io
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from service.ingest import ingest_zip
-from tests.helpers import digits_samples, digits_zip
+from tests.helpers import digits_samples, digits_zip, ingest_bytes
 from worker.training.callbacks import Callbacks
 from worker.training.config import AugmentConfig, TrainConfig
 from worker.training.data import prepare, stratified_split
@@ -21,9 +19,8 @@ def digits_run(tmp_path_factory):
     """Fine-tune lite0 on 600 digits at 32 px for 2 epochs: small, but it must learn."""
     tmp = tmp_path_factory.mktemp("digits")
     train, held_out = digits_samples(limit=600)
-    archive = tmp / "digits.zip"
-    archive.write_bytes(digits_zip(train))
-    report = ingest_zip(io.BytesIO(archive.read_bytes()), max_pixels=10**6, min_per_class=2)
+    archive = tmp / "images.zip"
+    report = ingest_bytes(digits_zip(train), archive)
     config = TrainConfig(
         epochs=2,
         image_size=32,

@@ -137,6 +137,7 @@ class PreparedData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     test_idx: np.ndarray | None = None
+    split: dict[str, Any] | None = None
 
     def train_set(self, config: TrainConfig) -> CachedImages:
         return CachedImages(self.cache, self.labels, self.train_idx, train_transform(config))
@@ -173,12 +174,37 @@ def prepare(
         config.spec.interpolation,
         on_progress,
     )
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    train_idx, val_idx, test_idx, split = split_indices(entries, labels, config)
     log.info(
-        "prepared %d images (%d train / %d val) at %dpx",
+        "prepared %d images (%d train / %d val / %d test, %s split) at %dpx",
         len(paths),
         len(train_idx),
         len(val_idx),
+        len(test_idx),
+        split["source"],
         size,
     )
-    return PreparedData(cache, labels, list(index["classes"]), train_idx, val_idx)
+    return PreparedData(cache, labels, list(index["classes"]), train_idx, val_idx, test_idx, split)
+
+
+def split_indices(
+    entries: list[dict[str, Any]], labels: list[int], config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The dataset's own train/val/test split when it has one; otherwise a stratified,
+    seeded validation split out of the training images (recorded with the job)."""
+    splits = np.array([e.get("split") or "train" for e in entries])
+    test_idx = np.flatnonzero(splits == "test")
+    given_val = np.flatnonzero(splits == "val")
+    pool = np.flatnonzero(splits == "train")
+    record: dict[str, Any]
+    if len(given_val):
+        record = {"source": "given"}
+        train_idx, val_idx = pool, given_val
+    else:
+        sub_train, sub_val = stratified_split(
+            [labels[i] for i in pool], config.val_fraction, config.seed
+        )
+        train_idx, val_idx = pool[sub_train], pool[sub_val]
+        record = {"source": "auto", "val_fraction": config.val_fraction, "seed": config.seed}
+    record.update(train=int(len(train_idx)), val=int(len(val_idx)), test=int(len(test_idx)))
+    return train_idx, val_idx, test_idx, record
