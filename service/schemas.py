@@ -44,6 +44,15 @@ class DatasetPublic(BaseModel):
     num_skipped: int = 0
 
 
+class DatasetImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        min_length=6, max_length=1000, description="s3://bucket/prefix holding the dataset's layout"
+    )
+    name: str | None = Field(None, max_length=200)
+
+
 class DatasetsPublic(BaseModel):
     data: list[DatasetPublic]
     count: int

@@ -27,11 +27,18 @@ from typing import Any, BinaryIO
 from service.errors import ErrorCode, ServiceError
 from service.ingest.images import IMAGE_EXTENSIONS, PIL_FORMATS, inspect_image
 from service.ingest.report import build_report
-from service.ingest.sources import Archive, EntryTooLarge, RawEntry
+from service.ingest.sources import Archive, EntryTooLarge, RawEntry, S3Prefix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "PIL_FORMATS", "IngestReport", "Limits", "ingest_archive"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PIL_FORMATS",
+    "IngestReport",
+    "Limits",
+    "ingest_archive",
+    "ingest_s3_prefix",
+]
 
 SYSTEM_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
@@ -202,14 +209,20 @@ class _Layout:
 
 
 def ingest_archive(src: BinaryIO, out_zip: Path, limits: Limits) -> IngestReport:
+    """An uploaded zip or tar (any compression tarfile reads), as a file object on disk."""
     archive = Archive(src)
     try:
-        return _ingest(archive, src, out_zip, limits)
+        return _ingest(archive, out_zip, limits)
     finally:
         archive.close()
 
 
-def _ingest(archive: Archive, src: BinaryIO, out_zip: Path, limits: Limits) -> IngestReport:
+def ingest_s3_prefix(client: Any, uri: str, out_zip: Path, limits: Limits) -> IngestReport:
+    """Objects already in the object store, laid out like an archive under `uri`."""
+    return _ingest(S3Prefix(client, uri), out_zip, limits)
+
+
+def _ingest(archive: Archive | S3Prefix, out_zip: Path, limits: Limits) -> IngestReport:
     rejected: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
     images: list[str] = []
@@ -264,7 +277,7 @@ def _ingest(archive: Archive, src: BinaryIO, out_zip: Path, limits: Limits) -> I
     accepted: list[dict[str, Any]] = []
     class_of: list[str] = []
     total = 0
-    archive_size = src.seek(0, io.SEEK_END)
+    archive_size = archive.size
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out_zip, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
         for entry in archive.entries():

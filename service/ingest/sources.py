@@ -98,11 +98,13 @@ class Archive:
                     ErrorCode.DATASET_NOT_ARCHIVE, f"the zip archive is unreadable: {exc}"
                 ) from exc
             self.format = "zip"
+            self.size = fileobj.seek(0, 2)
             return
         fileobj.seek(0)
         try:
             self._tar = tarfile.open(fileobj=fileobj, mode="r:*")  # noqa: SIM115 - closed in close()
             self.format = "tar"
+            self.size = fileobj.seek(0, 2)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ServiceError(
                 ErrorCode.DATASET_NOT_ARCHIVE,
@@ -132,3 +134,41 @@ class Archive:
             self._zip.close()
         if self._tar is not None:
             self._tar.close()
+
+
+class S3Prefix:
+    """The objects under `s3://bucket/prefix/`, read as if they were an archive's entries
+    (for datasets too large to pass through the API)."""
+
+    format = "s3"
+
+    def __init__(self, client: Any, uri: str):
+        if not uri.startswith("s3://") or "/" not in uri[5:]:
+            raise ServiceError(
+                ErrorCode.VALIDATION_ERROR, f"source {uri!r} is not of the form s3://bucket/prefix"
+            )
+        self.client = client
+        self.bucket, prefix = uri[5:].split("/", 1)
+        self.prefix = prefix.rstrip("/") + "/"
+        self.objects: list[tuple[str, int]] = []
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            ):
+                self.objects += [(o["Key"], int(o["Size"])) for o in page.get("Contents", [])]
+        except Exception as exc:  # botocore's errors: no such bucket, access denied, ...
+            raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"cannot list {uri}: {exc}") from exc
+        if not self.objects:
+            raise ServiceError(ErrorCode.DATASET_EMPTY, f"no objects under {uri}")
+        self.size = sum(size for _, size in self.objects)
+
+    def entries(self) -> Iterator[RawEntry]:
+        for key, size in self.objects:
+
+            def opener(key: str = key) -> Any:
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+
+            yield RawEntry(key[len(self.prefix) :], "file", size, None, opener)
+
+    def close(self) -> None:
+        pass

@@ -16,12 +16,12 @@ from sqlalchemy import func, select
 from service.db import utcnow
 from service.deps import SessionDep, SettingsDep, StoreDep
 from service.errors import ErrorCode, ServiceError
-from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive
+from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive, ingest_s3_prefix
 from service.ingest.thumbnails import samples_png
 from service.models import Dataset, Job, JobStatus, new_id
-from service.schemas import ClassCount, DatasetPublic, DatasetsPublic, FileIssue
+from service.schemas import ClassCount, DatasetImport, DatasetPublic, DatasetsPublic, FileIssue
 from service.settings import Settings
-from service.storage import StorageError
+from service.storage import S3ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -149,6 +149,29 @@ def create_dataset(
         for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
             stem = stem.removesuffix(suffix)
         ds = store_dataset(session, store, report, images_zip, name or stem, size)
+    return dataset_public(ds)
+
+
+@router.post("/import", status_code=201, response_model=DatasetPublic)
+def import_dataset(
+    body: DatasetImport, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> DatasetPublic:
+    """Register a dataset that already sits in the object store (`s3://bucket/prefix/` in
+    any layout an upload may have), so that large datasets need not pass through the API.
+    Allowed only under the prefixes listed in IMPORT_ALLOWED_PREFIXES."""
+    allowed = [p.rstrip("/") + "/" for p in settings.import_allowed_prefixes]
+    source = body.source.rstrip("/") + "/"
+    if not isinstance(store, S3ObjectStore) or not any(source.startswith(p) for p in allowed):
+        raise ServiceError(
+            ErrorCode.IMPORT_NOT_ALLOWED,
+            f"importing {body.source!r} is not allowed here; allowed prefixes: "
+            f"{', '.join(allowed) or 'none (set IMPORT_ALLOWED_PREFIXES with STORAGE_BACKEND=s3)'}",
+        )
+    with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
+        images_zip = Path(tmp) / "images.zip"
+        report = ingest_s3_prefix(store.client, body.source, images_zip, limits_from(settings))
+        name = body.name or source.rstrip("/").rsplit("/", 1)[-1]
+        ds = store_dataset(session, store, report, images_zip, name, images_zip.stat().st_size)
     return dataset_public(ds)
 
 

@@ -212,3 +212,49 @@ def test_hostile_uploads_write_nothing_outside_their_own_prefix(api, integration
         assert key.split("/")[0] in ("datasets", "jobs")
         if key.startswith("datasets/"):
             assert key.split("/")[1] in ids | {body["id"]}
+
+
+def test_a_dataset_already_in_the_object_store_is_registered_without_upload(integration_env):
+    import boto3
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from service.settings import Settings, get_settings
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=integration_env["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket="lake")
+    for j, cls in enumerate(("ant", "bee")):
+        for i in range(3):
+            s3.put_object(
+                Bucket="lake",
+                Key=f"raw/insects/{cls}/{i}.png",
+                Body=png_bytes(noise_image(300 + i + 9 * j)),
+            )
+    s3.put_object(Bucket="lake", Key="raw/insects/ant/.DS_Store", Body=b"junk")
+    s3.put_object(Bucket="lake", Key="private/secret/0.png", Body=png_bytes(noise_image(1)))
+
+    settings = Settings(import_allowed_prefixes=["s3://lake/raw/"])
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app) as client:
+        resp = client.post("/v1/datasets/import", json={"source": "s3://lake/raw/insects"})
+        assert resp.status_code == 201, resp.text
+        body = resp.json()
+        assert body["name"] == "insects" and body["format"] == "s3"
+        assert body["classes"] == [{"name": "ant", "count": 3}, {"name": "bee", "count": 3}]
+        refused = client.post("/v1/datasets/import", json={"source": "s3://lake/private/secret"})
+        assert refused.status_code == 403 and refused.json()["error_code"] == "IMPORT_NOT_ALLOWED"
+        missing = client.post("/v1/datasets/import", json={"source": "s3://lake/raw/nothing"})
+        assert missing.status_code == 422 and missing.json()["error_code"] == "DATASET_EMPTY"
+    assert objects(integration_env, f"datasets/{body['id']}/")  # copied into our own prefix
+
+
+def test_import_is_off_unless_prefixes_are_allowed(api):
+    resp = api.post("/v1/datasets/import", json={"source": "s3://anything/at/all"})
+    assert resp.status_code == 403 and "IMPORT_ALLOWED_PREFIXES" in resp.json()["detail"]

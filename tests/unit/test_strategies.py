@@ -67,7 +67,10 @@ def test_each_augmentation_preset_learns(digits, preset):
     # MixUp/CutMix (strong) learn more slowly per epoch: give it one more.
     epochs = 3 if preset == "strong" else 2
     result = run(
-        digits, strategy="full", epochs=epochs, augmentation=AugmentConfig(preset=preset, hflip=False)
+        digits,
+        strategy="full",
+        epochs=epochs,
+        augmentation=AugmentConfig(preset=preset, hflip=False),
     )
     assert result.best["val_accuracy"] > 0.3, (preset, result.history)  # chance is 0.1
 
