@@ -71,3 +71,16 @@ def ingest_bytes(data: bytes, out: Path, **limits: Any):
 
     params = {"max_pixels": 10**6, "min_per_class": 2, **limits}
     return ingest_archive(io.BytesIO(data), out, Limits(**params))
+
+
+def s3_client(env: dict[str, str]) -> Any:
+    """A client for the test S3 endpoint (moto's server on loopback)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        aws_access_key_id=env["S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["S3_SECRET_ACCESS_KEY"],
+        region_name=env["S3_REGION"],
+    )

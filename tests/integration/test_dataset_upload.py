@@ -1,21 +1,14 @@
 """POST /v1/datasets against PostgreSQL and an S3 endpoint: good and bad uploads."""
 
-import boto3
 import pytest
 
-from tests.helpers import imagefolder_zip, make_zip, noise_image, png_bytes
+from tests.helpers import imagefolder_zip, make_zip, noise_image, png_bytes, s3_client
 
 pytestmark = pytest.mark.integration
 
 
 def objects(env, prefix="datasets/"):
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["S3_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    s3 = s3_client(env)
     try:
         return [
             o["Key"]
@@ -215,19 +208,12 @@ def test_hostile_uploads_write_nothing_outside_their_own_prefix(api, integration
 
 
 def test_a_dataset_already_in_the_object_store_is_registered_without_upload(integration_env):
-    import boto3
     from fastapi.testclient import TestClient
 
     from service.main import create_app
     from service.settings import Settings, get_settings
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=integration_env["S3_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    s3 = s3_client(integration_env)
     s3.create_bucket(Bucket="lake")
     for j, cls in enumerate(("ant", "bee")):
         for i in range(3):

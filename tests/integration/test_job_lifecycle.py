@@ -2,13 +2,12 @@
 
 import threading
 
-import boto3
 import pytest
 
 from service import transitions
 from service.db import session_scope
 from service.models import Job
-from tests.helpers import imagefolder_zip
+from tests.helpers import imagefolder_zip, s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -70,13 +69,7 @@ def test_a_failed_job_records_why(api, job_id, integration_env):
     from worker.tasks import run_job
 
     ds_id = api.get(f"/v1/jobs/{job_id}").json()["dataset_id"]
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=integration_env["S3_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    s3 = s3_client(integration_env)
     s3.delete_object(Bucket=integration_env["S3_BUCKET"], Key=f"datasets/{ds_id}/images.zip")
     assert run_job(job_id, worker_id="w1") == "failed"
     job = api.get(f"/v1/jobs/{job_id}").json()

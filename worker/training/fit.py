@@ -202,20 +202,9 @@ def _probe(run: _Run, epochs: int, report_epochs: bool) -> dict[str, Any]:
     """Train only the head on features computed once (eval transform, frozen backbone).
     With `report_epochs` (linear_probe) each head epoch is an epoch of the job; otherwise
     (lp_ft) the probed model is recorded once, as epoch 0."""
-    model, config, data, device, control, best = (
-        run.model,
-        run.config,
-        run.data,
-        run.device,
-        run.control,
-        run.best,
-    )
-    amp_dtype, loss_fn, history, loader_kwargs = (
-        run.amp_dtype,
-        run.loss_fn,
-        run.history,
-        run.loader_kwargs,
-    )
+    model, config, data, device = run.model, run.config, run.data, run.device
+    control, best, history = run.control, run.best, run.history
+    amp_dtype, loss_fn, loader_kwargs = run.amp_dtype, run.loss_fn, run.loader_kwargs
     control.on_phase("extracting features")
     t0 = time.perf_counter()
     bs = config.batch_size * 2
@@ -389,21 +378,10 @@ def fit(
 
 def _fine_tune(run: _Run) -> None:
     """Train the whole network (gradual: from the top down) with augmentation."""
-    model, config, data, device, control, best = (
-        run.model,
-        run.config,
-        run.data,
-        run.device,
-        run.control,
-        run.best,
-    )
-    amp_dtype, loss_fn, history, loader_kwargs, extra = (
-        run.amp_dtype,
-        run.loss_fn,
-        run.history,
-        run.loader_kwargs,
-        run.extra,
-    )
+    model, config, data, device = run.model, run.config, run.data, run.device
+    control, best, history = run.control, run.best, run.history
+    amp_dtype, loss_fn, loader_kwargs = run.amp_dtype, run.loss_fn, run.loader_kwargs
+    extra = run.extra
     train_set = data.train_set(config)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
