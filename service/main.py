@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
+from service.reaper import Reaper
 from service.routes import backbones, datasets, health, jobs
 from service.settings import Settings, get_settings
 
@@ -17,7 +20,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reaper = Reaper(settings)
+        reaper.start()
+        yield
+        reaper.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="finetune",
         version="0.1.0",
         description="Upload labeled images, fine-tune a pretrained backbone, download the model.",

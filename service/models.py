@@ -68,6 +68,7 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    cancel_mode: Mapped[str | None] = mapped_column(String(20))  # "discard" or "stop-and-keep"
 
     # Progress, written by the worker while it trains.
     epoch: Mapped[int] = mapped_column(Integer, default=0)
@@ -84,6 +85,7 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_traceback: Mapped[str | None] = mapped_column(Text)
+    checkpoint_key: Mapped[str | None] = mapped_column(String(500))  # last epoch's checkpoint
 
 
 class JobMetric(Base):

@@ -177,11 +177,22 @@ class JobPublic(BaseModel):
     heartbeat_at: datetime | None
     heartbeat_age_seconds: float | None
     attempts: int
+    cancel_requested: bool
+    checkpoint_available: bool
     progress: Progress
     latest_metrics: dict[str, Any] | None
     best_metrics: dict[str, Any] | None
     error: JobError | None
     model_available: bool
+
+
+class JobCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["discard", "stop-and-keep"] = Field(
+        "discard",
+        description="stop-and-keep: a running job delivers the best model so far as its model",
+    )
 
 
 class JobsPublic(BaseModel):

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     # job never fails an hour later on an air-gapped machine. `finetune weights pull`.
     allow_weight_downloads: bool = False
     heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # A running job whose heartbeat is older than this is taken as lost: requeued (and
+    # resumed from its last checkpoint) until it has had MAX_ATTEMPTS, then failed.
+    stale_after_seconds: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_seconds: float = Field(default=15.0, gt=0)
     progress_interval_seconds: float = Field(default=2.0, ge=0)
     dataloader_workers: int = Field(default=-1, ge=-1)  # -1: sized to the host
 

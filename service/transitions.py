@@ -7,10 +7,10 @@ cannot both win, whatever the broker redelivers.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
@@ -62,6 +62,107 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     return _owned(session, job_id, worker_id, heartbeat_at=utcnow())
 
 
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def request_cancel(session: Session, job_id: str, mode: str) -> str | None:
+    """A queued (or interrupted) job is canceled at once: it never starts. A running job is
+    flagged; its worker stops at the next step. Returns the status after, None if finished."""
+    now = utcnow()
+    if _guarded(
+        session,
+        job_id,
+        CLAIMABLE,
+        status=JobStatus.CANCELED.value,
+        cancel_requested=True,
+        cancel_mode=mode,
+        finished_at=now,
+        eta_seconds=None,
+        phase="canceled",
+    ):
+        return JobStatus.CANCELED.value
+    if _guarded(
+        session, job_id, (JobStatus.RUNNING.value,), cancel_requested=True, cancel_mode=mode
+    ):
+        return JobStatus.RUNNING.value
+    return None
+
+
+def finish_canceled(
+    session: Session, job_id: str, worker_id: str, result: dict[str, Any] | None
+) -> bool:
+    now = utcnow()
+    return _owned(
+        session,
+        job_id,
+        worker_id,
+        status=JobStatus.CANCELED.value,
+        result=result,
+        finished_at=now,
+        heartbeat_at=now,
+        phase="canceled",
+        eta_seconds=None,
+    )
+
+
+def set_checkpoint(session: Session, job_id: str, worker_id: str, key: str) -> bool:
+    return _owned(session, job_id, worker_id, checkpoint_key=key, heartbeat_at=utcnow())
+
+
+def release(session: Session, job_id: str, worker_id: str, reason: str) -> bool:
+    """running -> interrupted by its own worker (shutting down): to be resumed elsewhere."""
+    return _owned(
+        session,
+        job_id,
+        worker_id,
+        status=JobStatus.INTERRUPTED.value,
+        phase="interrupted",
+        error_message=reason,
+    )
+
+
+def reap_stale(
+    session: Session, stale_after_seconds: float, max_attempts: int
+) -> tuple[list[str], list[str]]:
+    """Jobs whose worker stopped heartbeating: back to `interrupted` for another attempt,
+    or `failed` once `max_attempts` are spent. Returns (requeue, failed) job ids."""
+    cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
+    stale = session.execute(
+        select(Job.id, Job.attempts).where(
+            Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff
+        )
+    ).all()
+    requeue: list[str] = []
+    failed: list[str] = []
+    for job_id, attempts in stale:
+        still_stale = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
+        if attempts >= max_attempts:
+            values: dict[str, Any] = dict(
+                status=JobStatus.FAILED.value,
+                error_code="WORKER_LOST",
+                error_message=(
+                    f"the worker stopped heartbeating (no sign of life for over "
+                    f"{stale_after_seconds:.0f}s) on attempt {attempts} of {max_attempts}; "
+                    "giving up"
+                ),
+                finished_at=utcnow(),
+                eta_seconds=None,
+            )
+        else:
+            values = dict(status=JobStatus.INTERRUPTED.value, worker_id=None, phase="interrupted")
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, *still_stale)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            (failed if attempts >= max_attempts else requeue).append(job_id)
+    return requeue, failed
+
+
 def record_progress(
     session: Session,
     job_id: str,
@@ -99,6 +200,8 @@ def record_epoch(
 ) -> bool:
     """Append the epoch's metrics row and update the job's latest/best in one transaction."""
     epoch = int(metrics["epoch"])
+    # A resumed attempt may redo an epoch whose row the lost attempt had written.
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch == epoch))
     session.add(
         JobMetric(
             job_id=job_id,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery
+from celery import Celery, signals
 
 from service.settings import get_settings
 
@@ -39,3 +39,11 @@ app.conf.update(
 logging.basicConfig(
     level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
 )
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    """Each worker also looks for jobs whose worker died (see service/reaper.py)."""
+    from service.reaper import Reaper
+
+    Reaper(settings).start()

@@ -16,6 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+from sqlalchemy import select
+
 from service import transitions
 from service.db import session_scope
 from service.errors import ErrorCode
@@ -48,19 +51,23 @@ class DbReporter(Callbacks):
         self.settings = settings
         self.total_epochs = total_epochs
         self.phase = "starting"
-        self.lost = threading.Event()
+        self.lost = threading.Event()  # another worker or the reaper took the job
+        self.cancel = threading.Event()  # the user asked to cancel
         self.started = time.monotonic()
         self.last_write = 0.0
         self.epoch = 0
         self.done_steps = 0
         self.total_steps = 0
         self.history: list[dict[str, Any]] = []
+        self.checkpoint_seconds: list[float] = []
         self.store = get_store(settings)
 
     def _write(self, **values: Any) -> None:
         with session_scope(self.settings) as s:
             if not transitions.record_progress(s, self.job_id, self.worker_id, **values):
                 self.lost.set()
+            elif transitions.cancel_requested(s, self.job_id):
+                self.cancel.set()
 
     def on_phase(self, phase: str) -> None:
         self.phase = phase
@@ -108,16 +115,29 @@ class DbReporter(Callbacks):
         except Exception:  # noqa: BLE001
             log.warning("could not render curves for %s", self.job_id, exc_info=True)
 
+    def on_checkpoint(self, state: dict[str, Any]) -> None:
+        """Every epoch: to the object store first, then the row points at it."""
+        start = time.monotonic()
+        key = f"jobs/{self.job_id}/checkpoint.pt"
+        with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+            torch.save(state, f.name)
+            self.store.put_file(key, Path(f.name))
+        with session_scope(self.settings) as s:
+            if not transitions.set_checkpoint(s, self.job_id, self.worker_id, key):
+                self.lost.set()
+        self.checkpoint_seconds.append(time.monotonic() - start)
+
     def should_stop(self) -> bool:
-        return self.lost.is_set()
+        return self.lost.is_set() or self.cancel.is_set()
 
 
 class Heartbeat(threading.Thread):
     """Keeps the lease fresh while a long step or the data preparation runs."""
 
-    def __init__(self, job_id: str, worker_id: str, settings: Settings, lost: threading.Event):
+    def __init__(self, job_id: str, worker_id: str, settings: Settings, reporter: DbReporter):
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.job_id, self.worker_id, self.settings, self.lost = job_id, worker_id, settings, lost
+        self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
+        self.reporter = reporter
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -125,8 +145,10 @@ class Heartbeat(threading.Thread):
             try:
                 with session_scope(self.settings) as s:
                     if not transitions.heartbeat(s, self.job_id, self.worker_id):
-                        self.lost.set()
+                        self.reporter.lost.set()
                         return
+                    if transitions.cancel_requested(s, self.job_id):
+                        self.reporter.cancel.set()
             except Exception:  # noqa: BLE001 - a missed beat is retried next period
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
 
@@ -156,9 +178,10 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         assert ds is not None
         config = TrainConfig.from_dict(job.config)
         archive_key, index_key, dataset_id = ds.archive_key, ds.index_key, ds.id
+        checkpoint_key, dataset_sha = job.checkpoint_key, job.config.get("dataset_sha256")
 
     reporter = DbReporter(job_id, worker_id, settings, config.epochs)
-    heartbeat = Heartbeat(job_id, worker_id, settings, reporter.lost)
+    heartbeat = Heartbeat(job_id, worker_id, settings, reporter)
     heartbeat.start()
     workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
@@ -170,6 +193,12 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             store.get_file(archive_key, archive)
         index = json.loads(store.get_bytes(index_key))
         data = prepare(archive, index, config, cache_dir)
+        resume = None
+        if checkpoint_key and store.exists(checkpoint_key):
+            ckpt = workdir / "resume.pt"
+            store.get_file(checkpoint_key, ckpt)
+            resume = torch.load(ckpt, map_location="cpu", weights_only=True)
+            log.info("job %s resumes from %s epoch %s", job_id, resume["phase"], resume["epoch"])
 
         weights = WeightsSource(
             settings.weights_dir,
@@ -178,10 +207,24 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             settings.resolved_hf_cache,
         )
         result = fit(
-            config, data, reporter, weights=weights, num_workers=settings.dataloader_workers
+            config,
+            data,
+            reporter,
+            weights=weights,
+            num_workers=settings.dataloader_workers,
+            resume=resume,
         )
-        if reporter.lost.is_set() or result.stopped:
+        if reporter.lost.is_set():
             raise JobLost(f"job {job_id} is no longer owned by {worker_id}")
+        canceled = reporter.cancel.is_set()
+        with session_scope(settings) as s:
+            mode = s.scalar(select(Job.cancel_mode).where(Job.id == job_id))
+        if canceled and (mode != "stop-and-keep" or not result.best):
+            store.delete_prefix(f"jobs/{job_id}")
+            with session_scope(settings) as s:
+                transitions.finish_canceled(s, job_id, worker_id, None)
+            log.info("job %s canceled; nothing kept", job_id)
+            return "canceled"
 
         reporter.on_phase("exporting")
         metadata = build_metadata(
@@ -191,7 +234,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             {
                 "job_id": job_id,
                 "dataset_id": dataset_id,
-                "dataset_sha256": job.config.get("dataset_sha256"),
+                "dataset_sha256": dataset_sha,
             },
         )
         files = export_model(result.model, metadata, workdir / "model")
@@ -214,16 +257,27 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             "metadata_key": keys["metadata.json"],
             "best": result.best,
             "report": result.report,
-            "training": {**result.extra, "stopped_reason": result.stopped_reason},
+            "training": {
+                **result.extra,
+                "stopped_reason": result.stopped_reason,
+                "checkpoint_seconds": [round(t, 3) for t in reporter.checkpoint_seconds],
+            },
             "classes": result.classes,
             "device": result.device,
             "split": data.split,
         }
         with session_scope(settings) as s:
-            if not transitions.succeed(s, job_id, worker_id, outcome):
-                raise JobLost(f"job {job_id} could not be marked succeeded by {worker_id}")
-        log.info("job %s succeeded: %s", job_id, result.best)
-        return "succeeded"
+            if canceled:  # stop-and-keep: the best epoch so far is the model
+                done = transitions.finish_canceled(s, job_id, worker_id, outcome)
+            else:
+                done = transitions.succeed(s, job_id, worker_id, outcome)
+            if not done:
+                raise JobLost(f"job {job_id} could not be recorded by {worker_id}")
+        store.delete_prefix(f"jobs/{job_id}/checkpoint.pt")  # one final model, not two
+        log.info(
+            "job %s %s: %s", job_id, "canceled (kept)" if canceled else "succeeded", result.best
+        )
+        return "canceled" if canceled else "succeeded"
     except JobLost:
         log.warning("job %s: lost ownership, stopping without recording", job_id)
         return "lost"

@@ -15,6 +15,7 @@ from service.errors import ErrorCode, ServiceError
 from service.models import Dataset, Job, JobMetric, JobStatus, new_id
 from service.routes.backbones import usable_backbones, weights_on_host
 from service.schemas import (
+    JobCancel,
     JobCreate,
     JobError,
     JobPublic,
@@ -59,6 +60,8 @@ def job_public(job: Job) -> JobPublic:
         heartbeat_at=heartbeat,
         heartbeat_age_seconds=(utcnow() - heartbeat).total_seconds() if heartbeat else None,
         attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        checkpoint_available=job.checkpoint_key is not None,
         progress=Progress(
             phase=job.phase,
             epoch=job.epoch,
@@ -72,8 +75,14 @@ def job_public(job: Job) -> JobPublic:
         latest_metrics=job.latest_metrics,
         best_metrics=job.best_metrics,
         error=error,
-        model_available=job.status == JobStatus.SUCCEEDED.value and bool(job.result),
+        model_available=_model_ready(job),
     )
+
+
+def _model_ready(job: Job) -> bool:
+    """Succeeded, or canceled with stop-and-keep after at least one epoch."""
+    ended = job.status in (JobStatus.SUCCEEDED.value, JobStatus.CANCELED.value)
+    return ended and bool(job.result and job.result.get("bundle_key"))
 
 
 def _get_job(session: SessionDep, job_id: str) -> Job:
@@ -185,10 +194,11 @@ def download_model(
 ) -> StreamingResponse:
     """The trained model. `zip` bundles safetensors weights, metadata.json and TorchScript."""
     job = _get_job(session, job_id)
-    if job.status != JobStatus.SUCCEEDED.value or not job.result:
+    if not _model_ready(job) or job.result is None:
         raise ServiceError(
             ErrorCode.MODEL_NOT_AVAILABLE,
-            f"job {job_id} is {job.status}; a model is available once it has succeeded",
+            f"job {job_id} is {job.status}; a model is available once it has succeeded "
+            "(or was canceled with stop-and-keep)",
         )
     result_key, media_type, filename = MODEL_FORMATS[format]
     key = job.result[result_key]
@@ -252,3 +262,17 @@ def read_job_plot(
             "the confusion matrix when the job succeeds)",
         )
     return StreamingResponse(store.iter_chunks(key), media_type="image/png")
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, body: JobCancel | None = None) -> JobPublic:
+    """A queued job is canceled at once and never starts. A running job stops at its next
+    step and releases its worker; `stop-and-keep` makes the best epoch so far its model,
+    `discard` (default) keeps nothing. A finished job cannot be canceled (409)."""
+    _get_job(session, job_id)
+    mode = (body or JobCancel()).mode
+    if transitions.request_cancel(session, job_id, mode) is None:
+        job = _get_job(session, job_id)
+        raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id} has already ended ({job.status})")
+    session.expire_all()
+    return job_public(_get_job(session, job_id))

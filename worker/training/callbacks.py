@@ -17,6 +17,11 @@ class Callbacks:
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         """After validation, with this epoch's metrics and the best so far."""
 
+    def on_checkpoint(self, state: dict[str, Any]) -> None:
+        """After each epoch (and after lp_ft's probe): everything needed to resume, as
+        tensors, numbers, strings, lists and dicts (loadable with `weights_only=True`).
+        Pass it back as `fit(..., resume=state)`."""
+
     def should_stop(self) -> bool:
         """Polled between steps; True ends training after the current step."""
         return False

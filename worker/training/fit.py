@@ -14,6 +14,7 @@ Strategies:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -107,6 +108,9 @@ class _Control(Callbacks):
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         self.inner.on_epoch_end(metrics, best)
 
+    def on_checkpoint(self, state: dict[str, Any]) -> None:
+        self.inner.on_checkpoint(state)
+
     def should_stop(self) -> bool:
         if self.inner.should_stop():
             self.reason = "callback"
@@ -196,6 +200,29 @@ class _Run:
     history: list[dict[str, Any]]
     loader_kwargs: dict[str, Any]
     extra: dict[str, Any]
+    resume: dict[str, Any] | None = None
+
+    def checkpoint(self, phase: str, epoch: int, **training: Any) -> None:
+        """Hand the callbacks a resumable snapshot (CPU tensors, plain containers)."""
+
+        def cpu(sd: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+        state: dict[str, Any] = {
+            "version": 1,
+            "phase": phase,
+            "epoch": epoch,
+            "model": cpu(self.model.state_dict()),
+            "best_metrics": dict(self.best.metrics),
+            "best_state": self.best.state,
+            "stale_epochs": self.best.stale_epochs,
+            "history": [dict(h) for h in self.history],
+            "extra": {k: v for k, v in self.extra.items() if k != "resumed_from"},
+            "torch_rng": torch.get_rng_state(),
+        }
+        # A snapshot: optimizer state_dicts hold the live tensors, which the next step mutates.
+        state.update(copy.deepcopy(training))
+        self.control.on_checkpoint(state)
 
 
 def _probe(run: _Run, epochs: int, report_epochs: bool) -> dict[str, Any]:
@@ -307,6 +334,7 @@ def fit(
     weights: WeightsSource | None = None,
     num_workers: int | None = None,
     pretrained: bool = True,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
     control = _Control(callbacks or Callbacks(), config.time_budget_seconds)
     device = device or pick_device()
@@ -348,8 +376,17 @@ def fit(
         history,
         loader_kwargs,
         extra,
+        resume,
     )
-    if config.strategy in ("linear_probe", "lp_ft"):
+    if resume is not None:
+        # Pick up where a lost attempt left off: its weights, history and best epoch.
+        model.load_state_dict(resume["model"])
+        history.extend(resume["history"])
+        best.metrics, best.state = dict(resume["best_metrics"]), resume["best_state"]
+        best.stale_epochs = int(resume["stale_epochs"])
+        extra.update(resume["extra"])
+        extra["resumed_from"] = {"phase": resume["phase"], "epoch": int(resume["epoch"])}
+    if resume is None and config.strategy in ("linear_probe", "lp_ft"):
         set_trainable(list(model.parameters()), False)
         set_trainable(list(model.get_classifier().parameters()), True)  # type: ignore[operator]
         probe_only = config.strategy == "linear_probe"
@@ -357,6 +394,8 @@ def fit(
             run, config.epochs if probe_only else config.probe_epochs, probe_only
         )
         set_trainable(list(model.parameters()), True)
+        if not probe_only and control.reason is None:
+            run.checkpoint("probe", 0)
     if config.strategy != "linear_probe" and control.reason is None:
         _fine_tune(run)
 
@@ -415,8 +454,17 @@ def _fine_tune(run: _Run) -> None:
     control.on_phase("training")
     plan: LrPlan | None = getattr(scheduler, "lr_lambdas", [None])[0]
     planned = config.epochs
-    started = time.monotonic()
     epoch = 0
+    resume = run.resume
+    if resume is not None and resume["phase"] == "fine_tune":
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        generator.set_state(resume["loader_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        epoch, planned = int(resume["epoch"]), int(resume["planned"])
+    started, first_epoch = time.monotonic(), epoch
     while epoch < planned:
         epoch += 1
         if stages:
@@ -449,6 +497,15 @@ def _fine_tune(run: _Run) -> None:
         best.update(metrics, model, es.min_delta if es else 0.0)
         log.info("epoch %d/%d %s", epoch, config.epochs, metrics)
         control.on_epoch_end(metrics, best.metrics)
+        run.checkpoint(
+            "fine_tune",
+            epoch,
+            planned=planned,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler else None,
+            loader_rng=generator.get_state(),
+        )
         if stats.stopped:
             break
         if _early_stop(config, best):
@@ -456,7 +513,7 @@ def _fine_tune(run: _Run) -> None:
             break
         if control.deadline is not None and isinstance(plan, LrPlan):
             # Fit the schedule to the epochs the time budget leaves room for.
-            per_epoch = (time.monotonic() - started) / epoch
+            per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
             fits = epoch + int(max(0.0, control.deadline - time.monotonic()) // per_epoch)
             if fits < planned:
                 planned = fits  # >= epoch: at worst, this epoch was the last

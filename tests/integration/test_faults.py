@@ -1,0 +1,215 @@
+"""Jobs that survive: real worker processes killed with SIGKILL, cancel from the API,
+the reaper and the retry budget, on real PostgreSQL, Redis and S3."""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import REPO, wait_for
+from tests.helpers import digits_samples, digits_zip, s3_client
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def fault_env(integration_env):
+    return {
+        **integration_env,
+        "TASK_QUEUE": f"fault-{secrets.token_hex(4)}",
+        "HEARTBEAT_SECONDS": "1",
+        "STALE_AFTER_SECONDS": "5",
+        "REAPER_INTERVAL_SECONDS": "1",
+        "PROGRESS_INTERVAL_SECONDS": "0.3",
+    }
+
+
+class Workers:
+    def __init__(self, env, tmp_path):
+        self.env, self.tmp, self.procs = env, tmp_path, []
+
+    def start(self):
+        log = self.tmp / f"worker{len(self.procs)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker"],
+                env={**os.environ, **self.env},
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        proc.log = log
+        self.procs.append(proc)
+        wait_for(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 90, "worker")
+        assert proc.poll() is None, log.read_text()[-2000:]
+        return proc
+
+    def stop_all(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture()
+def workers(fault_env, tmp_path):
+    w = Workers(fault_env, tmp_path)
+    yield w
+    w.stop_all()
+    import redis
+
+    redis.Redis.from_url(fault_env["BROKER_URL"]).delete(fault_env["TASK_QUEUE"])
+
+
+@pytest.fixture()
+def client(fault_env):
+    from service.main import create_app
+    from service.settings import Settings, get_settings
+
+    settings = Settings(**{k.lower(): v for k, v in fault_env.items()})
+    app = create_app(settings)  # its reaper runs with the fast settings above
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    train, _ = digits_samples(limit=400)
+    return digits_zip(train)
+
+
+def submit(client, data, **config):
+    ds = client.post("/v1/datasets", files={"file": ("d.zip", data, "application/zip")}).json()
+    body = {
+        "dataset_id": ds["id"],
+        "image_size": 32,
+        "probe_epochs": 5,
+        "augmentation": {"hflip": False},
+        **config,
+    }
+    resp = client.post("/v1/jobs", json=body)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def wait_job(client, job_id, predicate, timeout, what):
+    def check():
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if predicate(job) else None
+
+    return wait_for(check, timeout, what, interval=0.2)
+
+
+def test_kill_9_mid_epoch_resumes_from_the_last_checkpoint_on_another_worker(
+    client, workers, small_digits, fault_env
+):
+    job_id = submit(client, small_digits, epochs=4)
+    first = workers.start()
+    # Let it finish fine-tuning epoch 1 (and checkpoint it), then kill it inside epoch 2.
+    wait_job(
+        client,
+        job_id,
+        lambda j: (
+            j["progress"]["epoch"] >= 2
+            and j["checkpoint_available"]
+            and (j["latest_metrics"] or {}).get("epoch", 0) >= 1
+        ),
+        240,
+        "epoch 2 under way",
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = time.monotonic()
+    workers.start()
+    running_again = wait_job(
+        client,
+        job_id,
+        lambda j: j["status"] == "running" and j["attempts"] == 2,
+        60,
+        "job running again",
+    )
+    recovery = time.monotonic() - killed_at
+    final = wait_job(
+        client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 300, "job done"
+    )
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempts"] == 2 and running_again
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3, 4]  # each epoch once
+    report = client.get(f"/v1/jobs/{job_id}/report").json()
+    assert report["training"]["resumed_from"]["phase"] == "fine_tune"
+    assert report["training"]["resumed_from"]["epoch"] >= 1
+    assert client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+    keys = [
+        o["Key"]
+        for o in s3_client(fault_env)
+        .list_objects_v2(Bucket=fault_env["S3_BUCKET"], Prefix=f"jobs/{job_id}/")
+        .get("Contents", [])
+    ]
+    assert f"jobs/{job_id}/checkpoint.pt" not in keys  # one final model, not a leftover
+    assert sum(k.endswith("model.safetensors") for k in keys) == 1
+    print(f"worker death to job running again: {recovery:.1f}s")
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_after_the_retry_budget(
+    client, workers, small_digits, fault_env
+):
+    job_id = submit(client, small_digits, epochs=50)
+    for attempt in (1, 2, 3):
+        worker = workers.start()
+        wait_job(
+            client,
+            job_id,
+            lambda j, a=attempt: j["status"] == "running" and j["attempts"] == a,
+            120,
+            f"attempt {attempt} running",
+        )
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    final = wait_job(client, job_id, lambda j: j["status"] == "failed", 60, "job failed")
+    assert final["error"]["code"] == "WORKER_LOST"
+    assert "attempt 3 of 3" in final["error"]["message"]
+
+
+def test_cancel_queued_job_never_starts(client, workers, small_digits):
+    job_id = submit(client, small_digits, epochs=1)
+    resp = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert resp.status_code == 202 and resp.json()["status"] == "canceled"
+    workers.start()  # the task is still on the queue: the worker must not train it
+    time.sleep(3)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "canceled" and job["attempts"] == 0 and job["started_at"] is None
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error_code"] == "JOB_FINISHED"
+
+
+@pytest.mark.parametrize("mode", ["stop-and-keep", "discard"])
+def test_cancel_running_job_stops_it_and_frees_the_worker(client, workers, small_digits, mode):
+    job_id = submit(client, small_digits, epochs=50)
+    workers.start()
+    wait_job(
+        client,
+        job_id,
+        lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 1,
+        240,
+        "one fine-tuning epoch",
+    )
+    resp = client.post(f"/v1/jobs/{job_id}/cancel", json={"mode": mode})
+    assert resp.status_code == 202 and resp.json()["cancel_requested"]
+    final = wait_job(client, job_id, lambda j: j["status"] == "canceled", 60, "canceled")
+    assert final["progress"]["epoch"] < 50
+    model = client.get(f"/v1/jobs/{job_id}/model")
+    if mode == "stop-and-keep":
+        assert final["model_available"] and model.status_code == 200
+    else:
+        assert not final["model_available"] and model.status_code == 409
+    # The worker is free: the next job runs.
+    nxt = submit(client, small_digits, epochs=1, strategy="linear_probe")
+    done = wait_job(client, nxt, lambda j: j["status"] in ("succeeded", "failed"), 120, "next job")
+    assert done["status"] == "succeeded"
