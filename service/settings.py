@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
     progress_interval_seconds: float = Field(default=2.0, ge=0)
     dataloader_workers: int = Field(default=-1, ge=-1)  # -1: sized to the host
+    # Redis redelivers an unacknowledged task after this long; keep it longer than any job.
+    broker_visibility_timeout_seconds: int = Field(default=24 * 3600, gt=0)
 
     log_level: str = "INFO"
 

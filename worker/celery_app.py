@@ -12,6 +12,7 @@ Settings chosen for long training tasks:
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import Celery, signals
 
@@ -29,7 +30,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     # Redis only (kombu's SQLAlchemy transport hands its options to create_engine).
     broker_transport_options=(
-        {"visibility_timeout": 24 * 3600}
+        {"visibility_timeout": settings.broker_visibility_timeout_seconds}
         if settings.resolved_broker_url.startswith(("redis", "rediss"))
         else {}
     ),
@@ -39,6 +40,16 @@ app.conf.update(
 logging.basicConfig(
     level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
 )
+
+
+# Set from the SIGTERM handler (warm shutdown): the job in hand stops at its next step, is
+# handed back (`interrupted`, requeued) and resumes elsewhere from its last checkpoint.
+SHUTTING_DOWN = threading.Event()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_: object) -> None:
+    SHUTTING_DOWN.set()  # only an Event.set(): this runs inside a signal handler
 
 
 @signals.worker_ready.connect

@@ -23,10 +23,10 @@ from service import transitions
 from service.db import session_scope
 from service.errors import ErrorCode
 from service.models import Dataset, Job
-from service.queue import TRAIN_TASK
+from service.queue import TRAIN_TASK, send_train
 from service.settings import Settings, get_settings
 from service.storage import StorageError, get_store
-from worker.celery_app import app
+from worker.celery_app import SHUTTING_DOWN, app
 from worker.training.callbacks import Callbacks
 from worker.training.config import TrainConfig
 from worker.training.data import prepare
@@ -116,19 +116,30 @@ class DbReporter(Callbacks):
             log.warning("could not render curves for %s", self.job_id, exc_info=True)
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:
-        """Every epoch: to the object store first, then the row points at it."""
+        """Every epoch: to the object store first, then the row points at it. A store that is
+        briefly unreachable is retried; one that stays down costs this checkpoint only (the
+        job trains on; a crash would resume from an older one)."""
         start = time.monotonic()
         key = f"jobs/{self.job_id}/checkpoint.pt"
         with tempfile.NamedTemporaryFile(suffix=".pt") as f:
             torch.save(state, f.name)
-            self.store.put_file(key, Path(f.name))
+            for attempt in range(1, 4):
+                try:
+                    self.store.put_file(key, Path(f.name))
+                    break
+                except StorageError:
+                    log.warning("checkpoint write %d/3 for %s failed", attempt, self.job_id)
+                    time.sleep(2.0 * attempt)
+            else:
+                log.error("job %s: checkpoint of epoch %s skipped", self.job_id, state["epoch"])
+                return
         with session_scope(self.settings) as s:
             if not transitions.set_checkpoint(s, self.job_id, self.worker_id, key):
                 self.lost.set()
         self.checkpoint_seconds.append(time.monotonic() - start)
 
     def should_stop(self) -> bool:
-        return self.lost.is_set() or self.cancel.is_set()
+        return self.lost.is_set() or self.cancel.is_set() or SHUTTING_DOWN.is_set()
 
 
 class Heartbeat(threading.Thread):
@@ -216,6 +227,13 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         )
         if reporter.lost.is_set():
             raise JobLost(f"job {job_id} is no longer owned by {worker_id}")
+        if SHUTTING_DOWN.is_set() and not reporter.cancel.is_set() and result.stopped:
+            with session_scope(settings) as s:
+                released = transitions.release(s, job_id, worker_id, "worker shut down")
+            if released:
+                send_train(job_id, settings)
+                log.warning("job %s handed back on shutdown; resumes from its checkpoint", job_id)
+            return "interrupted"
         canceled = reporter.cancel.is_set()
         with session_scope(settings) as s:
             mode = s.scalar(select(Job.cancel_mode).where(Job.id == job_id))

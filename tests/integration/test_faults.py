@@ -213,3 +213,57 @@ def test_cancel_running_job_stops_it_and_frees_the_worker(client, workers, small
     nxt = submit(client, small_digits, epochs=1, strategy="linear_probe")
     done = wait_job(client, nxt, lambda j: j["status"] in ("succeeded", "failed"), 120, "next job")
     assert done["status"] == "succeeded"
+
+
+def test_sigterm_hands_the_job_back_and_another_worker_finishes_it(client, workers, small_digits):
+    job_id = submit(client, small_digits, epochs=5)
+    first = workers.start()
+    wait_job(
+        client,
+        job_id,
+        lambda j: j["checkpoint_available"] and (j["latest_metrics"] or {}).get("epoch", 0) >= 1,
+        240,
+        "a checkpointed epoch",
+    )
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) is not None  # it stops at the next step, not at the end
+    handed_back = client.get(f"/v1/jobs/{job_id}").json()
+    assert handed_back["status"] in ("interrupted", "running")  # running: already picked up again
+    assert handed_back["status"] != "succeeded"
+    assert "handed back on shutdown" in first.log.read_text()
+    workers.start()
+    final = wait_job(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 300, "done")
+    assert final["status"] == "succeeded" and final["attempts"] == 2
+    epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
+    assert epochs == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_broker_redelivery_while_the_job_runs_does_not_train_it_twice(
+    fault_env, small_digits, tmp_path
+):
+    """Redis redelivers an unacknowledged task after the visibility timeout (celery#5935):
+    with a 3 s timeout and a longer job, the second worker gets the same task and must
+    not train it."""
+    from service.main import create_app
+    from service.settings import Settings, get_settings
+
+    env = {**fault_env, "BROKER_VISIBILITY_TIMEOUT_SECONDS": "3"}
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    pool = Workers(env, tmp_path)
+    try:
+        with TestClient(app) as c:
+            job_id = submit(c, small_digits, epochs=6)
+            first, second = pool.start(), pool.start()
+            final = wait_job(
+                c, job_id, lambda j: j["status"] in ("succeeded", "failed"), 400, "done"
+            )
+            assert final["status"] == "succeeded" and final["attempts"] == 1
+            epochs = [m["epoch"] for m in c.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
+            assert epochs == [0, 1, 2, 3, 4, 5, 6]
+        logs = first.log.read_text() + second.log.read_text()
+        assert logs.count("Task finetune.train_job[") >= 2, "the broker never redelivered"
+        assert f"job {job_id} not claimed (status running)" in logs
+    finally:
+        pool.stop_all()
