@@ -92,18 +92,7 @@ def request_cancel(session: Session, job_id: str, mode: str) -> str | None:
 def finish_canceled(
     session: Session, job_id: str, worker_id: str, result: dict[str, Any] | None
 ) -> bool:
-    now = utcnow()
-    return _owned(
-        session,
-        job_id,
-        worker_id,
-        status=JobStatus.CANCELED.value,
-        result=result,
-        finished_at=now,
-        heartbeat_at=now,
-        phase="canceled",
-        eta_seconds=None,
-    )
+    return _finish(session, job_id, worker_id, JobStatus.CANCELED, result)
 
 
 def set_checkpoint(session: Session, job_id: str, worker_id: str, key: str) -> bool:
@@ -233,17 +222,27 @@ def record_epoch(
 
 
 def succeed(session: Session, job_id: str, worker_id: str, result: dict[str, Any]) -> bool:
+    return _finish(session, job_id, worker_id, JobStatus.SUCCEEDED, result)
+
+
+def _finish(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    status: JobStatus,
+    result: dict[str, Any] | None,
+) -> bool:
     now = utcnow()
     return _owned(
         session,
         job_id,
         worker_id,
-        status=JobStatus.SUCCEEDED.value,
+        status=status.value,
         result=result,
         finished_at=now,
         heartbeat_at=now,
-        phase="done",
-        eta_seconds=0.0,
+        phase="done" if status == JobStatus.SUCCEEDED else status.value,
+        eta_seconds=0.0 if status == JobStatus.SUCCEEDED else None,
     )
 
 
