@@ -28,12 +28,13 @@ def client(settings: Settings | None = None) -> Celery:
     return _client(settings.resolved_broker_url)
 
 
-def send_train(job_id: str, settings: Settings | None = None) -> None:
+def send_train(job_id: str, settings: Settings | None = None, countdown: float = 0) -> None:
     settings = settings or get_settings()
     client(settings).send_task(
         TRAIN_TASK,
         args=[job_id],
         queue=settings.task_queue,
+        countdown=countdown or None,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )

@@ -20,7 +20,11 @@ CHUNK = 1024 * 1024
 
 
 class StorageError(RuntimeError):
-    pass
+    """The store could not be reached or refused the operation (often transient)."""
+
+
+class StorageNotFound(StorageError):
+    """The object does not exist (not transient: retrying will not help)."""
 
 
 class ObjectStore(ABC):
@@ -102,7 +106,7 @@ class LocalObjectStore(ObjectStore):
     def get_file(self, key: str, dest: Path) -> None:
         src = self._path(key)
         if not src.is_file():
-            raise StorageError(f"object {key!r} not found")
+            raise StorageNotFound(f"object {key!r} not found")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
         shutil.copyfile(src, tmp)
@@ -111,13 +115,13 @@ class LocalObjectStore(ObjectStore):
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
         if not src.is_file():
-            raise StorageError(f"object {key!r} not found")
+            raise StorageNotFound(f"object {key!r} not found")
         return src.read_bytes()
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         src = self._path(key)
         if not src.is_file():
-            raise StorageError(f"object {key!r} not found")
+            raise StorageNotFound(f"object {key!r} not found")
         with open(src, "rb") as f:
             while chunk := f.read(chunk_size):
                 yield chunk
@@ -165,6 +169,13 @@ class S3ObjectStore(ObjectStore):
 
         return (BotoCoreError, ClientError)
 
+    @staticmethod
+    def _failure(what: str, exc: BaseException) -> StorageError:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return StorageNotFound(f"{what} failed: object not found ({exc})")
+        return StorageError(f"{what} failed: {exc}")
+
     def ensure_bucket(self) -> None:
         if self._bucket_ready:
             return
@@ -206,7 +217,7 @@ class S3ObjectStore(ObjectStore):
             self.client.download_file(self.bucket, _check_key(key), str(tmp))
         except self._errors() as exc:
             tmp.unlink(missing_ok=True)
-            raise StorageError(f"download of {key!r} failed: {exc}") from exc
+            raise self._failure(f"download of {key!r}", exc) from exc
         os.replace(tmp, dest)
 
     def get_bytes(self, key: str) -> bytes:
@@ -214,13 +225,13 @@ class S3ObjectStore(ObjectStore):
             obj = self.client.get_object(Bucket=self.bucket, Key=_check_key(key))
             return bytes(obj["Body"].read())
         except self._errors() as exc:
-            raise StorageError(f"download of {key!r} failed: {exc}") from exc
+            raise self._failure(f"download of {key!r}", exc) from exc
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=_check_key(key))
         except self._errors() as exc:
-            raise StorageError(f"download of {key!r} failed: {exc}") from exc
+            raise self._failure(f"download of {key!r}", exc) from exc
         yield from obj["Body"].iter_chunks(chunk_size)
 
     def exists(self, key: str) -> bool:

@@ -100,7 +100,8 @@ def set_checkpoint(session: Session, job_id: str, worker_id: str, key: str) -> b
 
 
 def release(session: Session, job_id: str, worker_id: str, reason: str) -> bool:
-    """running -> interrupted by its own worker (shutting down): to be resumed elsewhere."""
+    """running -> interrupted by its own worker (shutting down, or a transient failure):
+    to be resumed, here or elsewhere."""
     return _owned(
         session,
         job_id,
@@ -124,6 +125,25 @@ def reap_stale(
     ).all()
     requeue: list[str] = []
     failed: list[str] = []
+    # Interrupted jobs nobody claimed within a stale period (their requeue message was lost
+    # with a worker that had prefetched it, or with a broker restart): send them again.
+    orphaned = session.scalars(
+        select(Job.id).where(Job.status == JobStatus.INTERRUPTED.value, Job.heartbeat_at < cutoff)
+    ).all()
+    for job_id in orphaned:
+        result = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.INTERRUPTED.value,
+                Job.heartbeat_at < cutoff,
+            )
+            .values(heartbeat_at=utcnow())  # resent at most once per stale period
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            requeue.append(job_id)
     for job_id, attempts in stale:
         still_stale = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
         if attempts >= max_attempts:

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
 import torch
 from sqlalchemy import select
 
@@ -25,7 +26,7 @@ from service.errors import ErrorCode
 from service.models import Dataset, Job
 from service.queue import TRAIN_TASK, send_train
 from service.settings import Settings, get_settings
-from service.storage import StorageError, get_store
+from service.storage import StorageError, StorageNotFound, get_store
 from worker.celery_app import SHUTTING_DOWN, app
 from worker.training.callbacks import Callbacks
 from worker.training.config import TrainConfig
@@ -36,6 +37,9 @@ from worker.training.plots import confusion_matrix_png, curves_png
 from worker.training.weights import WeightsSource, WeightsUnavailable
 
 log = logging.getLogger(__name__)
+
+
+TRANSIENT = (StorageError, sqlalchemy.exc.OperationalError)
 
 
 class JobLost(RuntimeError):
@@ -174,6 +178,21 @@ def _error_code(exc: BaseException) -> str:
     return ErrorCode.TRAINING_FAILED.value
 
 
+def _fail(job_id: str, worker_id: str, settings: Settings, exc: BaseException) -> str:
+    """A deterministic failure: recorded at once with its code, message and traceback."""
+    log.error("job %s failed", job_id, exc_info=exc)
+    with session_scope(settings) as s:
+        transitions.fail(
+            s,
+            job_id,
+            code=_error_code(exc),
+            message=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            worker_id=worker_id,
+        )
+    return "failed"
+
+
 def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None = None) -> str:
     """Train job `job_id` if this worker can claim it. Returns the job's final status here."""
     settings = settings or get_settings()
@@ -299,18 +318,31 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     except JobLost:
         log.warning("job %s: lost ownership, stopping without recording", job_id)
         return "lost"
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
+    except TRANSIENT as exc:
+        if isinstance(exc, StorageNotFound):
+            return _fail(job_id, worker_id, settings, exc)
+        # Storage or database briefly unreachable: hand the job back and retry it later
+        # (from its checkpoint), within the attempt budget.
         with session_scope(settings) as s:
+            attempts = s.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+            if attempts < settings.max_attempts and transitions.release(
+                s, job_id, worker_id, f"transient failure: {type(exc).__name__}: {exc}"
+            ):
+                delay = min(60.0, 5.0 * attempts)
+                send_train(job_id, settings, countdown=delay)
+                log.warning("job %s: transient failure (%s); retrying in %.0fs", job_id, exc, delay)
+                return "retrying"
             transitions.fail(
                 s,
                 job_id,
                 code=_error_code(exc),
-                message=f"{type(exc).__name__}: {exc}",
+                message=f"{type(exc).__name__}: {exc} (after {attempts} attempts)",
                 traceback=traceback.format_exc(),
                 worker_id=worker_id,
             )
         return "failed"
+    except Exception as exc:
+        return _fail(job_id, worker_id, settings, exc)
     finally:
         heartbeat.stopped.set()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -267,3 +267,35 @@ def test_a_broker_redelivery_while_the_job_runs_does_not_train_it_twice(
         assert f"job {job_id} not claimed (status running)" in logs
     finally:
         pool.stop_all()
+
+
+def test_an_unreachable_object_store_is_retried_not_failed(
+    client, workers, small_digits, fault_env
+):
+    """A worker that cannot reach the store hands the job back (transient failure) instead
+    of failing it; once the store is reachable again the job completes, with one model."""
+    from tests.conftest import free_port
+
+    job_id = submit(client, small_digits, epochs=1)
+    good_env = workers.env
+    workers.env = {
+        **good_env,
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+    }  # nothing there
+    broken = workers.start()
+    retried = wait_job(
+        client,
+        job_id,
+        lambda j: j["status"] == "interrupted" and j["attempts"] == 1,
+        120,
+        "the job handed back",
+    )
+    wait_for(lambda: b"transient failure" in broken.log.read_bytes(), 30, "the retry logged")
+    broken.send_signal(signal.SIGKILL)  # it may hold the delayed retry message: the reaper resends
+    broken.wait()
+    assert retried["error"] is None
+    workers.env = good_env
+    workers.start()
+    final = wait_job(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 240, "done")
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempts"] == 2 and client.get(f"/v1/jobs/{job_id}/model").status_code == 200
