@@ -40,6 +40,7 @@ class ErrorCode(str, Enum):
     # Recorded on failed jobs, not returned by routes.
     TRAINING_FAILED = "TRAINING_FAILED"
     WEIGHTS_UNAVAILABLE = "WEIGHTS_UNAVAILABLE"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
     DATA_ERROR = "DATA_ERROR"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 

@@ -169,6 +169,9 @@ class Heartbeat(threading.Thread):
 
 
 def _error_code(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        # Deterministic: the same batch size would run out again. Not retried.
+        return ErrorCode.OUT_OF_MEMORY.value
     if isinstance(exc, WeightsUnavailable):
         return ErrorCode.WEIGHTS_UNAVAILABLE.value
     if isinstance(exc, StorageError):
