@@ -33,7 +33,7 @@ from worker.training.backbones import create_model
 from worker.training.callbacks import Callbacks
 from worker.training.config import TrainConfig
 from worker.training.data import PreparedData
-from worker.training.loop import predict, train_one_epoch
+from worker.training.loop import EpochStats, predict, train_one_epoch
 from worker.training.metrics import classification_report
 from worker.training.optim import (
     LrPlan,
@@ -169,23 +169,6 @@ def _epoch_metrics(
 
 
 @dataclass
-class _HeadStats:
-    loss: float
-    accuracy: float
-    images: int
-    seconds: float
-    data_seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def loader_images_per_second(self) -> float:
-        return float("inf")
-
-
-@dataclass
 class _Run:
     """What the phases of one `fit` share."""
 
@@ -293,7 +276,10 @@ def _probe(run: _Run, epochs: int, report_epochs: bool) -> dict[str, Any]:
         with torch.no_grad():
             val_logits = head(val_feats)
         report = classification_report(val_logits.cpu(), val_y, data.classes) if len(val_y) else {}
-        stats = _HeadStats(total / max(n, 1), correct / max(n, 1), n, time.perf_counter() - start)
+        # No loader in a head epoch: features are in memory (data_seconds 0).
+        stats = EpochStats(
+            total / max(n, 1), correct / max(n, 1), n, time.perf_counter() - start, 0.0
+        )
         if report_epochs:
             control.on_step(epoch, 1, 1)
             metrics = _epoch_metrics(epoch, stats, report, optimizer.param_groups[0]["lr"], "probe")
