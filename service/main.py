@@ -23,6 +23,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for warning in settings.warnings():
+            logging.getLogger("finetune").warning("%s", warning)
         reaper = Reaper(settings)
         reaper.start()
         yield

@@ -139,6 +139,13 @@ class JobCreate(BaseModel):
     class_balance: Literal["auto", "none", "weighted_loss", "balanced_sampler"] = "auto"
     imbalance_threshold: float = Field(3.0, ge=1.0, le=1000.0)
     time_budget_seconds: float | None = Field(None, ge=5.0, le=7 * 24 * 3600.0)
+    max_duration_seconds: float | None = Field(
+        None,
+        ge=5.0,
+        description="hard cap on the job's running time, all attempts together (default and "
+        "maximum: the service's JOB_MAX_DURATION_SECONDS). At the limit the job stops, keeps "
+        "its best model so far and ends failed with TIME_LIMIT_EXCEEDED",
+    )
     compile: bool = False
     augmentation: Augmentation = Field(default_factory=Augmentation)
 

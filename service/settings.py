@@ -66,7 +66,15 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
     progress_interval_seconds: float = Field(default=2.0, ge=0)
     dataloader_workers: int = Field(default=-1, ge=-1)  # -1: sized to the host
-    # Redis redelivers an unacknowledged task after this long; keep it longer than any job.
+    # Per-job time limits. A job may ask for less (`max_duration_seconds`), never more.
+    # Soft limit: the job stops at the next step, keeps its best model and ends
+    # `failed TIME_LIMIT_EXCEEDED`. Hard limit (soft + grace): a job that has not stopped by
+    # then (a hung step or storage call) is failed and its worker process killed; the
+    # supervisor (compose `restart:`, the embedded `serve`) starts a fresh one.
+    job_max_duration_seconds: float = Field(default=12 * 3600.0, ge=5.0)
+    job_stop_grace_seconds: float = Field(default=300.0, ge=1.0)
+    # Redis redelivers an unacknowledged task after this long. Keep it longer than the hard
+    # limit: a redelivery is harmless (the job row lets only one copy train) but wasteful.
     broker_visibility_timeout_seconds: int = Field(default=24 * 3600, gt=0)
 
     log_level: str = "INFO"
@@ -118,6 +126,28 @@ class Settings(BaseSettings):
             return self.hf_hub_cache
         cache = self.xdg_cache_home or Path.home() / ".cache"
         return (self.hf_home or cache / "huggingface") / "hub"
+
+    @property
+    def job_hard_limit_seconds(self) -> float:
+        return self.job_max_duration_seconds + self.job_stop_grace_seconds
+
+    def warnings(self) -> list[str]:
+        """Settings that work but defeat their purpose; logged when a process starts."""
+        found = []
+        if self.broker_visibility_timeout_seconds <= self.job_hard_limit_seconds:
+            found.append(
+                f"BROKER_VISIBILITY_TIMEOUT_SECONDS ({self.broker_visibility_timeout_seconds}) "
+                f"is not longer than the hard job limit ({self.job_hard_limit_seconds:.0f}s = "
+                "JOB_MAX_DURATION_SECONDS + JOB_STOP_GRACE_SECONDS): Redis will redeliver "
+                "running jobs' tasks; the job row keeps them from training twice"
+            )
+        if self.stale_after_seconds <= 2 * self.heartbeat_seconds:
+            found.append(
+                f"STALE_AFTER_SECONDS ({self.stale_after_seconds}) should be more than twice "
+                f"HEARTBEAT_SECONDS ({self.heartbeat_seconds}): one late beat would requeue a "
+                "live job"
+            )
+        return found
 
     @property
     def embedded(self) -> bool:

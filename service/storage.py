@@ -165,9 +165,11 @@ class S3ObjectStore(ObjectStore):
         self._bucket_ready = False
 
     def _errors(self) -> tuple[type[BaseException], ...]:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        return (BotoCoreError, ClientError)
+        # upload_file/download_file wrap network failures in boto3's own S3UploadFailedError.
+        return (BotoCoreError, ClientError, Boto3Error)
 
     @staticmethod
     def _failure(what: str, exc: BaseException) -> StorageError:

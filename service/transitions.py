@@ -99,9 +99,11 @@ def set_checkpoint(session: Session, job_id: str, worker_id: str, key: str) -> b
     return _owned(session, job_id, worker_id, checkpoint_key=key, heartbeat_at=utcnow())
 
 
-def release(session: Session, job_id: str, worker_id: str, reason: str) -> bool:
+def release(
+    session: Session, job_id: str, worker_id: str, reason: str, ran_seconds: float = 0.0
+) -> bool:
     """running -> interrupted by its own worker (shutting down, or a transient failure):
-    to be resumed, here or elsewhere."""
+    to be resumed, here or elsewhere. `ran_seconds` counts toward the job's time limit."""
     return _owned(
         session,
         job_id,
@@ -109,6 +111,7 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> bool:
         status=JobStatus.INTERRUPTED.value,
         phase="interrupted",
         error_message=reason,
+        run_seconds=Job.run_seconds + max(0.0, ran_seconds),
     )
 
 
@@ -119,7 +122,7 @@ def reap_stale(
     or `failed` once `max_attempts` are spent. Returns (requeue, failed) job ids."""
     cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
     stale = session.execute(
-        select(Job.id, Job.attempts).where(
+        select(Job.id, Job.attempts, Job.started_at, Job.heartbeat_at).where(
             Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff
         )
     ).all()
@@ -144,8 +147,10 @@ def reap_stale(
         session.commit()
         if result.rowcount == 1:  # type: ignore[attr-defined]
             requeue.append(job_id)
-    for job_id, attempts in stale:
+    for job_id, attempts, started_at, last_beat in stale:
         still_stale = (Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
+        # The lost attempt ran until its last sign of life: that counts toward the limit.
+        ran = (last_beat - started_at).total_seconds() if started_at and last_beat else 0.0
         if attempts >= max_attempts:
             values: dict[str, Any] = dict(
                 status=JobStatus.FAILED.value,
@@ -159,7 +164,12 @@ def reap_stale(
                 eta_seconds=None,
             )
         else:
-            values = dict(status=JobStatus.INTERRUPTED.value, worker_id=None, phase="interrupted")
+            values = dict(
+                status=JobStatus.INTERRUPTED.value,
+                worker_id=None,
+                phase="interrupted",
+                run_seconds=Job.run_seconds + max(0.0, ran),
+            )
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, *still_stale)
@@ -245,12 +255,29 @@ def succeed(session: Session, job_id: str, worker_id: str, result: dict[str, Any
     return _finish(session, job_id, worker_id, JobStatus.SUCCEEDED, result)
 
 
+def finish_time_limited(
+    session: Session, job_id: str, worker_id: str, result: dict[str, Any] | None, message: str
+) -> bool:
+    """Stopped at its soft time limit: `failed TIME_LIMIT_EXCEEDED`, keeping the best model
+    trained so far (when an epoch finished) as its result."""
+    return _finish(
+        session,
+        job_id,
+        worker_id,
+        JobStatus.FAILED,
+        result,
+        error_code="TIME_LIMIT_EXCEEDED",
+        error_message=message,
+    )
+
+
 def _finish(
     session: Session,
     job_id: str,
     worker_id: str,
     status: JobStatus,
     result: dict[str, Any] | None,
+    **error: Any,
 ) -> bool:
     now = utcnow()
     return _owned(
@@ -263,6 +290,7 @@ def _finish(
         heartbeat_at=now,
         phase="done" if status == JobStatus.SUCCEEDED else status.value,
         eta_seconds=0.0 if status == JobStatus.SUCCEEDED else None,
+        **error,
     )
 
 

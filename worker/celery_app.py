@@ -4,9 +4,12 @@ Settings chosen for long training tasks:
 - acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost;
 - prefetch 1: a worker never holds a second job hostage while it trains;
 - results ignored: the job row in the database is the truth about a job;
-- the visibility timeout (Redis) is longer than any job may run, so the broker does not
+- the visibility timeout (Redis) is longer than the hard job limit, so the broker does not
   redeliver a job that is still training; and even when it does, the guarded claim in
-  the database makes the second copy exit without training.
+  the database makes the second copy exit without training;
+- no Celery time limits: the solo pool cannot enforce them and they are per task, not per
+  job. Each job's soft and hard limits are enforced by worker/tasks.py instead;
+- nothing here touches CUDA: the first CUDA call happens inside the task, after any fork.
 """
 
 from __future__ import annotations
@@ -57,4 +60,6 @@ def _start_reaper(**_: object) -> None:
     """Each worker also looks for jobs whose worker died (see service/reaper.py)."""
     from service.reaper import Reaper
 
+    for warning in settings.warnings():
+        logging.getLogger(__name__).warning("%s", warning)
     Reaper(settings).start()

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -49,7 +50,14 @@ class JobLost(RuntimeError):
 class DbReporter(Callbacks):
     """Writes progress and per-epoch metrics to the job row, throttled."""
 
-    def __init__(self, job_id: str, worker_id: str, settings: Settings, total_epochs: int):
+    def __init__(
+        self,
+        job_id: str,
+        worker_id: str,
+        settings: Settings,
+        total_epochs: int,
+        deadline: float | None = None,
+    ):
         self.job_id = job_id
         self.worker_id = worker_id
         self.settings = settings
@@ -57,6 +65,8 @@ class DbReporter(Callbacks):
         self.phase = "starting"
         self.lost = threading.Event()  # another worker or the reaper took the job
         self.cancel = threading.Event()  # the user asked to cancel
+        self.deadline = deadline  # soft time limit (time.monotonic())
+        self.time_limited = threading.Event()
         self.started = time.monotonic()
         self.last_write = 0.0
         self.epoch = 0
@@ -143,20 +153,67 @@ class DbReporter(Callbacks):
         self.checkpoint_seconds.append(time.monotonic() - start)
 
     def should_stop(self) -> bool:
-        return self.lost.is_set() or self.cancel.is_set() or SHUTTING_DOWN.is_set()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.time_limited.set()
+        return (
+            self.lost.is_set()
+            or self.cancel.is_set()
+            or self.time_limited.is_set()
+            or SHUTTING_DOWN.is_set()
+        )
+
+
+def _kill_this_process() -> None:
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Heartbeat(threading.Thread):
-    """Keeps the lease fresh while a long step or the data preparation runs."""
+    """Keeps the lease fresh while a long step or the data preparation runs, and enforces
+    the hard time limit: a job still running past it is hung (it ignored the soft limit), so
+    it is failed and this worker process killed; its supervisor starts a fresh one."""
 
-    def __init__(self, job_id: str, worker_id: str, settings: Settings, reporter: DbReporter):
+    def __init__(
+        self,
+        job_id: str,
+        worker_id: str,
+        settings: Settings,
+        reporter: DbReporter,
+        hard_deadline: float | None = None,
+        on_hard_limit: Any = _kill_this_process,
+    ):
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
         self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
         self.reporter = reporter
+        self.hard_deadline = hard_deadline
+        self.on_hard_limit = on_hard_limit
         self.stopped = threading.Event()
+
+    def _hard_limit(self) -> None:
+        message = (
+            "the job did not stop within JOB_STOP_GRACE_SECONDS "
+            f"({self.settings.job_stop_grace_seconds:g}s) of its time limit (stuck in phase "
+            f"{self.reporter.phase!r}); its worker process was killed"
+        )
+        log.critical("job %s: %s", self.job_id, message)
+        try:
+            with session_scope(self.settings) as s:
+                transitions.fail(
+                    s,
+                    self.job_id,
+                    code=ErrorCode.TIME_LIMIT_EXCEEDED.value,
+                    message=message,
+                    traceback="".join(traceback.format_stack(_main_thread_frame())),
+                    worker_id=self.worker_id,
+                )
+        finally:
+            self.on_hard_limit()
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.heartbeat_seconds):
+            if self.hard_deadline is not None and time.monotonic() > self.hard_deadline:
+                self._hard_limit()
+                return
             try:
                 with session_scope(self.settings) as s:
                     if not transitions.heartbeat(s, self.job_id, self.worker_id):
@@ -166,6 +223,13 @@ class Heartbeat(threading.Thread):
                         self.reporter.cancel.set()
             except Exception:  # noqa: BLE001 - a missed beat is retried next period
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+
+
+def _main_thread_frame() -> Any:
+    """Where the main thread is stuck, for the failed job's traceback."""
+    import sys
+
+    return sys._current_frames().get(threading.main_thread().ident or 0)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -212,10 +276,26 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         config = TrainConfig.from_dict(job.config)
         archive_key, index_key, dataset_id = ds.archive_key, ds.index_key, ds.id
         checkpoint_key, dataset_sha = job.checkpoint_key, job.config.get("dataset_sha256")
+        max_duration = float(
+            job.config.get("max_duration_seconds") or settings.job_max_duration_seconds
+        )
+        prior_seconds = job.run_seconds or 0.0
 
-    reporter = DbReporter(job_id, worker_id, settings, config.epochs)
-    heartbeat = Heartbeat(job_id, worker_id, settings, reporter)
+    attempt_started = time.monotonic()
+    soft_deadline = attempt_started + max(0.0, max_duration - prior_seconds)
+    reporter = DbReporter(job_id, worker_id, settings, config.epochs, deadline=soft_deadline)
+    heartbeat = Heartbeat(
+        job_id,
+        worker_id,
+        settings,
+        reporter,
+        hard_deadline=soft_deadline + settings.job_stop_grace_seconds,
+    )
     heartbeat.start()
+
+    def ran() -> float:
+        return time.monotonic() - attempt_started
+
     workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
         store = get_store(settings)
@@ -251,7 +331,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             raise JobLost(f"job {job_id} is no longer owned by {worker_id}")
         if SHUTTING_DOWN.is_set() and not reporter.cancel.is_set() and result.stopped:
             with session_scope(settings) as s:
-                released = transitions.release(s, job_id, worker_id, "worker shut down")
+                released = transitions.release(s, job_id, worker_id, "worker shut down", ran())
             if released:
                 send_train(job_id, settings)
                 log.warning("job %s handed back on shutdown; resumes from its checkpoint", job_id)
@@ -265,6 +345,17 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
                 transitions.finish_canceled(s, job_id, worker_id, None)
             log.info("job %s canceled; nothing kept", job_id)
             return "canceled"
+        time_limited = reporter.time_limited.is_set() and not canceled
+        limit_message = (
+            f"the job reached its time limit of {max_duration:g}s (max_duration_seconds) "
+            f"in epoch {reporter.epoch}; "
+            + ("the best model so far is kept" if result.best else "no epoch had finished")
+        )
+        if time_limited and not result.best:
+            store.delete_prefix(f"jobs/{job_id}")
+            with session_scope(settings) as s:
+                transitions.finish_time_limited(s, job_id, worker_id, None, limit_message)
+            return "failed"
 
         reporter.on_phase("exporting")
         metadata = build_metadata(
@@ -309,15 +400,16 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         with session_scope(settings) as s:
             if canceled:  # stop-and-keep: the best epoch so far is the model
                 done = transitions.finish_canceled(s, job_id, worker_id, outcome)
+            elif time_limited:
+                done = transitions.finish_time_limited(s, job_id, worker_id, outcome, limit_message)
             else:
                 done = transitions.succeed(s, job_id, worker_id, outcome)
             if not done:
                 raise JobLost(f"job {job_id} could not be recorded by {worker_id}")
         store.delete_prefix(f"jobs/{job_id}/checkpoint.pt")  # one final model, not two
-        log.info(
-            "job %s %s: %s", job_id, "canceled (kept)" if canceled else "succeeded", result.best
-        )
-        return "canceled" if canceled else "succeeded"
+        status = "canceled" if canceled else "failed" if time_limited else "succeeded"
+        log.info("job %s: %s: %s", job_id, limit_message if time_limited else status, result.best)
+        return status
     except JobLost:
         log.warning("job %s: lost ownership, stopping without recording", job_id)
         return "lost"
@@ -329,7 +421,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         with session_scope(settings) as s:
             attempts = s.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
             if attempts < settings.max_attempts and transitions.release(
-                s, job_id, worker_id, f"transient failure: {type(exc).__name__}: {exc}"
+                s, job_id, worker_id, f"transient failure: {type(exc).__name__}: {exc}", ran()
             ):
                 delay = min(60.0, 5.0 * attempts)
                 send_train(job_id, settings, countdown=delay)

@@ -80,8 +80,13 @@ def job_public(job: Job) -> JobPublic:
 
 
 def _model_ready(job: Job) -> bool:
-    """Succeeded, or canceled with stop-and-keep after at least one epoch."""
-    ended = job.status in (JobStatus.SUCCEEDED.value, JobStatus.CANCELED.value)
+    """Succeeded; canceled with stop-and-keep, or stopped at its time limit, after at least
+    one epoch (the best epoch so far is the model)."""
+    ended = job.status in (
+        JobStatus.SUCCEEDED.value,
+        JobStatus.CANCELED.value,
+        JobStatus.FAILED.value,
+    )
     return ended and bool(job.result and job.result.get("bundle_key"))
 
 
@@ -115,8 +120,16 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> J
             ErrorCode.VALIDATION_ERROR,
             "every class needs at least 2 images to hold one out for validation",
         )
+    limit = settings.job_max_duration_seconds
+    if body.max_duration_seconds is not None and body.max_duration_seconds > limit:
+        raise ServiceError(
+            ErrorCode.VALIDATION_ERROR,
+            f"max_duration_seconds {body.max_duration_seconds:g} is over this service's "
+            f"limit of {limit:g}s (JOB_MAX_DURATION_SECONDS); ask for {limit:g} or less",
+        )
     config = body.model_dump(mode="json")
     config["dataset_sha256"] = ds.sha256
+    config["max_duration_seconds"] = body.max_duration_seconds or limit
     job = Job(
         id=new_id("job"),
         dataset_id=ds.id,
@@ -198,7 +211,7 @@ def download_model(
         raise ServiceError(
             ErrorCode.MODEL_NOT_AVAILABLE,
             f"job {job_id} is {job.status}; a model is available once it has succeeded "
-            "(or was canceled with stop-and-keep)",
+            "(or was canceled with stop-and-keep, or stopped at its time limit after an epoch)",
         )
     result_key, media_type, filename = MODEL_FORMATS[format]
     key = job.result[result_key]

@@ -3,6 +3,7 @@ the reaper and the retry budget, on real PostgreSQL, Redis and S3."""
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,3 +300,184 @@ def test_an_unreachable_object_store_is_retried_not_failed(
     final = wait_job(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 240, "done")
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 2 and client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+
+
+class RedisServer:
+    """A private redis-server on its own port, so it can be killed and restarted without
+    touching the Redis the rest of the suite uses."""
+
+    def __init__(self, tmp_path):
+        from tests.conftest import free_port
+
+        self.port, self.dir, self.proc = free_port(), tmp_path, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+
+        def up():
+            try:
+                return redis.Redis.from_url(self.url).ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_for(up, 20, "redis-server up")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)  # everything in it is gone, unacked task included
+        self.proc.wait()
+
+
+def _app_client(env):
+    from service.main import create_app
+    from service.settings import Settings, get_settings
+
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    return TestClient(app)
+
+
+def _model_keys(env, job_id):
+    return [
+        o["Key"]
+        for o in s3_client(env)
+        .list_objects_v2(Bucket=env["S3_BUCKET"], Prefix=f"jobs/{job_id}/")
+        .get("Contents", [])
+    ]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+def test_a_redis_restart_mid_job_neither_loses_nor_repeats_it(fault_env, small_digits, tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    env = {**fault_env, "BROKER_URL": server.url}
+    pool = Workers(env, tmp_path)
+    try:
+        with _app_client(env) as c:
+            job_id = submit(c, small_digits, epochs=5)
+            worker = pool.start()
+            wait_job(
+                c,
+                job_id,
+                lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 1,
+                240,
+                "a fine-tuning epoch",
+            )
+            server.kill()
+            time.sleep(2)
+            server.start()
+            final = wait_job(
+                c, job_id, lambda j: j["status"] in ("succeeded", "failed"), 300, "done"
+            )
+            assert final["status"] == "succeeded", final["error"]
+            assert final["attempts"] == 1  # it was not run again
+            epochs = [m["epoch"] for m in c.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
+            assert epochs == [0, 1, 2, 3, 4, 5]
+            assert sum(k.endswith("model.safetensors") for k in _model_keys(env, job_id)) == 1
+            # The worker saw the broker go, reconnected to the new one and takes the next job.
+            assert worker.poll() is None
+            assert "Connection to broker lost" in worker.log.read_text()
+            nxt = submit(c, small_digits, epochs=1, strategy="linear_probe")
+            done = wait_job(
+                c, nxt, lambda j: j["status"] in ("succeeded", "failed"), 120, "next job"
+            )
+            assert done["status"] == "succeeded" and done["attempts"] == 1
+    finally:
+        pool.stop_all()
+        server.kill()
+
+
+def _proxied_store(fault_env):
+    from urllib.parse import urlsplit
+
+    from tests.netfaults import TcpProxy
+
+    url = urlsplit(fault_env["S3_ENDPOINT_URL"])
+    return TcpProxy(url.hostname, url.port)
+
+
+def test_a_store_outage_during_a_checkpoint_write_is_retried(
+    client, workers, small_digits, fault_env
+):
+    """The worker reaches S3 through a proxy that is cut while an epoch ends: the checkpoint
+    write fails, is retried once the store is back, and the job ends with its one model."""
+    proxy = _proxied_store(fault_env)
+    workers.env = {**workers.env, "S3_ENDPOINT_URL": proxy.url}
+    try:
+        job_id = submit(client, small_digits, epochs=6)
+        worker = workers.start()
+        wait_job(
+            client,
+            job_id,
+            lambda j: (
+                j["checkpoint_available"] and (j["latest_metrics"] or {}).get("epoch", 0) >= 1
+            ),
+            240,
+            "a checkpointed epoch",
+        )
+        proxy.set_mode("down")
+        wait_for(lambda: b"checkpoint write 1/3" in worker.log.read_bytes(), 180, "a failed write")
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        proxy.set_mode("up")
+        final = wait_job(
+            client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 300, "done"
+        )
+        assert final["status"] == "succeeded", final["error"]
+        assert final["attempts"] == 1 and proxy.refused > 0
+        log = worker.log.read_text()
+        assert "checkpoint of epoch" not in log  # the retry wrote it: nothing was skipped
+        epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
+        assert epochs == [0, 1, 2, 3, 4, 5, 6]
+        keys = _model_keys(fault_env, job_id)
+        assert f"jobs/{job_id}/checkpoint.pt" not in keys
+        assert sum(k.endswith("model.safetensors") for k in keys) == 1
+        assert client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+    finally:
+        proxy.close()
+
+
+def test_a_job_stops_at_its_soft_time_limit_and_keeps_its_best_model(client, workers, small_digits):
+    job_id = submit(client, small_digits, epochs=200, max_duration_seconds=25)
+    workers.start()
+    final = wait_job(
+        client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 240, "stopped"
+    )
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "TIME_LIMIT_EXCEEDED"
+    assert "time limit of 25s" in final["error"]["message"]
+    assert final["progress"]["epoch"] < 200
+    assert final["model_available"], final
+    model = client.get(f"/v1/jobs/{job_id}/model?format=metadata")
+    assert model.status_code == 200
+    assert model.json()["metrics"]["epoch"] == final["best_metrics"]["epoch"]
+
+
+def test_a_hung_job_is_failed_and_its_worker_killed_at_the_hard_limit(
+    client, workers, small_digits, fault_env
+):
+    """The worker's storage calls hang (the proxy accepts and never answers) while its
+    heartbeat thread lives on: the job never reaches a step to notice its soft limit, so
+    the hard limit (soft + JOB_STOP_GRACE_SECONDS) fails it and kills the process."""
+    proxy = _proxied_store(fault_env)
+    proxy.set_mode("hang")
+    workers.env = {**workers.env, "S3_ENDPOINT_URL": proxy.url, "JOB_STOP_GRACE_SECONDS": "3"}
+    try:
+        job_id = submit(client, small_digits, epochs=1, max_duration_seconds=5)
+        worker = workers.start()
+        started = time.monotonic()
+        assert worker.wait(timeout=120) == -signal.SIGKILL
+        assert time.monotonic() - started < 60  # long before any S3 read timeout
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "failed" and job["error"]["code"] == "TIME_LIMIT_EXCEEDED"
+        assert "stuck in phase 'preparing'" in job["error"]["message"]
+        assert proxy.refused > 0
+    finally:
+        proxy.close()

@@ -29,6 +29,7 @@ def test_create_job_returns_queued_with_defaults_and_sends_the_task(
     assert job["config"]["backbone"] == "efficientnet_lite0"
     assert job["progress"]["total_epochs"] == 2 and job["progress"]["fraction"] == 0.0
     assert job["model_available"] is False
+    assert job["config"]["max_duration_seconds"] == 12 * 3600  # the service's limit
     # The task really is on the Redis queue, by name, carrying only the id.
     r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
     queued = r.lrange(integration_env["TASK_QUEUE"], 0, -1)
@@ -53,6 +54,8 @@ def test_create_job_returns_queued_with_defaults_and_sends_the_task(
         ({"early_stopping": {"patience": 0}}, "patience"),
         ({"label_smoothing": 0.9}, "label_smoothing"),
         ({"time_budget_seconds": 1}, "time_budget_seconds"),
+        ({"max_duration_seconds": 1}, "max_duration_seconds"),
+        ({"max_duration_seconds": 10**9}, "JOB_MAX_DURATION_SECONDS"),  # over the service's
         ({"augmentation": {"preset": "extreme"}}, "preset"),
         ({"augmentation": {"ops": [{"name": "warp"}]}}, "warp"),
         ({"augmentation": {"ops": [{"name": "rotation", "degrees": 500}]}}, "degrees"),

@@ -78,3 +78,12 @@ def test_the_api_process_never_imports_torch_or_worker_code():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_settings_that_defeat_their_purpose_are_warned_about():
+    assert Settings().warnings() == []  # the defaults are coherent
+    short = Settings(broker_visibility_timeout_seconds=3600, job_max_duration_seconds=7200)
+    (warning,) = short.warnings()
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS (3600)" in warning and "7500s" in warning
+    jittery = Settings(heartbeat_seconds=10, stale_after_seconds=15)
+    assert "STALE_AFTER_SECONDS" in jittery.warnings()[0]
