@@ -94,6 +94,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def announce_auth(settings: Settings) -> None:
+    """First start with auth on: create and print an admin key (once). Auth off: say so."""
+    if not settings.auth_enabled:
+        log.warning(
+            "AUTH_ENABLED=false: no API keys are checked; every request acts as tenant "
+            "'default' with every scope. Run it like this only behind your own gate."
+        )
+        return
+    from service.db import session_scope
+    from service.tenancy import ensure_bootstrap_key
+
+    with session_scope(settings) as session:
+        token = ensure_bootstrap_key(session)
+    if token:
+        print(
+            "\n" + "=" * 78 + "\n"
+            "No admin API key existed, so one was created. It is shown this once:\n\n"
+            f"    {token}\n\n"
+            "Send it as `Authorization: Bearer <key>`. Make per-tenant keys with\n"
+            "`finetune keys create --tenant NAME` or POST /v1/admin/keys.\n" + "=" * 78 + "\n",
+            flush=True,
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -102,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings)
+    announce_auth(settings)
     supervisor = None if args.no_worker else WorkerSupervisor(worker_command(settings))
     if supervisor is not None:
         supervisor.start()
@@ -147,6 +172,119 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sqlalchemy import select
+
+    from service.db import migrate, session_scope
+    from service.models import Tenant
+    from service.tenancy import (
+        LIMIT_FIELDS,
+        TenancyError,
+        audit,
+        create_tenant,
+        get_tenant,
+        limits_for,
+        set_limits,
+        usage,
+    )
+
+    if args.action in ("create", "set") and not args.name:
+        print(f"`finetune tenants {args.action}` needs a tenant name")
+        return 2
+    settings = get_settings()
+    migrate(settings)
+    limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f, None) is not None}
+    with session_scope(settings) as session:
+        try:
+            if args.action == "create":
+                tenant = create_tenant(session, args.name, **limits)
+                audit(session, None, "tenant.create", "tenant", tenant.id, "cli", limits, tenant.id)
+                session.commit()
+                print(f"created tenant {tenant.name} ({tenant.id})")
+            elif args.action == "set":
+                found = get_tenant(session, args.name)
+                if found is None:
+                    print(f"no tenant {args.name!r}")
+                    return 2
+                set_limits(found, **limits)
+                audit(session, None, "tenant.update", "tenant", found.id, "cli", limits, found.id)
+                session.commit()
+                print(f"updated tenant {found.name}")
+            else:
+                for t in session.scalars(select(Tenant).order_by(Tenant.name)):
+                    print(
+                        f"{t.id:22s} {t.name:20s} {asdict(limits_for(t, settings))} "
+                        f"{usage(session, t.id)}"
+                    )
+        except TenancyError as exc:
+            print(exc)
+            return 2
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from service.db import migrate, session_scope
+    from service.models import ApiKey
+    from service.tenancy import TenancyError, audit, create_key, get_tenant, revoke_key
+
+    if args.action == "create" and not args.tenant:
+        print("`finetune keys create` needs --tenant NAME (`finetune tenants list`)")
+        return 2
+    if args.action == "revoke" and not args.key_id:
+        print("`finetune keys revoke` needs the key id (`finetune keys list`)")
+        return 2
+    settings = get_settings()
+    migrate(settings)
+    with session_scope(settings) as session:
+        if args.action == "create":
+            assert args.tenant is not None
+            tenant = get_tenant(session, args.tenant)
+            if tenant is None:
+                print(f"no tenant {args.tenant!r}; create it with `finetune tenants create`")
+                return 2
+            try:
+                key, token = create_key(session, tenant, args.scopes.split(","), args.name)
+            except TenancyError as exc:
+                print(exc)
+                return 2
+            audit(
+                session,
+                None,
+                "key.create",
+                "key",
+                key.id,
+                "cli",
+                {"scopes": key.scopes},
+                tenant_id=tenant.id,
+            )
+            session.commit()
+            print(f"created key {key.id} for tenant {tenant.name} with scopes {key.scopes}")
+            print(f"API key (shown once, stored only hashed): {token}")
+        elif args.action == "revoke":
+            revoked = revoke_key(session, args.key_id)
+            if revoked is None:
+                print(f"no API key {args.key_id!r}")
+                return 2
+            audit(
+                session, None, "key.revoke", "key", revoked.id, "cli", tenant_id=revoked.tenant_id
+            )
+            session.commit()
+            print(f"revoked key {revoked.id}")
+        else:
+            query = select(ApiKey).order_by(ApiKey.created_at)
+            if args.tenant:
+                tenant = get_tenant(session, args.tenant)
+                query = query.where(ApiKey.tenant_id == (tenant.id if tenant else args.tenant))
+            for k in session.scalars(query):
+                state = "revoked" if k.revoked_at else "active"
+                print(f"{k.id}  {k.tenant_id:22s} {','.join(k.scopes):18s} {state:8s} {k.name}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
@@ -184,6 +322,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("names", nargs="*", help="backbone names (see GET /v1/backbones)")
     p.add_argument("--all", action="store_true", help="every registered backbone")
     p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("tenants", help="create, list or set the limits of tenants")
+    p.add_argument("action", choices=["create", "list", "set"])
+    p.add_argument("name", nargs="?", help="tenant name (create, set)")
+    p.add_argument("--max-running-jobs", dest="max_running_jobs", type=int)
+    p.add_argument("--max-queued-jobs", dest="max_queued_jobs", type=int)
+    p.add_argument("--max-storage-bytes", dest="max_storage_bytes", type=int)
+    p.add_argument("--max-job-duration-seconds", dest="max_job_duration_seconds", type=float)
+    p.add_argument("--rate-limit-per-minute", dest="rate_limit_per_minute", type=int)
+    p.set_defaults(func=cmd_tenants)
+
+    p = sub.add_parser("keys", help="create, list or revoke API keys")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="the key to revoke")
+    p.add_argument("--tenant", help="tenant name or id (create; filter for list)")
+    p.add_argument("--scopes", default="read,write", help="comma-separated: read,write,admin")
+    p.add_argument("--name", default="", help="a label for the key")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser(
         "demo", help="start the service, fine-tune on scikit-learn digits, report accuracy"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -124,6 +124,28 @@ def evaluate_download(model_zip: Path, held_out: list[tuple[np.ndarray, int]]) -
     return correct / len(held_out)
 
 
+def demo_auth(settings: Settings) -> dict[str, str]:
+    """The demo's own read/write key for the default tenant (auth on), after making sure an
+    admin key exists and printing it the one time it is created."""
+    if not settings.auth_enabled:
+        return {}
+    from service.cli import announce_auth
+    from service.db import migrate, session_scope
+    from service.models import DEFAULT_TENANT, Tenant
+    from service.tenancy import create_key
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings)
+    announce_auth(settings)
+    with session_scope(settings) as session:
+        tenant = session.get(Tenant, DEFAULT_TENANT)
+        assert tenant is not None
+        key, token = create_key(session, tenant, ["read", "write"], name="demo key")
+        session.commit()
+    print(f"the demo uses API key {key.id} (read, write) of tenant {DEFAULT_TENANT!r}")
+    return {"Authorization": f"Bearer {token}"}
+
+
 def run_demo(
     host: str, port: int, epochs: int, image_size: int, backbone: str, keep_running: bool
 ) -> int:
@@ -133,6 +155,7 @@ def run_demo(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "service.log"
     base = f"http://{host}:{port}"
+    headers = demo_auth(settings)
     print(f"starting the service at {base} (logs: {log_path})")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
@@ -141,7 +164,9 @@ def run_demo(
             stderr=subprocess.STDOUT,
         )
     try:
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with httpx.Client(
+            base_url=base, timeout=60, headers=headers, follow_redirects=True
+        ) as client:
             wait_ready(client, proc)
             train, held_out = digits_split()
             archive = imagefolder_zip(train, demo_dir / "digits.zip")
@@ -200,12 +225,13 @@ def run_demo(
             )
         if not keep_running:
             return 0
+        auth = f'-H "Authorization: {headers["Authorization"]}" ' if headers else ""
         print(
             f"\nthe service keeps running at {base} — try:\n"
-            f"  curl {base}/v1/jobs/{job_id}\n"
-            f"  curl {base}/v1/jobs/{job_id}/metrics\n"
-            f"  curl -o model.zip {base}/v1/jobs/{job_id}/model\n"
-            f"  curl -F file=@{archive} {base}/v1/datasets\n"
+            f"  curl {auth}{base}/v1/jobs/{job_id}\n"
+            f"  curl {auth}{base}/v1/jobs/{job_id}/metrics\n"
+            f"  curl -L -o model.zip {auth}{base}/v1/jobs/{job_id}/model\n"
+            f"  curl {auth}-F file=@{archive} {base}/v1/datasets\n"
             f"open {base}/docs for the API; Ctrl-C to stop."
         )
         proc.wait()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.db import get_session
+from service.errors import ErrorCode, ServiceError
 from service.settings import Settings, get_settings
 from service.storage import ObjectStore, get_store
+from service.tenancy import Principal
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -20,3 +24,43 @@ def _store(settings: SettingsDep) -> ObjectStore:
 
 
 StoreDep = Annotated[ObjectStore, Depends(_store)]
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `Authorization: Bearer ft_...` (`finetune keys create`).",
+)
+
+
+def _principal(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Principal:
+    """Set by the Authenticate middleware for every /v1/ request."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:  # only if a route were mounted outside /v1/
+        raise ServiceError(ErrorCode.UNAUTHENTICATED, "missing API key")
+    return principal  # type: ignore[no-any-return]
+
+
+def require(scope: str) -> Callable[[Principal], Principal]:
+    def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+        if not principal.has(scope):
+            raise ServiceError(
+                ErrorCode.INSUFFICIENT_SCOPE,
+                f"this API key lacks the {scope!r} scope (it has: "
+                f"{', '.join(sorted(principal.scopes))})",
+            )
+        return principal
+
+    return check
+
+
+ReadDep = Annotated[Principal, Depends(require("read"))]
+WriteDep = Annotated[Principal, Depends(require("write"))]
+AdminDep = Annotated[Principal, Depends(require("admin"))]
+
+
+def client_of(request: Request) -> str | None:
+    return request.client.host if request.client else None

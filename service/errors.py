@@ -37,6 +37,15 @@ class ErrorCode(str, Enum):
     UNKNOWN_BACKBONE = "UNKNOWN_BACKBONE"
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+    RATE_LIMITED = "RATE_LIMITED"
+    QUEUED_JOBS_LIMIT = "QUEUED_JOBS_LIMIT"
+    STORAGE_LIMIT = "STORAGE_LIMIT"
+    JOB_DURATION_LIMIT = "JOB_DURATION_LIMIT"
+    TENANT_NOT_FOUND = "TENANT_NOT_FOUND"
+    TENANT_EXISTS = "TENANT_EXISTS"
+    KEY_NOT_FOUND = "KEY_NOT_FOUND"
     # Recorded on failed jobs, not returned by routes.
     TRAINING_FAILED = "TRAINING_FAILED"
     WEIGHTS_UNAVAILABLE = "WEIGHTS_UNAVAILABLE"
@@ -71,15 +80,31 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNKNOWN_BACKBONE: 422,
     ErrorCode.BROKER_UNAVAILABLE: 503,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.INSUFFICIENT_SCOPE: 403,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.QUEUED_JOBS_LIMIT: 429,
+    ErrorCode.STORAGE_LIMIT: 403,
+    ErrorCode.JOB_DURATION_LIMIT: 403,
+    ErrorCode.TENANT_NOT_FOUND: 404,
+    ErrorCode.TENANT_EXISTS: 409,
+    ErrorCode.KEY_NOT_FOUND: 404,
 }
 
 
 class ServiceError(Exception):
-    def __init__(self, code: ErrorCode, detail: str, extra: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: str,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.extra = extra or {}
+        self.headers = headers
 
     @property
     def status_code(self) -> int:
@@ -92,7 +117,7 @@ class ServiceError(Exception):
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from service.auth import Authenticate
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
 from service.reaper import Reaper
-from service.routes import backbones, datasets, health, jobs
+from service.routes import admin, backbones, datasets, health, jobs
 from service.settings import Settings, get_settings
 
 
@@ -37,9 +39,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Upload labeled images, fine-tune a pretrained backbone, download the model.",
     )
     install_error_handlers(app)
-    for router in (health.router, datasets.router, jobs.router, backbones.router):
+    for router in (
+        health.router,
+        datasets.router,
+        jobs.router,
+        backbones.router,
+        admin.router,
+        admin.me_router,
+    ):
         app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # The last added runs first: CORS (when configured), then the body limit, then auth.
+    app.add_middleware(Authenticate, settings=settings)
+    app.add_middleware(
+        BodySizeLimit,
+        upload_max=settings.max_upload_bytes,
+        other_max=settings.max_json_body_bytes,
+    )
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     return app
 
 

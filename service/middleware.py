@@ -15,21 +15,27 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
+    """Dataset uploads may be up to `upload_max` bytes (MAX_UPLOAD_BYTES); every other
+    request body (JSON) up to `other_max` (MAX_JSON_BODY_BYTES)."""
 
-    def _body(self) -> bytes:
+    UPLOAD_PATHS = ("/v1/datasets",)
+
+    def __init__(self, app: ASGIApp, upload_max: int, other_max: int) -> None:
+        self.app = app
+        self.upload_max = upload_max
+        self.other_max = other_max
+
+    @staticmethod
+    def _body(limit: int, setting: str) -> bytes:
         return json.dumps(
             {
                 "error_code": ErrorCode.UPLOAD_TOO_LARGE.value,
-                "detail": f"request body exceeds the limit of {self.max_bytes} bytes "
-                "(MAX_UPLOAD_BYTES)",
+                "detail": f"request body exceeds the limit of {limit} bytes ({setting})",
             }
         ).encode()
 
-    async def _reject(self, send: Send) -> None:
-        body = self._body()
+    async def _reject(self, send: Send, limit: int, setting: str) -> None:
+        body = self._body(limit, setting)
         await send(
             {
                 "type": "http.response.start",
@@ -47,10 +53,13 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope.get("method") == "POST" and scope.get("path") in self.UPLOAD_PATHS
+        limit = self.upload_max if upload else self.other_max
+        setting = "MAX_UPLOAD_BYTES" if upload else "MAX_JSON_BODY_BYTES"
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._reject(send, limit, setting)
             return
 
         received = 0
@@ -61,7 +70,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise _TooLarge
             return message
 
@@ -75,4 +84,4 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit, setting)

@@ -257,3 +257,106 @@ class JobReport(BaseModel):
     validation: dict[str, Any] | None
     test: dict[str, Any] | None
     training: dict[str, Any]
+
+
+# --- tenants, keys, audit ---------------------------------------------------------------
+
+
+class TenantLimitsUpdate(BaseModel):
+    """A tenant's own limits; a field left out (or null) takes the service's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_running_jobs: int | None = Field(None, ge=1, le=10_000)
+    max_queued_jobs: int | None = Field(None, ge=1, le=1_000_000)
+    max_storage_bytes: int | None = Field(None, ge=0, le=2**62)
+    max_job_duration_seconds: float | None = Field(None, ge=5.0, le=365 * 24 * 3600.0)
+    rate_limit_per_minute: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class TenantCreate(TenantLimitsUpdate):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+class TenantLimits(BaseModel):
+    max_running_jobs: int
+    max_queued_jobs: int
+    max_storage_bytes: int
+    max_job_duration_seconds: float
+    rate_limit_per_minute: int
+
+
+class TenantUsage(BaseModel):
+    running_jobs: int
+    queued_jobs: int
+    storage_bytes: int
+
+
+class TenantPublic(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    limits: TenantLimits  # in force: the tenant's own values, else the service's
+    usage: TenantUsage
+
+
+class TenantsPublic(BaseModel):
+    data: list[TenantPublic]
+    count: int
+
+
+Scope = Literal["read", "write", "admin"]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=100, description="tenant id or name")
+    scopes: list[Scope] = Field(default=["read", "write"], min_length=1)
+    name: str = Field("", max_length=200)
+
+
+class KeyPublic(BaseModel):
+    id: str
+    tenant_id: str
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the bearer token; shown this once, stored only hashed")
+
+
+class KeysPublic(BaseModel):
+    data: list[KeyPublic]
+    count: int
+
+
+class AuditEventPublic(BaseModel):
+    id: int
+    at: datetime
+    tenant_id: str | None
+    key_id: str | None
+    action: str
+    object_type: str
+    object_id: str | None
+    client: str | None
+    detail: dict[str, Any]
+
+
+class AuditEventsPublic(BaseModel):
+    data: list[AuditEventPublic]
+    count: int
+
+
+class MePublic(BaseModel):
+    tenant_id: str
+    tenant_name: str
+    key_id: str | None
+    scopes: list[str]
+    auth_enabled: bool
+    limits: TenantLimits
+    usage: TenantUsage

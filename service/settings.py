@@ -77,6 +77,25 @@ class Settings(BaseSettings):
     # limit: a redelivery is harmless (the job row lets only one copy train) but wasteful.
     broker_visibility_timeout_seconds: int = Field(default=24 * 3600, gt=0)
 
+    # Tenants and API keys. Off only when asked for: every request then acts as the
+    # "default" tenant with every scope (a single-user install behind its own gate).
+    auth_enabled: bool = True
+    # Limits per tenant; a tenant's own values (`finetune tenants set`) override these.
+    tenant_max_running_jobs: int = Field(default=2, ge=1)
+    tenant_max_queued_jobs: int = Field(default=20, ge=1)
+    tenant_max_storage_bytes: int = Field(default=100 * 1024**3, ge=0)
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    # A job whose tenant is at its running-jobs limit waits this long before trying again.
+    tenant_slot_retry_seconds: float = Field(default=15.0, gt=0)
+    # Request bodies other than dataset uploads (JSON) are refused past this.
+    max_json_body_bytes: int = Field(default=1024**2, gt=0)
+    # Model downloads from S3 are short-lived presigned GET URLs; PUBLIC_ENDPOINT is the
+    # address clients reach S3 at when it differs from the workers' (e.g. in compose).
+    download_url_ttl_seconds: int = Field(default=300, ge=10, le=7 * 24 * 3600)
+    s3_public_endpoint_url: str | None = None
+    # Browser origins allowed to call the API (CORS); empty: no CORS headers at all.
+    cors_allow_origins: list[str] = Field(default_factory=list)
+
     log_level: str = "INFO"
 
     @field_validator("log_level")

@@ -56,6 +56,13 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
 
+    def presigned_get(
+        self, key: str, ttl_seconds: int, disposition: str, media_type: str
+    ) -> str | None:
+        """A short-lived URL the client downloads `key` from directly; None when the store
+        has no such thing (the local store: the API streams the file instead)."""
+        return None
+
     @abstractmethod
     def check(self) -> None:
         """Raise StorageError when the store cannot be reached or written."""
@@ -160,7 +167,24 @@ class S3ObjectStore(ObjectStore):
             region_name=settings.s3_region,
             aws_access_key_id=settings.s3_access_key_id,
             aws_secret_access_key=settings.s3_secret_access_key,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5),
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=5,
+                signature_version="s3v4",  # presigned URLs carry X-Amz-Expires
+            ),
+        )
+        # Presigned URLs name the host clients reach S3 at, which may differ from ours.
+        self.public_client = (
+            boto3.client(
+                "s3",
+                endpoint_url=settings.s3_public_endpoint_url,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=settings.s3_secret_access_key,
+                config=Config(signature_version="s3v4"),
+            )
+            if settings.s3_public_endpoint_url
+            else self.client
         )
         self._bucket_ready = False
 
@@ -255,6 +279,20 @@ class S3ObjectStore(ObjectStore):
             if keys:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
 
+    def presigned_get(self, key: str, ttl_seconds: int, disposition: str, media_type: str) -> str:
+        return str(
+            self.public_client.generate_presigned_url(
+                "get_object",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": _check_key(key),
+                    "ResponseContentDisposition": disposition,
+                    "ResponseContentType": media_type,
+                },
+                ExpiresIn=ttl_seconds,
+            )
+        )
+
     def check(self) -> None:
         self._bucket_ready = False
         self.ensure_bucket()
@@ -277,6 +315,7 @@ def get_store(settings: Settings | None = None) -> ObjectStore:
         settings.s3_endpoint_url,
         settings.s3_bucket,
         settings.s3_access_key_id,
+        settings.s3_public_endpoint_url,
     )
     if key not in _stores:
         _stores[key] = build_store(settings)

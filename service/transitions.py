@@ -10,13 +10,16 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
-from service.models import Job, JobMetric, JobStatus
+from service.models import Job, JobMetric, JobStatus, Tenant
+from service.settings import Settings
+from service.tenancy import count_jobs, tenant_limits
 
 CLAIMABLE = (JobStatus.QUEUED.value, JobStatus.INTERRUPTED.value)
+WAITING_FOR_SLOT = "waiting_for_slot"  # phase of a job whose tenant is at its running limit
 
 
 def _guarded(session: Session, job_id: str, allowed: tuple[str, ...], **values: Any) -> bool:
@@ -44,6 +47,30 @@ def claim(session: Session, job_id: str, worker_id: str) -> bool:
         attempts=Job.attempts + 1,
         phase="starting",
     )
+
+
+def claim_within_limit(
+    session: Session, job_id: str, worker_id: str, settings: Settings
+) -> tuple[str, int]:
+    """Claim the job unless its tenant already runs its `max_running_jobs`. Returns
+    ("claimed" | "taken" | "deferred", the limit). Claims of one tenant are serialized by
+    locking its row (PostgreSQL; SQLite serializes writers anyway), so two workers cannot
+    both take the last slot."""
+    row = session.execute(select(Job.tenant_id, Job.status).where(Job.id == job_id)).first()
+    if row is None or row.status not in CLAIMABLE:
+        return "taken", 0
+    limit = tenant_limits(session, row.tenant_id, settings).max_running_jobs
+    session.execute(select(Tenant.id).where(Tenant.id == row.tenant_id).with_for_update())
+    if count_jobs(session, row.tenant_id, (JobStatus.RUNNING.value,)) >= limit:
+        session.rollback()
+        return "deferred", limit
+    return ("claimed" if claim(session, job_id, worker_id) else "taken"), limit
+
+
+def defer(session: Session, job_id: str) -> bool:
+    """Still waiting for a slot of its tenant: the phase says so; the heartbeat time stamps
+    the deferral, so the reaper can resend the job if its delayed message is lost."""
+    return _guarded(session, job_id, CLAIMABLE, phase=WAITING_FOR_SLOT, heartbeat_at=utcnow())
 
 
 def _owned(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
@@ -128,17 +155,19 @@ def reap_stale(
     ).all()
     requeue: list[str] = []
     failed: list[str] = []
-    # Interrupted jobs nobody claimed within a stale period (their requeue message was lost
-    # with a worker that had prefetched it, or with a broker restart): send them again.
-    orphaned = session.scalars(
-        select(Job.id).where(Job.status == JobStatus.INTERRUPTED.value, Job.heartbeat_at < cutoff)
-    ).all()
+    # Interrupted or slot-waiting jobs nobody claimed within a stale period (their delayed
+    # message was lost with a worker that held it, or with a broker restart): resend them.
+    waiting = or_(
+        Job.status == JobStatus.INTERRUPTED.value,
+        and_(Job.status == JobStatus.QUEUED.value, Job.phase == WAITING_FOR_SLOT),
+    )
+    orphaned = session.scalars(select(Job.id).where(waiting, Job.heartbeat_at < cutoff)).all()
     for job_id in orphaned:
         result = session.execute(
             update(Job)
             .where(
                 Job.id == job_id,
-                Job.status == JobStatus.INTERRUPTED.value,
+                waiting,
                 Job.heartbeat_at < cutoff,
             )
             .values(heartbeat_at=utcnow())  # resent at most once per stale period

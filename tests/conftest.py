@@ -79,6 +79,14 @@ def integration_env(pg_url, s3_endpoint, tmp_path_factory) -> Iterator[dict[str,
         "HF_HUB_CACHE": str(data_dir / "hf"),
         "PROGRESS_INTERVAL_SECONDS": "0.5",
         "HEARTBEAT_SECONDS": "2",
+        # The API-behaviour tests run as the default tenant with auth explicitly off;
+        # tests/integration/test_tenancy.py runs everything with keys.
+        "AUTH_ENABLED": "false",
+        # Jobs other tests leave running or queued on purpose must not trip the default
+        # tenant's limits; test_tenancy.py trips each limit on tenants of its own.
+        "TENANT_MAX_RUNNING_JOBS": "1000",
+        "TENANT_MAX_QUEUED_JOBS": "100000",
+        "RATE_LIMIT_PER_MINUTE": "1000000",
     }
     mp = pytest.MonkeyPatch()
     for k, v in env.items():

@@ -84,3 +84,14 @@ def s3_client(env: dict[str, str]) -> Any:
         aws_secret_access_key=env["S3_SECRET_ACCESS_KEY"],
         region_name=env["S3_REGION"],
     )
+
+
+def get_model(client: Any, job_id: str, fmt: str = "zip") -> Any:
+    """GET /v1/jobs/{id}/model through the API client, following the 307 to the presigned
+    S3 URL (which a TestClient cannot reach) with plain httpx, without the API key."""
+    import httpx
+
+    resp = client.get(f"/v1/jobs/{job_id}/model", params={"format": fmt}, follow_redirects=False)
+    if resp.status_code == 307:
+        return httpx.get(resp.headers["location"], timeout=60)
+    return resp

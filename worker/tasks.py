@@ -30,6 +30,7 @@ from service.settings import Settings, get_settings
 from service.storage import StorageError, StorageNotFound, get_store
 from worker.celery_app import SHUTTING_DOWN, app
 from worker.training.callbacks import Callbacks
+from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.config import TrainConfig
 from worker.training.data import prepare
 from worker.training.export import build_metadata, export_model
@@ -265,7 +266,13 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     settings = settings or get_settings()
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with session_scope(settings) as s:
-        if not transitions.claim(s, job_id, worker_id):
+        claimed, limit = transitions.claim_within_limit(s, job_id, worker_id, settings)
+        if claimed == "deferred":
+            transitions.defer(s, job_id)
+            send_train(job_id, settings, countdown=settings.tenant_slot_retry_seconds)
+            log.info("job %s waits: its tenant runs %d jobs, its limit", job_id, limit)
+            return "deferred"
+        if claimed != "claimed":
             job = s.get(Job, job_id)
             log.info("job %s not claimed (status %s)", job_id, job.status if job else "missing")
             return job.status if job else "missing"
@@ -310,8 +317,20 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         if checkpoint_key and store.exists(checkpoint_key):
             ckpt = workdir / "resume.pt"
             store.get_file(checkpoint_key, ckpt)
-            resume = torch.load(ckpt, map_location="cpu", weights_only=True)
-            log.info("job %s resumes from %s epoch %s", job_id, resume["phase"], resume["epoch"])
+            try:
+                resume = load_checkpoint(ckpt)
+            except CheckpointRefused as exc:  # data only: never executed, never retried
+                log.warning(
+                    "job %s checkpoint %s refused: %s; training from the start",
+                    job_id,
+                    checkpoint_key,
+                    exc,
+                )
+                resume = None
+            else:
+                log.info(
+                    "job %s resumes from %s epoch %s", job_id, resume["phase"], resume["epoch"]
+                )
 
         weights = WeightsSource(
             settings.weights_dir,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.backbones import BACKBONES, BackboneSpec, WeightsLocation, locate_weights
-from service.deps import SettingsDep
+from service.deps import ReadDep, SettingsDep
 from service.schemas import BackbonePublic, BackbonesPublic
 from service.settings import Settings
 
@@ -24,7 +24,7 @@ def usable_backbones(settings: Settings) -> list[str]:
 
 
 @router.get("", response_model=BackbonesPublic)
-def list_backbones(settings: SettingsDep) -> BackbonesPublic:
+def list_backbones(_: ReadDep, settings: SettingsDep) -> BackbonesPublic:
     """Every registered backbone, and whether its ImageNet weights are on this host now."""
     data = []
     for spec in BACKBONES.values():

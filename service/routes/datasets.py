@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from sqlalchemy import func, select
 
 from service.db import utcnow
-from service.deps import SessionDep, SettingsDep, StoreDep
+from service.deps import ReadDep, SessionDep, SettingsDep, StoreDep, WriteDep, client_of
 from service.errors import ErrorCode, ServiceError
 from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive, ingest_s3_prefix
 from service.ingest.thumbnails import samples_png
@@ -22,6 +22,7 @@ from service.models import Dataset, Job, JobStatus, new_id
 from service.schemas import ClassCount, DatasetImport, DatasetPublic, DatasetsPublic, FileIssue
 from service.settings import Settings
 from service.storage import S3ObjectStore, StorageError
+from service.tenancy import Principal, audit, storage_used, tenant_limits
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -76,19 +77,39 @@ def content_hash(report: IngestReport) -> str:
     return digest.hexdigest()
 
 
+def check_storage_quota(
+    session: SessionDep, settings: Settings, principal: Principal, adding: int
+) -> None:
+    """403 STORAGE_LIMIT if `adding` bytes would take the tenant past its storage limit."""
+    limit = tenant_limits(session, principal.tenant_id, settings).max_storage_bytes
+    used = storage_used(session, principal.tenant_id)
+    if used + adding > limit:
+        raise ServiceError(
+            ErrorCode.STORAGE_LIMIT,
+            f"this dataset ({adding} bytes) would take your datasets to {used + adding} bytes, "
+            f"over your tenant's storage limit of {limit} bytes (max_storage_bytes); delete "
+            "datasets you no longer need or ask an admin to raise the limit",
+        )
+
+
 def store_dataset(
     session: SessionDep,
+    settings: Settings,
     store: StoreDep,
+    principal: Principal,
     report: IngestReport,
     images_zip: Path,
     name: str,
     size_bytes: int,
+    client: str | None,
 ) -> Dataset:
     """Write the checked dataset: objects first, then the row; undo the objects on failure."""
+    check_storage_quota(session, settings, principal, size_bytes)
     ds_id = new_id("ds")
     prefix = f"datasets/{ds_id}"
     ds = Dataset(
         id=ds_id,
+        tenant_id=principal.tenant_id,
         name=name,
         archive_key=f"{prefix}/images.zip",
         index_key=f"{prefix}/index.json",
@@ -114,6 +135,15 @@ def store_dataset(
             f"{prefix}/samples.png", samples_png(images_zip, report.entries, report.classes)
         )
         session.add(ds)
+        audit(
+            session,
+            principal,
+            "dataset.create",
+            "dataset",
+            ds.id,
+            client,
+            {"name": name, "size_bytes": size_bytes, "images": ds.num_images},
+        )
         session.commit()
     except StorageError as exc:
         store.delete_prefix(prefix)
@@ -130,6 +160,8 @@ def store_dataset(
 
 @router.post("", status_code=201, response_model=DatasetPublic)
 def create_dataset(
+    request: Request,
+    principal: WriteDep,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -142,19 +174,35 @@ def create_dataset(
     is stored; files that cannot be used are listed in `rejected` / `skipped`."""
     src = file.file  # spooled to disk by the multipart parser past 1 MiB
     size = src.seek(0, 2)
+    check_storage_quota(session, settings, principal, size)  # before any decoding
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         images_zip = Path(tmp) / "images.zip"
         report = ingest_archive(src, images_zip, limits_from(settings))
         stem = (file.filename or "dataset").split("/")[-1]
         for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
             stem = stem.removesuffix(suffix)
-        ds = store_dataset(session, store, report, images_zip, name or stem, size)
+        ds = store_dataset(
+            session,
+            settings,
+            store,
+            principal,
+            report,
+            images_zip,
+            name or stem,
+            size,
+            client_of(request),
+        )
     return dataset_public(ds)
 
 
 @router.post("/import", status_code=201, response_model=DatasetPublic)
 def import_dataset(
-    body: DatasetImport, session: SessionDep, settings: SettingsDep, store: StoreDep
+    request: Request,
+    principal: WriteDep,
+    body: DatasetImport,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
 ) -> DatasetPublic:
     """Register a dataset that already sits in the object store (`s3://bucket/prefix/` in
     any layout an upload may have), so that large datasets need not pass through the API.
@@ -171,24 +219,36 @@ def import_dataset(
         images_zip = Path(tmp) / "images.zip"
         report = ingest_s3_prefix(store.client, body.source, images_zip, limits_from(settings))
         name = body.name or source.rstrip("/").rsplit("/", 1)[-1]
-        ds = store_dataset(session, store, report, images_zip, name, images_zip.stat().st_size)
+        ds = store_dataset(
+            session,
+            settings,
+            store,
+            principal,
+            report,
+            images_zip,
+            name,
+            images_zip.stat().st_size,
+            client_of(request),
+        )
     return dataset_public(ds)
 
 
-def _get_dataset(session: SessionDep, dataset_id: str) -> Dataset:
+def get_owned_dataset(session: SessionDep, principal: Principal, dataset_id: str) -> Dataset:
+    """The caller's live dataset; another tenant's is exactly as absent as a missing one."""
     ds = session.get(Dataset, dataset_id)
-    if ds is None or ds.deleted_at is not None:
+    if ds is None or ds.deleted_at is not None or ds.tenant_id != principal.tenant_id:
         raise ServiceError(ErrorCode.DATASET_NOT_FOUND, f"dataset {dataset_id!r} not found")
     return ds
 
 
 @router.get("", response_model=DatasetsPublic)
 def list_datasets(
+    principal: ReadDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DatasetsPublic:
-    live = Dataset.deleted_at.is_(None)
+    live = Dataset.deleted_at.is_(None) & (Dataset.tenant_id == principal.tenant_id)
     rows = session.scalars(
         select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)
     ).all()
@@ -197,8 +257,8 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def read_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
-    return dataset_public(_get_dataset(session, dataset_id))
+def read_dataset(dataset_id: str, principal: ReadDep, session: SessionDep) -> DatasetPublic:
+    return dataset_public(get_owned_dataset(session, principal, dataset_id))
 
 
 @router.get(
@@ -206,18 +266,22 @@ def read_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-def read_dataset_samples(dataset_id: str, session: SessionDep, store: StoreDep) -> Response:
+def read_dataset_samples(
+    dataset_id: str, principal: ReadDep, session: SessionDep, store: StoreDep
+) -> Response:
     """Sample thumbnails, one row per class, with its image count."""
-    ds = _get_dataset(session, dataset_id)
+    ds = get_owned_dataset(session, principal, dataset_id)
     key = ds.archive_key.rsplit("/", 1)[0] + "/samples.png"
     return Response(store.get_bytes(key), media_type="image/png")
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)
-def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep) -> Response:
+def delete_dataset(
+    request: Request, dataset_id: str, principal: WriteDep, session: SessionDep, store: StoreDep
+) -> Response:
     """Remove a dataset's files. Refused (409) while a queued or running job uses it;
     finished jobs keep their record, their models and the dataset's content hash."""
-    ds = _get_dataset(session, dataset_id)
+    ds = get_owned_dataset(session, principal, dataset_id)
     active = session.scalars(
         select(Job.id).where(
             Job.dataset_id == ds.id,
@@ -233,6 +297,7 @@ def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep) -> Res
             f"({', '.join(active[:5])}); cancel them or wait for them to finish",
         )
     ds.deleted_at = utcnow()
+    audit(session, principal, "dataset.delete", "dataset", ds.id, client_of(request))
     session.commit()
     store.delete_prefix(ds.archive_key.rsplit("/", 1)[0])
     return Response(status_code=204)
@@ -248,6 +313,7 @@ _preview_slots = threading.BoundedSemaphore(2)  # at most two preview renderers 
 )
 def preview_augmentations(
     dataset_id: str,
+    principal: ReadDep,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -259,7 +325,7 @@ def preview_augmentations(
 ) -> Response:
     """A PNG grid: rows are sample images (one class after another), columns are four
     augmented draws, through the same transforms a job with this augmentation uses."""
-    _get_dataset(session, dataset_id)
+    get_owned_dataset(session, principal, dataset_id)
     augmentation = {"preset": preset, "hflip": hflip}
     params = json.dumps([augmentation, image_size, seed, samples], sort_keys=True)
     key = f"datasets/{dataset_id}/previews/{hashlib.sha256(params.encode()).hexdigest()[:24]}.png"

@@ -3,17 +3,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from sqlalchemy import func, select
 
 from service import queue, transitions
 from service.backbones import BACKBONES
 from service.db import as_utc, utcnow
-from service.deps import SessionDep, SettingsDep, StoreDep
+from service.deps import ReadDep, SessionDep, SettingsDep, StoreDep, WriteDep, client_of
 from service.errors import ErrorCode, ServiceError
-from service.models import Dataset, Job, JobMetric, JobStatus, new_id
+from service.models import Job, JobMetric, JobStatus, new_id
 from service.routes.backbones import usable_backbones, weights_on_host
+from service.routes.datasets import get_owned_dataset
 from service.schemas import (
     JobCancel,
     JobCreate,
@@ -25,6 +26,7 @@ from service.schemas import (
     MetricsPublic,
     Progress,
 )
+from service.tenancy import ACTIVE, Principal, audit, count_jobs, tenant_limits
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -90,21 +92,36 @@ def _model_ready(job: Job) -> bool:
     return ended and bool(job.result and job.result.get("bundle_key"))
 
 
-def _get_job(session: SessionDep, job_id: str) -> Job:
+def _get_job(session: SessionDep, principal: Principal, job_id: str) -> Job:
+    """The caller's job; another tenant's answers exactly like a missing one."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != principal.tenant_id:
         raise ServiceError(ErrorCode.JOB_NOT_FOUND, f"job {job_id!r} not found")
     return job
 
 
 @router.post("", status_code=201, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobPublic:
+def create_job(
+    request: Request,
+    body: JobCreate,
+    principal: WriteDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> JobPublic:
     """Queue a fine-tuning job. The row is committed first, then the task is sent by name."""
-    ds = session.get(Dataset, body.dataset_id)
-    if ds is None or ds.deleted_at is not None:
+    try:
+        ds = get_owned_dataset(session, principal, body.dataset_id)
+    except ServiceError as exc:
+        exc.detail += "; upload one with POST /v1/datasets"
+        raise
+    limits = tenant_limits(session, principal.tenant_id, settings)
+    waiting = count_jobs(session, principal.tenant_id, ACTIVE)
+    if waiting >= limits.max_queued_jobs:
         raise ServiceError(
-            ErrorCode.DATASET_NOT_FOUND,
-            f"dataset {body.dataset_id!r} not found; upload one with POST /v1/datasets",
+            ErrorCode.QUEUED_JOBS_LIMIT,
+            f"your tenant has {waiting} jobs waiting to run, its limit (max_queued_jobs) is "
+            f"{limits.max_queued_jobs}; submit again when some have started, or cancel some",
+            headers={"Retry-After": "30"},
         )
     spec = BACKBONES[body.backbone]
     if not settings.allow_weight_downloads and weights_on_host(spec, settings) is None:
@@ -120,24 +137,35 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> J
             ErrorCode.VALIDATION_ERROR,
             "every class needs at least 2 images to hold one out for validation",
         )
-    limit = settings.job_max_duration_seconds
+    limit = limits.max_job_duration_seconds
     if body.max_duration_seconds is not None and body.max_duration_seconds > limit:
         raise ServiceError(
-            ErrorCode.VALIDATION_ERROR,
-            f"max_duration_seconds {body.max_duration_seconds:g} is over this service's "
-            f"limit of {limit:g}s (JOB_MAX_DURATION_SECONDS); ask for {limit:g} or less",
+            ErrorCode.JOB_DURATION_LIMIT,
+            f"max_duration_seconds {body.max_duration_seconds:g} is over your tenant's limit "
+            f"of {limit:g}s (max_job_duration_seconds, at most the service's "
+            f"JOB_MAX_DURATION_SECONDS); ask for {limit:g} or less",
         )
     config = body.model_dump(mode="json")
     config["dataset_sha256"] = ds.sha256
     config["max_duration_seconds"] = body.max_duration_seconds or limit
     job = Job(
         id=new_id("job"),
+        tenant_id=principal.tenant_id,
         dataset_id=ds.id,
         status=JobStatus.QUEUED.value,
         config=config,
         total_epochs=body.epochs,
     )
     session.add(job)
+    audit(
+        session,
+        principal,
+        "job.create",
+        "job",
+        job.id,
+        client_of(request),
+        {"dataset_id": ds.id, "backbone": body.backbone},
+    )
     session.commit()
     try:
         queue.send_train(job.id, settings)
@@ -159,14 +187,16 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> J
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
+    principal: ReadDep,
     session: SessionDep,
     status: Annotated[JobStatus | None, Query()] = None,
     dataset_id: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobsPublic:
-    query = select(Job)
-    count_query = select(func.count()).select_from(Job)
+    mine = Job.tenant_id == principal.tenant_id
+    query = select(Job).where(mine)
+    count_query = select(func.count()).select_from(Job).where(mine)
     if status is not None:
         query = query.where(Job.status == status.value)
         count_query = count_query.where(Job.status == status.value)
@@ -180,13 +210,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: str, session: SessionDep) -> JobPublic:
-    return job_public(_get_job(session, job_id))
+def read_job(job_id: str, principal: ReadDep, session: SessionDep) -> JobPublic:
+    return job_public(_get_job(session, principal, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
-def read_job_metrics(job_id: str, session: SessionDep) -> MetricsPublic:
-    _get_job(session, job_id)
+def read_job_metrics(job_id: str, principal: ReadDep, session: SessionDep) -> MetricsPublic:
+    _get_job(session, principal, job_id)
     rows = session.scalars(
         select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
     ).all()
@@ -197,16 +227,24 @@ def read_job_metrics(job_id: str, session: SessionDep) -> MetricsPublic:
 @router.get(
     "/{job_id}/model",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+    responses={
+        200: {"content": {"application/zip": {}, "application/octet-stream": {}}},
+        307: {"description": "S3 storage: a short-lived presigned GET URL in `Location`"},
+    },
 )
 def download_model(
+    request: Request,
     job_id: str,
+    principal: ReadDep,
     session: SessionDep,
+    settings: SettingsDep,
     store: StoreDep,
     format: Literal["zip", "safetensors", "torchscript", "metadata"] = "zip",  # noqa: A002
-) -> StreamingResponse:
-    """The trained model. `zip` bundles safetensors weights, metadata.json and TorchScript."""
-    job = _get_job(session, job_id)
+) -> Response:
+    """The trained model. `zip` bundles safetensors weights, metadata.json and TorchScript.
+    With S3 storage the answer is a 307 to a presigned URL valid DOWNLOAD_URL_TTL_SECONDS,
+    issued only after the ownership check; with local storage the API streams the file."""
+    job = _get_job(session, principal, job_id)
     if not _model_ready(job) or job.result is None:
         raise ServiceError(
             ErrorCode.MODEL_NOT_AVAILABLE,
@@ -215,22 +253,36 @@ def download_model(
         )
     result_key, media_type, filename = MODEL_FORMATS[format]
     key = job.result[result_key]
+    disposition = f'attachment; filename="{job_id}-{filename}"'
+    url = store.presigned_get(key, settings.download_url_ttl_seconds, disposition, media_type)
+    audit(
+        session,
+        principal,
+        "model.download",
+        "job",
+        job_id,
+        client_of(request),
+        {"format": format, "via": "presigned_url" if url else "stream"},
+    )
+    session.commit()
+    if url is not None:
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     return StreamingResponse(
         store.iter_chunks(key),
         media_type=media_type,
         headers={
-            "Content-Disposition": f'attachment; filename="{job_id}-{filename}"',
+            "Content-Disposition": disposition,
             "Content-Length": str(store.size(key)),
         },
     )
 
 
 @router.get("/{job_id}/report", response_model=JobReport)
-def read_job_report(job_id: str, session: SessionDep) -> JobReport:
+def read_job_report(job_id: str, principal: ReadDep, session: SessionDep) -> JobReport:
     """Full evaluation of the delivered model: top-1/top-5, per-class precision, recall and
     F1, macro-F1, confusion matrix and expected calibration error, on the validation split
     (and the test split when the dataset has one)."""
-    job = _get_job(session, job_id)
+    job = _get_job(session, principal, job_id)
     result = job.result or {}
     if job.status != JobStatus.SUCCEEDED.value or "report" not in result:
         raise ServiceError(
@@ -259,10 +311,10 @@ PLOTS = ("curves", "confusion_matrix")
     responses={200: {"content": {"image/png": {}}}},
 )
 def read_job_plot(
-    job_id: str, name: str, session: SessionDep, store: StoreDep
+    job_id: str, name: str, principal: ReadDep, session: SessionDep, store: StoreDep
 ) -> StreamingResponse:
     """`curves` (loss and accuracy per epoch, updated live) or `confusion_matrix` (at the end)."""
-    _get_job(session, job_id)
+    _get_job(session, principal, job_id)
     if name not in PLOTS:
         raise ServiceError(
             ErrorCode.NOT_FOUND, f"no plot named {name!r}; available: {', '.join(PLOTS)}"
@@ -278,14 +330,22 @@ def read_job_plot(
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep, body: JobCancel | None = None) -> JobPublic:
+def cancel_job(
+    request: Request,
+    job_id: str,
+    principal: WriteDep,
+    session: SessionDep,
+    body: JobCancel | None = None,
+) -> JobPublic:
     """A queued job is canceled at once and never starts. A running job stops at its next
     step and releases its worker; `stop-and-keep` makes the best epoch so far its model,
     `discard` (default) keeps nothing. A finished job cannot be canceled (409)."""
-    _get_job(session, job_id)
+    _get_job(session, principal, job_id)
     mode = (body or JobCancel()).mode
     if transitions.request_cancel(session, job_id, mode) is None:
-        job = _get_job(session, job_id)
+        job = _get_job(session, principal, job_id)
         raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id} has already ended ({job.status})")
+    audit(session, principal, "job.cancel", "job", job_id, client_of(request), {"mode": mode})
+    session.commit()
     session.expire_all()
-    return job_public(_get_job(session, job_id))
+    return job_public(_get_job(session, principal, job_id))

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import REPO, wait_for
-from tests.helpers import digits_samples, digits_zip, s3_client
+from tests.helpers import digits_samples, digits_zip, get_model, s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +146,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_checkpoint_on_another_worker(
     report = client.get(f"/v1/jobs/{job_id}/report").json()
     assert report["training"]["resumed_from"]["phase"] == "fine_tune"
     assert report["training"]["resumed_from"]["epoch"] >= 1
-    assert client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+    assert get_model(client, job_id).status_code == 200
     keys = [
         o["Key"]
         for o in s3_client(fault_env)
@@ -205,7 +205,7 @@ def test_cancel_running_job_stops_it_and_frees_the_worker(client, workers, small
     assert resp.status_code == 202 and resp.json()["cancel_requested"]
     final = wait_job(client, job_id, lambda j: j["status"] == "canceled", 60, "canceled")
     assert final["progress"]["epoch"] < 50
-    model = client.get(f"/v1/jobs/{job_id}/model")
+    model = get_model(client, job_id)
     if mode == "stop-and-keep":
         assert final["model_available"] and model.status_code == 200
     else:
@@ -299,7 +299,7 @@ def test_an_unreachable_object_store_is_retried_not_failed(
     workers.start()
     final = wait_job(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 240, "done")
     assert final["status"] == "succeeded", final["error"]
-    assert final["attempts"] == 2 and client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+    assert final["attempts"] == 2 and get_model(client, job_id).status_code == 200
 
 
 class RedisServer:
@@ -439,7 +439,7 @@ def test_a_store_outage_during_a_checkpoint_write_is_retried(
         keys = _model_keys(fault_env, job_id)
         assert f"jobs/{job_id}/checkpoint.pt" not in keys
         assert sum(k.endswith("model.safetensors") for k in keys) == 1
-        assert client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+        assert get_model(client, job_id).status_code == 200
     finally:
         proxy.close()
 
@@ -455,7 +455,7 @@ def test_a_job_stops_at_its_soft_time_limit_and_keeps_its_best_model(client, wor
     assert "time limit of 25s" in final["error"]["message"]
     assert final["progress"]["epoch"] < 200
     assert final["model_available"], final
-    model = client.get(f"/v1/jobs/{job_id}/model?format=metadata")
+    model = get_model(client, job_id, "metadata")
     assert model.status_code == 200
     assert model.json()["metrics"]["epoch"] == final["best_metrics"]["epoch"]
 

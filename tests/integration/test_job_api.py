@@ -55,7 +55,6 @@ def test_create_job_returns_queued_with_defaults_and_sends_the_task(
         ({"label_smoothing": 0.9}, "label_smoothing"),
         ({"time_budget_seconds": 1}, "time_budget_seconds"),
         ({"max_duration_seconds": 1}, "max_duration_seconds"),
-        ({"max_duration_seconds": 10**9}, "JOB_MAX_DURATION_SECONDS"),  # over the service's
         ({"augmentation": {"preset": "extreme"}}, "preset"),
         ({"augmentation": {"ops": [{"name": "warp"}]}}, "warp"),
         ({"augmentation": {"ops": [{"name": "rotation", "degrees": 500}]}}, "degrees"),

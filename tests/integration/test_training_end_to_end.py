@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trained(server_url, worker_process, tmp_path_factory):
     train, held_out = digits_samples()
-    client = httpx.Client(base_url=server_url, timeout=60)
+    # Model downloads from S3 are a 307 to a presigned URL on the S3 endpoint.
+    client = httpx.Client(base_url=server_url, timeout=60, follow_redirects=True)
     ds = client.post(
         "/v1/datasets", files={"file": ("digits.zip", digits_zip(train), "application/zip")}
     )

@@ -17,6 +17,7 @@ import torch
 
 from service.backbones import BackboneSpec, WeightsLocation, locate_weights
 from service.settings import Settings
+from worker.training.checkpoint import load_error_reason
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,21 @@ class WeightsUnavailable(RuntimeError):
 
 
 def load_state_file(path: Path) -> StateDict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read a state dict as data only; a file that is not one (a pickle that would need
+    arbitrary unpickling, a corrupt or truncated file) raises `WeightsUnavailable`."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, SafetensorError, EOFError, ...
+        raise WeightsUnavailable(
+            f"{path} is not a valid weights-only state dict and was refused "
+            f"({load_error_reason(exc)})"
+        ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -1,0 +1,149 @@
+"""Authentication and rate limiting, in front of every `/v1/` route.
+
+A pure ASGI middleware, so a request without a valid key is refused before its body is
+read (an anonymous upload is never spooled to disk). The principal it resolves is put in
+the request state; the routes' dependencies (service/deps.py) check scopes and ownership.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.db import session_scope
+from service.errors import ErrorCode
+from service.settings import Settings
+from service.tenancy import (
+    ANONYMOUS_ADMIN,
+    AuthFailure,
+    Principal,
+    resolve_token,
+    storage_used,
+    tenant_limits,
+)
+
+
+async def send_error(
+    send: Send, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    body = json.dumps({"error_code": code.value, "detail": detail}).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+MULTIPART_SLACK = 64 * 1024
+
+
+class RateLimiter:
+    """A token bucket per tenant: `per_minute` requests a minute, bursts up to that many.
+    Per API process (with N API replicas a tenant gets N times the rate)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: str, per_minute: int) -> float:
+        """0 if the request may go on, else the seconds until it could."""
+        now = time.monotonic()
+        rate = per_minute / 60.0
+        with self._lock:
+            tokens, at = self._buckets.get(key, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - at) * rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+class Authenticate:
+    OPEN_PATHS = ("/healthz", "/readyz")
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.limiter = RateLimiter()
+
+    def _resolve(
+        self, authorization: str | None, upload_bytes: int | None
+    ) -> tuple[Principal, int, str | None]:
+        """(principal, its rate limit, why an announced upload cannot fit its storage)."""
+        with session_scope(self.settings) as session:
+            principal = (
+                resolve_token(session, authorization)[0]
+                if self.settings.auth_enabled
+                else ANONYMOUS_ADMIN
+            )
+            limits = tenant_limits(session, principal.tenant_id, self.settings)
+            over = None
+            if upload_bytes is not None:
+                used = storage_used(session, principal.tenant_id)
+                # Content-Length includes the multipart framing: allow for it here; the
+                # route checks the exact file size once it is read.
+                if used + upload_bytes - MULTIPART_SLACK > limits.max_storage_bytes:
+                    over = (
+                        f"this upload ({upload_bytes} bytes) would take your datasets to "
+                        f"{used + upload_bytes} bytes, over your tenant's storage limit of "
+                        f"{limits.max_storage_bytes} bytes (max_storage_bytes); delete datasets "
+                        "you no longer need or ask an admin to raise the limit"
+                    )
+            return principal, limits.rate_limit_per_minute, over
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or not path.startswith("/v1/")
+            or scope.get("method") == "OPTIONS"  # CORS preflight carries no credentials
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        raw = headers.get(b"authorization")
+        authorization = raw.decode("latin-1") if raw is not None else None
+        # An upload that cannot fit the tenant's storage is refused before it is read.
+        length = headers.get(b"content-length", b"")
+        upload_bytes = (
+            int(length)
+            if scope.get("method") == "POST" and path == "/v1/datasets" and length.isdigit()
+            else None
+        )
+        try:
+            principal, per_minute, over = await anyio.to_thread.run_sync(
+                self._resolve, authorization, upload_bytes
+            )
+        except AuthFailure as exc:
+            await send_error(
+                send,
+                401,
+                ErrorCode.UNAUTHENTICATED,
+                exc.reason,
+                {"WWW-Authenticate": 'Bearer realm="finetune"'},
+            )
+            return
+        wait = self.limiter.take(principal.tenant_id, per_minute)
+        if wait > 0:
+            await send_error(
+                send,
+                429,
+                ErrorCode.RATE_LIMITED,
+                f"too many requests: this tenant may make {per_minute} a minute; retry in "
+                f"{wait:.1f}s",
+                {"Retry-After": str(max(1, int(wait + 0.999)))},
+            )
+            return
+        if over is not None:
+            await send_error(send, 403, ErrorCode.STORAGE_LIMIT, over)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["principal"] = principal
+        await self.app(scope, receive, send)

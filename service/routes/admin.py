@@ -1,0 +1,242 @@
+"""Tenants, API keys and the audit log (`admin` scope), and `GET /v1/me` for any key."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import func, select
+
+from service.db import as_utc
+from service.deps import AdminDep, ReadDep, SessionDep, SettingsDep, client_of
+from service.errors import ErrorCode, ServiceError
+from service.models import ApiKey, AuditEvent, Tenant
+from service.schemas import (
+    AuditEventPublic,
+    AuditEventsPublic,
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    KeysPublic,
+    MePublic,
+    TenantCreate,
+    TenantLimits,
+    TenantLimitsUpdate,
+    TenantPublic,
+    TenantsPublic,
+    TenantUsage,
+)
+from service.settings import Settings
+from service.tenancy import (
+    TenancyError,
+    audit,
+    create_key,
+    create_tenant,
+    get_tenant,
+    limits_for,
+    revoke_key,
+    set_limits,
+    usage,
+)
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+me_router = APIRouter(prefix="/v1", tags=["admin"])
+
+
+def tenant_public(session: SessionDep, tenant: Tenant, settings: Settings) -> TenantPublic:
+    return TenantPublic(
+        id=tenant.id,
+        name=tenant.name,
+        created_at=as_utc(tenant.created_at),  # type: ignore[arg-type]
+        limits=TenantLimits(**asdict(limits_for(tenant, settings))),
+        usage=TenantUsage(**usage(session, tenant.id)),
+    )
+
+
+def key_public(key: ApiKey) -> KeyPublic:
+    return KeyPublic(
+        id=key.id,
+        tenant_id=key.tenant_id,
+        name=key.name,
+        scopes=list(key.scopes),
+        created_at=as_utc(key.created_at),  # type: ignore[arg-type]
+        revoked_at=as_utc(key.revoked_at),
+        last_used_at=as_utc(key.last_used_at),
+    )
+
+
+def _tenant(session: SessionDep, ref: str) -> Tenant:
+    tenant = get_tenant(session, ref)
+    if tenant is None:
+        raise ServiceError(ErrorCode.TENANT_NOT_FOUND, f"tenant {ref!r} not found")
+    return tenant
+
+
+@me_router.get("/me", response_model=MePublic)
+def read_me(principal: ReadDep, session: SessionDep, settings: SettingsDep) -> MePublic:
+    """Who this key is: its tenant, scopes, the limits in force and what is used of them."""
+    tenant = _tenant(session, principal.tenant_id)
+    return MePublic(
+        tenant_id=tenant.id,
+        tenant_name=tenant.name,
+        key_id=principal.key_id,
+        scopes=sorted(principal.scopes),
+        auth_enabled=settings.auth_enabled,
+        limits=TenantLimits(**asdict(limits_for(tenant, settings))),
+        usage=TenantUsage(**usage(session, tenant.id)),
+    )
+
+
+@router.post("/tenants", status_code=201, response_model=TenantPublic)
+def create_tenant_route(
+    request: Request,
+    body: TenantCreate,
+    principal: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> TenantPublic:
+    limits = body.model_dump(exclude={"name"}, exclude_none=True)
+    try:
+        tenant = create_tenant(session, body.name, **limits)
+    except TenancyError as exc:
+        raise ServiceError(ErrorCode.TENANT_EXISTS, str(exc)) from exc
+    audit(
+        session,
+        principal,
+        "tenant.create",
+        "tenant",
+        tenant.id,
+        client_of(request),
+        limits,
+        tenant_id=tenant.id,
+    )
+    session.commit()
+    return tenant_public(session, tenant, settings)
+
+
+@router.get("/tenants", response_model=TenantsPublic)
+def list_tenants(
+    principal: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TenantsPublic:
+    rows = session.scalars(select(Tenant).order_by(Tenant.name).limit(limit).offset(offset)).all()
+    count = session.scalar(select(func.count()).select_from(Tenant)) or 0
+    return TenantsPublic(data=[tenant_public(session, t, settings) for t in rows], count=count)
+
+
+@router.patch("/tenants/{tenant}", response_model=TenantPublic)
+def update_tenant_limits(
+    request: Request,
+    tenant: str,
+    body: TenantLimitsUpdate,
+    principal: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> TenantPublic:
+    """Set a tenant's limits; a field sent as null goes back to the service's default."""
+    row = _tenant(session, tenant)
+    changes = body.model_dump(exclude_unset=True)
+    set_limits(row, **changes)
+    audit(
+        session,
+        principal,
+        "tenant.update",
+        "tenant",
+        row.id,
+        client_of(request),
+        changes,
+        tenant_id=row.id,
+    )
+    session.commit()
+    return tenant_public(session, row, settings)
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated)
+def create_key_route(
+    request: Request, body: KeyCreate, principal: AdminDep, session: SessionDep
+) -> KeyCreated:
+    """A new API key for a tenant. The token is in this response only."""
+    tenant = _tenant(session, body.tenant)
+    key, token = create_key(session, tenant, list(body.scopes), body.name)
+    audit(
+        session,
+        principal,
+        "key.create",
+        "key",
+        key.id,
+        client_of(request),
+        {"scopes": key.scopes, "for_tenant": tenant.id},
+        tenant_id=tenant.id,
+    )
+    session.commit()
+    return KeyCreated(**key_public(key).model_dump(), key=token)
+
+
+@router.get("/keys", response_model=KeysPublic)
+def list_keys(
+    principal: AdminDep,
+    session: SessionDep,
+    tenant: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> KeysPublic:
+    query = select(ApiKey)
+    count_query = select(func.count()).select_from(ApiKey)
+    if tenant is not None:
+        tenant_id = _tenant(session, tenant).id
+        query = query.where(ApiKey.tenant_id == tenant_id)
+        count_query = count_query.where(ApiKey.tenant_id == tenant_id)
+    rows = session.scalars(
+        query.order_by(ApiKey.created_at.desc(), ApiKey.id).limit(limit).offset(offset)
+    ).all()
+    return KeysPublic(data=[key_public(k) for k in rows], count=session.scalar(count_query) or 0)
+
+
+@router.delete("/keys/{key_id}", status_code=204, response_class=Response)
+def revoke_key_route(
+    request: Request, key_id: str, principal: AdminDep, session: SessionDep
+) -> Response:
+    """Revoke a key: from now on it gets 401. Revoking twice is harmless."""
+    key = revoke_key(session, key_id)
+    if key is None:
+        raise ServiceError(ErrorCode.KEY_NOT_FOUND, f"API key {key_id!r} not found")
+    audit(
+        session,
+        principal,
+        "key.revoke",
+        "key",
+        key.id,
+        client_of(request),
+        tenant_id=key.tenant_id,
+    )
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.get("/audit", response_model=AuditEventsPublic)
+def list_audit_events(
+    principal: AdminDep,
+    session: SessionDep,
+    tenant: Annotated[str | None, Query(max_length=100)] = None,
+    action: Annotated[str | None, Query(max_length=60)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AuditEventsPublic:
+    """Newest first: key and tenant changes, dataset and job creation and deletion, cancels,
+    model downloads; each with the key that did it and the client address."""
+    query = select(AuditEvent)
+    count_query = select(func.count()).select_from(AuditEvent)
+    if tenant is not None:
+        tenant_id = _tenant(session, tenant).id
+        query = query.where(AuditEvent.tenant_id == tenant_id)
+        count_query = count_query.where(AuditEvent.tenant_id == tenant_id)
+    if action is not None:
+        query = query.where(AuditEvent.action == action)
+        count_query = count_query.where(AuditEvent.action == action)
+    rows = session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit).offset(offset)).all()
+    data = [AuditEventPublic.model_validate(r, from_attributes=True) for r in rows]
+    return AuditEventsPublic(data=data, count=session.scalar(count_query) or 0)

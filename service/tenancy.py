@@ -1,0 +1,251 @@
+"""Tenants, API keys, per-tenant limits and the audit log: shared by the HTTP routes, the
+auth middleware, the worker (running-jobs limit) and `finetune keys|tenants`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db import utcnow
+from service.models import DEFAULT_TENANT, ApiKey, AuditEvent, Dataset, Job, JobStatus, Tenant
+from service.settings import Settings
+
+SCOPES = ("read", "write", "admin")
+TOKEN_RE = re.compile(r"^ft_([0-9a-f]{16})_([A-Za-z0-9_-]{20,64})$")
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.INTERRUPTED.value)
+
+
+class TenancyError(ValueError):
+    """A bad request to the tenancy layer (unknown tenant, bad scope, duplicate name)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: their tenant, key and scopes."""
+
+    tenant_id: str
+    key_id: str | None
+    scopes: frozenset[str]
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+ANONYMOUS_ADMIN = Principal(DEFAULT_TENANT, None, frozenset(SCOPES))  # AUTH_ENABLED=false
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running_jobs: int
+    max_queued_jobs: int
+    max_storage_bytes: int
+    max_job_duration_seconds: float
+    rate_limit_per_minute: int
+
+
+def limits_for(tenant: Tenant | None, settings: Settings) -> Limits:
+    def pick(own: Any, default: Any) -> Any:
+        return default if own is None else own
+
+    t = tenant
+    return Limits(
+        max_running_jobs=pick(t and t.max_running_jobs, settings.tenant_max_running_jobs),
+        max_queued_jobs=pick(t and t.max_queued_jobs, settings.tenant_max_queued_jobs),
+        max_storage_bytes=pick(t and t.max_storage_bytes, settings.tenant_max_storage_bytes),
+        # Never above the service's own ceiling.
+        max_job_duration_seconds=min(
+            pick(t and t.max_job_duration_seconds, settings.job_max_duration_seconds),
+            settings.job_max_duration_seconds,
+        ),
+        rate_limit_per_minute=pick(t and t.rate_limit_per_minute, settings.rate_limit_per_minute),
+    )
+
+
+def tenant_limits(session: Session, tenant_id: str, settings: Settings) -> Limits:
+    return limits_for(session.get(Tenant, tenant_id), settings)
+
+
+def storage_used(session: Session, tenant_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+                Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None)
+            )
+        )
+        or 0
+    )
+
+
+def count_jobs(session: Session, tenant_id: str, statuses: tuple[str, ...]) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.status.in_(statuses))
+        )
+        or 0
+    )
+
+
+def usage(session: Session, tenant_id: str) -> dict[str, int]:
+    return {
+        "running_jobs": count_jobs(session, tenant_id, (JobStatus.RUNNING.value,)),
+        "queued_jobs": count_jobs(session, tenant_id, ACTIVE),
+        "storage_bytes": storage_used(session, tenant_id),
+    }
+
+
+# --- tenants and keys ------------------------------------------------------------------
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def get_tenant(session: Session, ref: str) -> Tenant | None:
+    """By id or by name."""
+    return session.get(Tenant, ref) or session.scalar(select(Tenant).where(Tenant.name == ref))
+
+
+LIMIT_FIELDS = (
+    "max_running_jobs",
+    "max_queued_jobs",
+    "max_storage_bytes",
+    "max_job_duration_seconds",
+    "rate_limit_per_minute",
+)
+
+
+def create_tenant(session: Session, name: str, **limits: Any) -> Tenant:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,99}", name):
+        raise TenancyError(
+            f"tenant name {name!r} must be 1-100 characters of a-z, 0-9, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
+        raise TenancyError(f"a tenant named {name!r} exists already")
+    tenant = Tenant(id=f"tn_{secrets.token_hex(8)}", name=name)
+    set_limits(tenant, **limits)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def set_limits(tenant: Tenant, **limits: Any) -> None:
+    unknown = set(limits) - set(LIMIT_FIELDS)
+    if unknown:
+        raise TenancyError(f"unknown limit(s) {sorted(unknown)}; known: {', '.join(LIMIT_FIELDS)}")
+    for name, value in limits.items():
+        setattr(tenant, name, value)
+
+
+def create_key(
+    session: Session, tenant: Tenant, scopes: list[str], name: str = ""
+) -> tuple[ApiKey, str]:
+    """A new key for `tenant`; returns (row, token). The token is shown once, never stored."""
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise TenancyError(
+            f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {scopes}"
+        )
+    key_id = secrets.token_hex(8)
+    token = f"ft_{key_id}_{secrets.token_urlsafe(32)}"
+    key = ApiKey(
+        id=key_id,
+        tenant_id=tenant.id,
+        name=name or f"key for {tenant.name}",
+        key_hash=_hash(token),
+        scopes=sorted(set(scopes), key=SCOPES.index),
+    )
+    session.add(key)
+    session.flush()
+    return key, token
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey | None:
+    key = session.get(ApiKey, key_id)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+class AuthFailure(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def resolve_token(session: Session, authorization: str | None) -> tuple[Principal, ApiKey]:
+    """The principal behind an `Authorization: Bearer ft_...` header, or AuthFailure saying
+    what is wrong (missing, malformed, unknown, revoked), never which keys exist."""
+    if not authorization:
+        raise AuthFailure("missing API key: send `Authorization: Bearer ft_...`")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthFailure("malformed Authorization header: expected `Bearer ft_...`")
+    match = TOKEN_RE.match(token)
+    if match is None:
+        raise AuthFailure("malformed API key: expected `ft_<16 hex>_<secret>`")
+    key = session.get(ApiKey, match.group(1))
+    if key is None or not hmac.compare_digest(key.key_hash, _hash(token)):
+        raise AuthFailure("invalid API key")
+    if key.revoked_at is not None:
+        raise AuthFailure("this API key has been revoked")
+    now = utcnow()
+    last = key.last_used_at
+    if last is None or (now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo))) > (
+        timedelta(minutes=1)
+    ):
+        key.last_used_at = now
+        session.commit()
+    return Principal(key.tenant_id, key.id, frozenset(key.scopes)), key
+
+
+def ensure_bootstrap_key(session: Session) -> str | None:
+    """First start with auth on and no admin key: create one for the default tenant and
+    return its token (to be printed once). None when an admin key exists already."""
+    keys = session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
+    if any("admin" in k.scopes for k in keys):
+        return None
+    tenant = session.get(Tenant, DEFAULT_TENANT)
+    assert tenant is not None, "migrations create the default tenant"
+    key, token = create_key(session, tenant, list(SCOPES), name="bootstrap admin key")
+    audit(session, None, "key.create", "key", key.id, detail={"scopes": key.scopes, "by": "serve"})
+    session.commit()
+    return token
+
+
+# --- audit -------------------------------------------------------------------------------
+
+
+def audit(
+    session: Session,
+    principal: Principal | None,
+    action: str,
+    object_type: str,
+    object_id: str | None,
+    client: str | None = None,
+    detail: dict[str, Any] | None = None,
+    tenant_id: str | None = None,
+) -> None:
+    """Add an audit row to the session; the caller's commit makes it durable with the change."""
+    session.add(
+        AuditEvent(
+            tenant_id=tenant_id or (principal.tenant_id if principal else None),
+            key_id=principal.key_id if principal else None,
+            action=action,
+            object_type=object_type,
+            object_id=object_id,
+            client=client,
+            detail=detail or {},
+        )
+    )

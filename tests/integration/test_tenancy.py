@@ -1,0 +1,522 @@
+"""Tenants and limits, with auth on, against real PostgreSQL, Redis and S3: API keys and
+scopes, isolation across every route, each per-tenant limit, presigned downloads, CORS,
+body limits and the audit log."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service import transitions
+from service.db import session_scope
+from service.models import DEFAULT_TENANT, Tenant
+from service.tenancy import create_key
+from tests.conftest import REPO
+from tests.helpers import imagefolder_zip, s3_client
+
+pytestmark = pytest.mark.integration
+
+ZIP = imagefolder_zip({"cat": 3, "dog": 3})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def make_app(env: dict[str, str], **overrides: object):
+    from service.main import create_app
+    from service.settings import Settings, get_settings
+
+    settings = Settings(**{k.lower(): v for k, v in {**env, **overrides}.items()})
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    return app, settings
+
+
+@pytest.fixture(scope="module")
+def env(integration_env):
+    """Auth on, the service's default limits, a queue no worker reads."""
+    env = {
+        **integration_env,
+        "AUTH_ENABLED": "true",
+        "TASK_QUEUE": f"tenancy-{secrets.token_hex(4)}",
+        "TENANT_MAX_RUNNING_JOBS": "2",
+        "TENANT_MAX_QUEUED_JOBS": "20",
+        "RATE_LIMIT_PER_MINUTE": "100000",
+    }
+    yield env
+    import redis
+
+    redis.Redis.from_url(env["BROKER_URL"]).delete(env["TASK_QUEUE"])
+
+
+@pytest.fixture(scope="module")
+def client(env):
+    app, _ = make_app(env)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def admin_token(env):
+    """What `finetune keys create --tenant default --scopes read,write,admin` makes."""
+    with session_scope() as s:
+        tenant = s.get(Tenant, DEFAULT_TENANT)
+        _, token = create_key(s, tenant, ["read", "write", "admin"], "test admin")
+        s.commit()
+    return token
+
+
+def new_tenant(client, admin_token, **limits) -> tuple[str, str]:
+    """(tenant id, a read+write key), made through the admin API."""
+    name = f"t-{secrets.token_hex(4)}"
+    resp = client.post(
+        "/v1/admin/tenants", json={"name": name, **limits}, headers=bearer(admin_token)
+    )
+    assert resp.status_code == 201, resp.text
+    tenant_id = resp.json()["id"]
+    key = client.post(
+        "/v1/admin/keys",
+        json={"tenant": name, "scopes": ["read", "write"]},
+        headers=bearer(admin_token),
+    )
+    assert key.status_code == 201, key.text
+    assert key.json()["key"].startswith("ft_") and key.json()["tenant_id"] == tenant_id
+    return tenant_id, key.json()["key"]
+
+
+def upload(client, token, data=ZIP, name="pets"):
+    return client.post(
+        "/v1/datasets",
+        files={"file": ("d.zip", data, "application/zip")},
+        data={"name": name},
+        headers=bearer(token),
+    )
+
+
+def submit(client, token, dataset_id, **config):
+    return client.post(
+        "/v1/jobs",
+        json={"dataset_id": dataset_id, "epochs": 1, "image_size": 32, **config},
+        headers=bearer(token),
+    )
+
+
+# --- authentication ---------------------------------------------------------------------
+
+
+def test_missing_malformed_unknown_and_revoked_keys_get_401(client, admin_token):
+    _, token = new_tenant(client, admin_token)
+    key_id = token.split("_")[1]
+    assert client.get("/v1/me", headers=bearer(token)).status_code == 200
+    revoke = client.delete(f"/v1/admin/keys/{key_id}", headers=bearer(admin_token))
+    assert revoke.status_code == 204
+    wrong_secret = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+    cases = {
+        "missing": {},
+        "not bearer": {"Authorization": f"Basic {token}"},
+        "empty bearer": {"Authorization": "Bearer "},
+        "malformed": bearer("not-a-key"),
+        "unknown": bearer(f"ft_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"),
+        "wrong secret": bearer(wrong_secret),
+        "revoked": bearer(token),
+    }
+    for what, headers in cases.items():
+        for method, path in [
+            ("GET", "/v1/me"),
+            ("GET", "/v1/datasets"),
+            ("GET", "/v1/jobs/job_x"),
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/backbones"),
+            ("GET", "/v1/admin/keys"),
+        ]:
+            resp = client.request(method, path, headers=headers, json={})
+            assert resp.status_code == 401, (what, path, resp.text)
+            assert resp.json()["error_code"] == "UNAUTHENTICATED"
+            assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert "revoked" in client.get("/v1/me", headers=bearer(token)).json()["detail"]
+    # Health checks stay open for load balancers.
+    assert client.get("/healthz").status_code == 200
+
+
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(client):
+    sent = []
+
+    def body():
+        for _ in range(64):
+            sent.append(1)
+            yield b"x" * (1024 * 1024)
+
+    resp = client.post(
+        "/v1/datasets",
+        content=body(),
+        headers={"Content-Type": "multipart/form-data; boundary=B"},
+    )
+    assert resp.status_code == 401
+    assert len(sent) <= 2, f"{len(sent)} MiB were read before refusing"
+
+
+def test_scopes_are_enforced(client, admin_token, env):
+    _, rw = new_tenant(client, admin_token)
+    ds = upload(client, rw).json()["id"]
+    tenant_id = client.get("/v1/me", headers=bearer(rw)).json()["tenant_id"]
+    with session_scope() as s:
+        tenant = s.get(Tenant, tenant_id)
+        _, read_only = create_key(s, tenant, ["read"], "viewer")
+        s.commit()
+    assert client.get(f"/v1/datasets/{ds}", headers=bearer(read_only)).status_code == 200
+    for method, path, body in [
+        ("POST", "/v1/jobs", {"dataset_id": ds}),
+        ("DELETE", f"/v1/datasets/{ds}", None),
+        ("POST", "/v1/jobs/job_x/cancel", None),
+    ]:
+        resp = client.request(method, path, json=body, headers=bearer(read_only))
+        assert resp.status_code == 403, (path, resp.text)
+        assert resp.json()["error_code"] == "INSUFFICIENT_SCOPE"
+        assert "'write'" in resp.json()["detail"]
+    for path in ("/v1/admin/keys", "/v1/admin/tenants", "/v1/admin/audit"):
+        resp = client.get(path, headers=bearer(rw))
+        assert resp.status_code == 403 and resp.json()["error_code"] == "INSUFFICIENT_SCOPE"
+
+
+# --- isolation --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_tenants(client, admin_token, env):
+    """Tenant B with a dataset, a finished job with a stored model, and a running job;
+    tenant A with nothing of B's."""
+    _, key_a = new_tenant(client, admin_token)
+    tenant_b, key_b = new_tenant(client, admin_token)
+    ds = upload(client, key_b, name="b-secret-name").json()
+    finished = submit(client, key_b, ds["id"]).json()["id"]
+    running = submit(client, key_b, ds["id"]).json()["id"]
+    s3 = s3_client(env)
+    keys = {}
+    for name in ("model.zip", "model.safetensors", "model.torchscript.pt", "metadata.json"):
+        keys[name] = f"jobs/{finished}/model/{name}"
+        s3.put_object(Bucket=env["S3_BUCKET"], Key=keys[name], Body=f"{name} of B".encode())
+    with session_scope() as s:
+        assert transitions.claim(s, finished, "w-b")
+        assert transitions.succeed(
+            s,
+            finished,
+            "w-b",
+            {
+                "bundle_key": keys["model.zip"],
+                "safetensors_key": keys["model.safetensors"],
+                "torchscript_key": keys["model.torchscript.pt"],
+                "metadata_key": keys["metadata.json"],
+                "report": {"validation": {}},
+                "classes": ["cat", "dog"],
+            },
+        )
+        assert transitions.claim(s, running, "w-b2")
+    return {
+        "a": key_a,
+        "b": key_b,
+        "tenant_b": tenant_b,
+        "ds": ds["id"],
+        "job": finished,
+        "running": running,
+    }
+
+
+# Every /v1 route that names an object; the test below fails when a new one is not listed.
+MATRIX = [
+    ("GET", "/v1/datasets/{dataset_id}", None),
+    ("GET", "/v1/datasets/{dataset_id}/samples.png", None),
+    ("GET", "/v1/datasets/{dataset_id}/augmentations/preview", None),
+    ("DELETE", "/v1/datasets/{dataset_id}", None),
+    ("GET", "/v1/jobs/{job_id}", None),
+    ("GET", "/v1/jobs/{job_id}/metrics", None),
+    ("GET", "/v1/jobs/{job_id}/model", None),
+    ("GET", "/v1/jobs/{job_id}/report", None),
+    ("GET", "/v1/jobs/{job_id}/plots/{name}.png", None),
+    ("POST", "/v1/jobs/{job_id}/cancel", {"mode": "discard"}),
+]
+
+
+def test_the_matrix_covers_every_route_with_an_object_id(client):
+    routes = {
+        (method.upper(), path)
+        for path, ops in client.app.openapi()["paths"].items()
+        if path.startswith("/v1/") and "{" in path and "/admin/" not in path
+        for method in ops
+    }
+    assert routes == {(m, p) for m, p, _ in MATRIX}
+
+
+@pytest.mark.parametrize("method, template, body", MATRIX)
+def test_another_tenants_objects_answer_404_on_every_route(
+    client, two_tenants, method, template, body
+):
+    t = two_tenants
+    job = t["running"] if template.endswith("/cancel") else t["job"]
+    path = template.format(dataset_id=t["ds"], job_id=job, name="curves")
+    resp = client.request(method, path, json=body, headers=bearer(t["a"]))
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error_code"] in ("DATASET_NOT_FOUND", "JOB_NOT_FOUND")
+    assert "b-secret-name" not in resp.text and "location" not in resp.headers
+    if method == "GET":  # the owner is answered (a 404 for the plot not drawn is its own code)
+        own = client.get(path, headers=bearer(t["b"]), follow_redirects=False)
+        assert own.status_code in (200, 307, 409) or (
+            own.status_code == 404 and own.json()["error_code"] == "PLOT_NOT_AVAILABLE"
+        ), (path, own.text)
+
+
+def test_another_tenants_objects_are_absent_from_lists_and_unusable(client, two_tenants):
+    t = two_tenants
+    a = bearer(t["a"])
+    assert t["ds"] not in client.get("/v1/datasets", headers=a).text
+    jobs = client.get("/v1/jobs", headers=a).json()
+    assert t["job"] not in str(jobs) and t["running"] not in str(jobs)
+    assert client.get("/v1/jobs", params={"dataset_id": t["ds"]}, headers=a).json()["count"] == 0
+    resp = submit(client, t["a"], t["ds"])
+    assert resp.status_code == 404 and resp.json()["error_code"] == "DATASET_NOT_FOUND"
+    # B still sees its own.
+    b = bearer(t["b"])
+    assert client.get("/v1/jobs", params={"dataset_id": t["ds"]}, headers=b).json()["count"] == 2
+    # The dataset and job were not touched by A's attempts (delete, cancel).
+    assert client.get(f"/v1/datasets/{t['ds']}", headers=b).status_code == 200
+    assert client.get(f"/v1/jobs/{t['running']}", headers=b).json()["cancel_requested"] is False
+
+
+def test_model_downloads_are_presigned_urls_issued_after_the_ownership_check(
+    client, two_tenants, env
+):
+    t = two_tenants
+    resp = client.get(
+        f"/v1/jobs/{t['job']}/model",
+        params={"format": "safetensors"},
+        headers=bearer(t["b"]),
+        follow_redirects=False,
+    )
+    assert resp.status_code == 307
+    url = resp.headers["location"]
+    assert url.startswith(env["S3_ENDPOINT_URL"])
+    assert "X-Amz-Expires=300" in url  # DOWNLOAD_URL_TTL_SECONDS
+    got = httpx.get(url)  # no API key: the signature is the credential
+    assert got.status_code == 200 and got.content == b"model.safetensors of B"
+    assert f"{t['job']}-model.safetensors" in got.headers["content-disposition"]
+    # Signed for this one object (moto does not check signatures; S3 and MinIO do).
+    assert "X-Amz-Signature=" in url and "X-Amz-SignedHeaders=host" in url
+
+
+# --- limits -----------------------------------------------------------------------------
+
+
+def test_the_queued_jobs_limit_is_a_429_naming_it(client, admin_token):
+    _, key = new_tenant(client, admin_token, max_queued_jobs=2)
+    ds = upload(client, key).json()["id"]
+    assert submit(client, key, ds).status_code == 201
+    assert submit(client, key, ds).status_code == 201
+    resp = submit(client, key, ds)
+    assert resp.status_code == 429
+    assert resp.json()["error_code"] == "QUEUED_JOBS_LIMIT" and "max_queued_jobs" in resp.text
+    assert resp.headers["retry-after"]
+
+
+def test_the_storage_limit_is_a_403_before_and_after_the_upload_is_read(client, admin_token):
+    _, key = new_tenant(client, admin_token, max_storage_bytes=len(ZIP) + 100)
+    assert upload(client, key).status_code == 201
+    # Once the upload is read, its exact size is checked: nothing more is stored.
+    resp = upload(client, key)
+    assert resp.status_code == 403
+    assert resp.json()["error_code"] == "STORAGE_LIMIT" and "max_storage_bytes" in resp.text
+    me = client.get("/v1/me", headers=bearer(key)).json()
+    assert me["usage"]["storage_bytes"] == len(ZIP)
+    assert client.get("/v1/datasets", headers=bearer(key)).json()["count"] == 1
+    # An upload whose Content-Length cannot fit is refused before its body is read.
+    sent = []
+
+    def body():
+        for _ in range(10):
+            sent.append(1)
+            yield b"x" * (1024 * 1024)
+
+    resp = client.post(
+        "/v1/datasets",
+        content=body(),
+        headers={
+            **bearer(key),
+            "Content-Type": "multipart/form-data; boundary=B",
+            "Content-Length": str(10 * 1024 * 1024),
+        },
+    )
+    assert resp.status_code == 403 and resp.json()["error_code"] == "STORAGE_LIMIT"
+    assert len(sent) <= 1
+
+
+def test_the_job_duration_limit_is_a_403_and_the_default(client, admin_token):
+    _, key = new_tenant(client, admin_token, max_job_duration_seconds=60)
+    ds = upload(client, key).json()["id"]
+    resp = submit(client, key, ds, max_duration_seconds=120)
+    assert resp.status_code == 403
+    assert resp.json()["error_code"] == "JOB_DURATION_LIMIT" and "60s" in resp.text
+    ok = submit(client, key, ds)
+    assert ok.status_code == 201 and ok.json()["config"]["max_duration_seconds"] == 60
+
+
+def test_the_running_jobs_limit_holds_a_job_back_until_a_slot_frees(client, admin_token, env):
+    from service.settings import Settings
+    from worker.tasks import run_job
+
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    tenant_id, key = new_tenant(client, admin_token, max_running_jobs=1)
+    ds = upload(client, key).json()["id"]
+    first = submit(client, key, ds).json()["id"]
+    second = submit(client, key, ds).json()["id"]
+    with session_scope() as s:
+        assert transitions.claim(s, first, "busy-worker")
+    # The worker that gets the second job's task does not train it: it waits for a slot.
+    assert run_job(second, settings, worker_id="w2") == "deferred"
+    job = client.get(f"/v1/jobs/{second}", headers=bearer(key)).json()
+    assert job["status"] == "queued" and job["progress"]["phase"] == "waiting_for_slot"
+    assert job["attempts"] == 0
+    import redis
+
+    queued = redis.Redis.from_url(env["BROKER_URL"]).lrange(env["TASK_QUEUE"], 0, -1)
+    assert sum(second.encode() in m for m in queued) == 2  # submitted, then sent again
+    # Once the first one ends, the slot is free.
+    with session_scope() as s:
+        assert transitions.fail(
+            s, first, code="TRAINING_FAILED", message="x", worker_id="busy-worker"
+        )
+        outcome, limit = transitions.claim_within_limit(s, second, "w3", settings)
+    assert (outcome, limit) == ("claimed", 1)
+
+
+def test_the_rate_limit_is_a_429_per_tenant(client, admin_token):
+    _, slow = new_tenant(client, admin_token, rate_limit_per_minute=5)
+    _, other = new_tenant(client, admin_token)
+    codes = [client.get("/v1/me", headers=bearer(slow)).status_code for _ in range(6)]
+    assert codes == [200] * 5 + [429]
+    resp = client.get("/v1/datasets", headers=bearer(slow))
+    assert resp.json()["error_code"] == "RATE_LIMITED" and int(resp.headers["retry-after"]) >= 1
+    assert client.get("/v1/me", headers=bearer(other)).status_code == 200  # not shared
+
+
+def test_json_bodies_are_limited_before_they_are_read(client, admin_token):
+    _, key = new_tenant(client, admin_token)
+    resp = client.post(
+        "/v1/jobs",
+        content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+        headers={**bearer(key), "Content-Type": "application/json"},
+    )
+    assert resp.status_code == 413 and "MAX_JSON_BODY_BYTES" in resp.json()["detail"]
+
+
+# --- admin, audit, CORS, CLI -----------------------------------------------------------
+
+
+def test_admin_manages_tenants_and_keys_and_everything_is_audited(client, admin_token, two_tenants):
+    t = two_tenants
+    admin = bearer(admin_token)
+    dup = client.post("/v1/admin/tenants", json={"name": "default"}, headers=admin)
+    assert dup.status_code == 409 and dup.json()["error_code"] == "TENANT_EXISTS"
+    patched = client.patch(
+        f"/v1/admin/tenants/{t['tenant_b']}", json={"max_running_jobs": 7}, headers=admin
+    )
+    assert patched.status_code == 200 and patched.json()["limits"]["max_running_jobs"] == 7
+    keys = client.get("/v1/admin/keys", params={"tenant": t["tenant_b"]}, headers=admin).json()
+    assert keys["count"] == 1 and "key" not in keys["data"][0]  # never shown again
+    assert "key_hash" not in str(keys)
+    # B downloads, cancels, deletes; A tries and fails: only B's actions are B's audit.
+    client.get(f"/v1/jobs/{t['job']}/model", headers=bearer(t["b"]), follow_redirects=False)
+    client.get(f"/v1/jobs/{t['job']}/model", headers=bearer(t["a"]), follow_redirects=False)
+    assert client.post(f"/v1/jobs/{t['running']}/cancel", headers=bearer(t["b"])).status_code == 202
+    spare = upload(client, t["b"], name="spare").json()["id"]
+    assert client.delete(f"/v1/datasets/{spare}", headers=bearer(t["b"])).status_code == 204
+    events = client.get(
+        "/v1/admin/audit", params={"tenant": t["tenant_b"], "limit": 100}, headers=admin
+    ).json()["data"]
+    actions = {e["action"] for e in events}
+    assert {
+        "key.create",
+        "dataset.create",
+        "job.create",
+        "model.download",
+        "tenant.update",
+    } <= actions
+    download = next(e for e in events if e["action"] == "model.download")
+    assert download["object_id"] == t["job"] and download["key_id"] == t["b"].split("_")[1]
+    assert download["detail"]["via"] == "presigned_url"
+    assert sum(e["action"] == "model.download" for e in events) >= 1
+    tenant_a = client.get("/v1/me", headers=bearer(t["a"])).json()["tenant_id"]
+    a_events = client.get("/v1/admin/audit", params={"tenant": tenant_a}, headers=admin).json()
+    assert all(e["action"] != "model.download" for e in a_events["data"])  # refused: none
+
+
+def test_cors_is_off_by_default_and_an_allow_list_when_set(env):
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    app, _ = make_app(env)
+    with TestClient(app) as c:
+        resp = c.options("/v1/datasets", headers=preflight)
+        assert "access-control-allow-origin" not in resp.headers
+    app, _ = make_app(env, CORS_ALLOW_ORIGINS=["https://app.example"])
+    with TestClient(app) as c:
+        ok = c.options("/v1/datasets", headers=preflight)
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        evil = c.options("/v1/datasets", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in evil.headers
+
+
+def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env):
+    import os
+
+    run_env = {**os.environ, **env}
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            env=run_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    name = f"cli-{secrets.token_hex(3)}"
+    made = cli("tenants", "create", name, "--max-queued-jobs", "3")
+    assert made.returncode == 0, made.stderr
+    key = cli("keys", "create", "--tenant", name, "--scopes", "read")
+    assert key.returncode == 0, key.stderr
+    token = key.stdout.strip().rsplit(" ", 1)[-1]
+    me = client.get("/v1/me", headers=bearer(token)).json()
+    assert me["tenant_name"] == name and me["scopes"] == ["read"]
+    assert me["limits"]["max_queued_jobs"] == 3
+    assert cli("keys", "revoke", token.split("_")[1]).returncode == 0
+    assert client.get("/v1/me", headers=bearer(token)).status_code == 401
+    bad = cli("keys", "create", "--tenant", name, "--scopes", "root")
+    assert bad.returncode == 2 and "scopes" in bad.stdout
+
+
+def test_first_start_prints_an_admin_key_once(tmp_path, capsys):
+    from service.cli import announce_auth
+    from service.db import migrate
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, database_url="", broker_url="", auth_enabled=True)
+    migrate(settings)
+    announce_auth(settings)
+    first = capsys.readouterr().out
+    token = next(w for w in first.split() if w.startswith("ft_"))
+    announce_auth(settings)
+    assert "ft_" not in capsys.readouterr().out  # an admin key exists now: nothing printed
+    app, _ = make_app(
+        {"DATA_DIR": str(tmp_path), "AUTH_ENABLED": "true", "DATABASE_URL": "", "BROKER_URL": ""}
+    )
+    with TestClient(app) as c:
+        me = c.get("/v1/me", headers=bearer(token)).json()
+        assert me["scopes"] == ["admin", "read", "write"] and me["tenant_id"] == "default"
+        assert c.get("/v1/me").status_code == 401
