@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -60,6 +60,13 @@ def require(scope: str) -> Callable[[Principal], Principal]:
 ReadDep = Annotated[Principal, Depends(require("read"))]
 WriteDep = Annotated[Principal, Depends(require("write"))]
 AdminDep = Annotated[Principal, Depends(require("admin"))]
+
+
+# Object ids and tenant names in paths and queries: anything else (a NUL byte, a slash, a
+# 10 kB string) is a 422 before it reaches the database.
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,100}$"
+PathId = Annotated[str, Path(pattern=ID_PATTERN, max_length=100)]
+QueryId = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=100)]
 
 
 def client_of(request: Request) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -89,6 +90,30 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.TENANT_NOT_FOUND: 404,
     ErrorCode.TENANT_EXISTS: 409,
     ErrorCode.KEY_NOT_FOUND: 404,
+}
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a stable machine-readable code and a sentence for people."""
+
+    error_code: str
+    detail: str
+    errors: list[dict[str, Any]] | None = None  # request validation: one entry per problem
+
+
+_DESCRIPTIONS = {
+    401: "missing, malformed, unknown or revoked API key",
+    403: "the key lacks a scope, or a tenant limit would be exceeded",
+    404: "no such object for this tenant",
+    409: "the object is not in a state that allows this",
+    413: "request body too large",
+    415: "the upload is not an archive this service reads",
+    422: "invalid request: the detail names the field and what is accepted",
+    429: "too many requests or too many queued jobs; see Retry-After",
+    503: "a backing service (broker, storage) is unreachable",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in _DESCRIPTIONS.items()
 }
 
 

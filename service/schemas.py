@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from service.augmentations import AUG_OPS
 from service.backbones import BACKBONES, DEFAULT_BACKBONE
+
+NO_NUL = r"^[^\x00]*$"  # free text: anything but NUL, which PostgreSQL text cannot hold
 
 
 class ClassCount(BaseModel):
@@ -48,9 +50,12 @@ class DatasetImport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
-        min_length=6, max_length=1000, description="s3://bucket/prefix holding the dataset's layout"
+        min_length=6,
+        max_length=1000,
+        pattern=NO_NUL,
+        description="s3://bucket/prefix holding the dataset's layout",
     )
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=200, pattern=NO_NUL)
 
 
 class DatasetsPublic(BaseModel):
@@ -58,10 +63,30 @@ class DatasetsPublic(BaseModel):
     count: int
 
 
+def _ops_json_schema(schema: dict[str, Any]) -> None:
+    """The exact shape of each op (its name, its parameters and their ranges) in OpenAPI."""
+    schema.clear()
+    schema["oneOf"] = [
+        {
+            "type": "object",
+            "title": name,
+            "properties": {
+                "name": {"const": name},
+                **{
+                    k: {"type": "number", "minimum": lo, "maximum": hi} for k, (lo, hi) in p.items()
+                },
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        }
+        for name, p in sorted(AUG_OPS.items())
+    ]
+
+
 class AugmentationOp(BaseModel):
     """One explicit op: `{"name": "rotation", "degrees": 10}`. See AUG_OPS for names and ranges."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_ops_json_schema)
 
     name: str
 
@@ -112,11 +137,16 @@ class EarlyStoppingCreate(BaseModel):
     min_delta: float = Field(0.0, ge=0.0, le=1.0)
 
 
+_BACKBONE_NAMES: list[JsonValue] = list(sorted(BACKBONES))
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str = Field(min_length=1, max_length=40)
-    backbone: str = DEFAULT_BACKBONE
+    dataset_id: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
+    backbone: str = Field(
+        DEFAULT_BACKBONE, json_schema_extra={"enum": _BACKBONE_NAMES}
+    )  # a plain str with an enum in the schema: the error below lists what is available
     strategy: Literal["lp_ft", "full", "linear_probe", "gradual"] = "lp_ft"
     epochs: int = Field(5, ge=1, le=500)
     probe_epochs: int = Field(30, ge=1, le=1000)
@@ -269,7 +299,7 @@ class TenantLimitsUpdate(BaseModel):
 
     max_running_jobs: int | None = Field(None, ge=1, le=10_000)
     max_queued_jobs: int | None = Field(None, ge=1, le=1_000_000)
-    max_storage_bytes: int | None = Field(None, ge=0, le=2**62)
+    max_storage_bytes: int | None = Field(None, ge=0, le=10**15)
     max_job_duration_seconds: float | None = Field(None, ge=5.0, le=365 * 24 * 3600.0)
     rate_limit_per_minute: int | None = Field(None, ge=1, le=1_000_000)
 
@@ -311,9 +341,11 @@ Scope = Literal["read", "write", "admin"]
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tenant: str = Field(min_length=1, max_length=100, description="tenant id or name")
+    tenant: str = Field(
+        min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$", description="tenant id or name"
+    )
     scopes: list[Scope] = Field(default=["read", "write"], min_length=1)
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=NO_NUL)
 
 
 class KeyPublic(BaseModel):

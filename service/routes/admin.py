@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, select
 
 from service.db import as_utc
-from service.deps import AdminDep, ReadDep, SessionDep, SettingsDep, client_of
-from service.errors import ErrorCode, ServiceError
+from service.deps import AdminDep, PathId, QueryId, ReadDep, SessionDep, SettingsDep, client_of
+from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.models import ApiKey, AuditEvent, Tenant
 from service.schemas import (
     AuditEventPublic,
@@ -40,8 +40,8 @@ from service.tenancy import (
     usage,
 )
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
-me_router = APIRouter(prefix="/v1", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)
+me_router = APIRouter(prefix="/v1", tags=["admin"], responses=ERROR_RESPONSES)
 
 
 def tenant_public(session: SessionDep, tenant: Tenant, settings: Settings) -> TenantPublic:
@@ -121,7 +121,7 @@ def list_tenants(
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> TenantsPublic:
     rows = session.scalars(select(Tenant).order_by(Tenant.name).limit(limit).offset(offset)).all()
     count = session.scalar(select(func.count()).select_from(Tenant)) or 0
@@ -131,7 +131,7 @@ def list_tenants(
 @router.patch("/tenants/{tenant}", response_model=TenantPublic)
 def update_tenant_limits(
     request: Request,
-    tenant: str,
+    tenant: PathId,
     body: TenantLimitsUpdate,
     principal: AdminDep,
     session: SessionDep,
@@ -180,9 +180,9 @@ def create_key_route(
 def list_keys(
     principal: AdminDep,
     session: SessionDep,
-    tenant: Annotated[str | None, Query(max_length=100)] = None,
+    tenant: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> KeysPublic:
     query = select(ApiKey)
     count_query = select(func.count()).select_from(ApiKey)
@@ -198,7 +198,7 @@ def list_keys(
 
 @router.delete("/keys/{key_id}", status_code=204, response_class=Response)
 def revoke_key_route(
-    request: Request, key_id: str, principal: AdminDep, session: SessionDep
+    request: Request, key_id: PathId, principal: AdminDep, session: SessionDep
 ) -> Response:
     """Revoke a key: from now on it gets 401. Revoking twice is harmless."""
     key = revoke_key(session, key_id)
@@ -221,10 +221,10 @@ def revoke_key_route(
 def list_audit_events(
     principal: AdminDep,
     session: SessionDep,
-    tenant: Annotated[str | None, Query(max_length=100)] = None,
-    action: Annotated[str | None, Query(max_length=60)] = None,
+    tenant: QueryId = None,
+    action: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> AuditEventsPublic:
     """Newest first: key and tenant changes, dataset and job creation and deletion, cancels,
     model downloads; each with the key that did it and the client address."""

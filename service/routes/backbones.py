@@ -4,10 +4,11 @@ from fastapi import APIRouter
 
 from service.backbones import BACKBONES, BackboneSpec, WeightsLocation, locate_weights
 from service.deps import ReadDep, SettingsDep
+from service.errors import ERROR_RESPONSES
 from service.schemas import BackbonePublic, BackbonesPublic
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
+router = APIRouter(prefix="/v1/backbones", tags=["backbones"], responses=ERROR_RESPONSES)
 
 
 def weights_on_host(spec: BackboneSpec, settings: Settings) -> WeightsLocation | None:

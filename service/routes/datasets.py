@@ -14,18 +14,25 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from sqlalchemy import func, select
 
 from service.db import utcnow
-from service.deps import ReadDep, SessionDep, SettingsDep, StoreDep, WriteDep, client_of
-from service.errors import ErrorCode, ServiceError
+from service.deps import PathId, ReadDep, SessionDep, SettingsDep, StoreDep, WriteDep, client_of
+from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive, ingest_s3_prefix
 from service.ingest.thumbnails import samples_png
 from service.models import Dataset, Job, JobStatus, new_id
-from service.schemas import ClassCount, DatasetImport, DatasetPublic, DatasetsPublic, FileIssue
+from service.schemas import (
+    NO_NUL,
+    ClassCount,
+    DatasetImport,
+    DatasetPublic,
+    DatasetsPublic,
+    FileIssue,
+)
 from service.settings import Settings
 from service.storage import S3ObjectStore, StorageError
 from service.tenancy import Principal, audit, storage_used, tenant_limits
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
 
 def dataset_public(ds: Dataset) -> DatasetPublic:
@@ -168,7 +175,7 @@ def create_dataset(
     file: Annotated[
         UploadFile, File(description="zip, tar or tar.gz: ImageFolder, train/val/test, or manifest")
     ],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200, pattern=NO_NUL)] = None,
 ) -> DatasetPublic:
     """Upload a labeled-image dataset. Every image is decoded and checked before anything
     is stored; files that cannot be used are listed in `rejected` / `skipped`."""
@@ -246,7 +253,7 @@ def list_datasets(
     principal: ReadDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> DatasetsPublic:
     live = Dataset.deleted_at.is_(None) & (Dataset.tenant_id == principal.tenant_id)
     rows = session.scalars(
@@ -257,7 +264,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def read_dataset(dataset_id: str, principal: ReadDep, session: SessionDep) -> DatasetPublic:
+def read_dataset(dataset_id: PathId, principal: ReadDep, session: SessionDep) -> DatasetPublic:
     return dataset_public(get_owned_dataset(session, principal, dataset_id))
 
 
@@ -267,7 +274,7 @@ def read_dataset(dataset_id: str, principal: ReadDep, session: SessionDep) -> Da
     responses={200: {"content": {"image/png": {}}}},
 )
 def read_dataset_samples(
-    dataset_id: str, principal: ReadDep, session: SessionDep, store: StoreDep
+    dataset_id: PathId, principal: ReadDep, session: SessionDep, store: StoreDep
 ) -> Response:
     """Sample thumbnails, one row per class, with its image count."""
     ds = get_owned_dataset(session, principal, dataset_id)
@@ -277,7 +284,7 @@ def read_dataset_samples(
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)
 def delete_dataset(
-    request: Request, dataset_id: str, principal: WriteDep, session: SessionDep, store: StoreDep
+    request: Request, dataset_id: PathId, principal: WriteDep, session: SessionDep, store: StoreDep
 ) -> Response:
     """Remove a dataset's files. Refused (409) while a queued or running job uses it;
     finished jobs keep their record, their models and the dataset's content hash."""
@@ -312,7 +319,7 @@ _preview_slots = threading.BoundedSemaphore(2)  # at most two preview renderers 
     responses={200: {"content": {"image/png": {}}}},
 )
 def preview_augmentations(
-    dataset_id: str,
+    dataset_id: PathId,
     principal: ReadDep,
     session: SessionDep,
     settings: SettingsDep,

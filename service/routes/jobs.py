@@ -10,8 +10,17 @@ from sqlalchemy import func, select
 from service import queue, transitions
 from service.backbones import BACKBONES
 from service.db import as_utc, utcnow
-from service.deps import ReadDep, SessionDep, SettingsDep, StoreDep, WriteDep, client_of
-from service.errors import ErrorCode, ServiceError
+from service.deps import (
+    PathId,
+    QueryId,
+    ReadDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    WriteDep,
+    client_of,
+)
+from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.models import Job, JobMetric, JobStatus, new_id
 from service.routes.backbones import usable_backbones, weights_on_host
 from service.routes.datasets import get_owned_dataset
@@ -29,7 +38,7 @@ from service.schemas import (
 from service.tenancy import ACTIVE, Principal, audit, count_jobs, tenant_limits
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 # What GET /v1/jobs/{id}/model can return: name -> (key in job.result, media type, suffix)
 MODEL_FORMATS: dict[str, tuple[str, str, str]] = {
@@ -190,9 +199,9 @@ def list_jobs(
     principal: ReadDep,
     session: SessionDep,
     status: Annotated[JobStatus | None, Query()] = None,
-    dataset_id: Annotated[str | None, Query(max_length=40)] = None,
+    dataset_id: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobsPublic:
     mine = Job.tenant_id == principal.tenant_id
     query = select(Job).where(mine)
@@ -210,12 +219,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: str, principal: ReadDep, session: SessionDep) -> JobPublic:
+def read_job(job_id: PathId, principal: ReadDep, session: SessionDep) -> JobPublic:
     return job_public(_get_job(session, principal, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
-def read_job_metrics(job_id: str, principal: ReadDep, session: SessionDep) -> MetricsPublic:
+def read_job_metrics(job_id: PathId, principal: ReadDep, session: SessionDep) -> MetricsPublic:
     _get_job(session, principal, job_id)
     rows = session.scalars(
         select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
@@ -234,7 +243,7 @@ def read_job_metrics(job_id: str, principal: ReadDep, session: SessionDep) -> Me
 )
 def download_model(
     request: Request,
-    job_id: str,
+    job_id: PathId,
     principal: ReadDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -278,7 +287,7 @@ def download_model(
 
 
 @router.get("/{job_id}/report", response_model=JobReport)
-def read_job_report(job_id: str, principal: ReadDep, session: SessionDep) -> JobReport:
+def read_job_report(job_id: PathId, principal: ReadDep, session: SessionDep) -> JobReport:
     """Full evaluation of the delivered model: top-1/top-5, per-class precision, recall and
     F1, macro-F1, confusion matrix and expected calibration error, on the validation split
     (and the test split when the dataset has one)."""
@@ -311,7 +320,7 @@ PLOTS = ("curves", "confusion_matrix")
     responses={200: {"content": {"image/png": {}}}},
 )
 def read_job_plot(
-    job_id: str, name: str, principal: ReadDep, session: SessionDep, store: StoreDep
+    job_id: PathId, name: str, principal: ReadDep, session: SessionDep, store: StoreDep
 ) -> StreamingResponse:
     """`curves` (loss and accuracy per epoch, updated live) or `confusion_matrix` (at the end)."""
     _get_job(session, principal, job_id)
@@ -332,7 +341,7 @@ def read_job_plot(
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
 def cancel_job(
     request: Request,
-    job_id: str,
+    job_id: PathId,
     principal: WriteDep,
     session: SessionDep,
     body: JobCancel | None = None,
