@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import secrets
 
+import hypothesis
 import pytest
 import schemathesis
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from fastapi.testclient import TestClient
-import hypothesis
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.db import session_scope
 from service.models import DEFAULT_TENANT, Tenant
