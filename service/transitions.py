@@ -318,6 +318,7 @@ def _finish(
         finished_at=now,
         heartbeat_at=now,
         phase="done" if status == JobStatus.SUCCEEDED else status.value,
+        checkpoint_key=None,  # the worker deletes it next: the model is what remains
         eta_seconds=0.0 if status == JobStatus.SUCCEEDED else None,
         **error,
     )
