@@ -184,13 +184,14 @@ def cmd_tenants(args: argparse.Namespace) -> int:
         TenancyError,
         audit,
         create_tenant,
+        disable_tenant,
         get_tenant,
         limits_for,
         set_limits,
         usage,
     )
 
-    if args.action in ("create", "set") and not args.name:
+    if args.action in ("create", "set", "disable") and not args.name:
         print(f"`finetune tenants {args.action}` needs a tenant name")
         return 2
     settings = get_settings()
@@ -203,6 +204,24 @@ def cmd_tenants(args: argparse.Namespace) -> int:
                 audit(session, None, "tenant.create", "tenant", tenant.id, "cli", limits, tenant.id)
                 session.commit()
                 print(f"created tenant {tenant.name} ({tenant.id})")
+            elif args.action == "disable":
+                found = get_tenant(session, args.name)
+                if found is None:
+                    print(f"no tenant {args.name!r}")
+                    return 2
+                revoked = disable_tenant(session, found)
+                audit(
+                    session,
+                    None,
+                    "tenant.disable",
+                    "tenant",
+                    found.id,
+                    "cli",
+                    {"keys_revoked": revoked},
+                    found.id,
+                )
+                session.commit()
+                print(f"disabled tenant {found.name}; {revoked} key(s) revoked")
             elif args.action == "set":
                 found = get_tenant(session, args.name)
                 if found is None:
@@ -323,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="every registered backbone")
     p.set_defaults(func=cmd_weights)
 
-    p = sub.add_parser("tenants", help="create, list or set the limits of tenants")
-    p.add_argument("action", choices=["create", "list", "set"])
+    p = sub.add_parser("tenants", help="create, list, disable or set the limits of tenants")
+    p.add_argument("action", choices=["create", "list", "set", "disable"])
     p.add_argument("name", nargs="?", help="tenant name (create, set)")
     p.add_argument("--max-running-jobs", dest="max_running_jobs", type=int)
     p.add_argument("--max-queued-jobs", dest="max_queued_jobs", type=int)

@@ -46,6 +46,8 @@ class ErrorCode(str, Enum):
     JOB_DURATION_LIMIT = "JOB_DURATION_LIMIT"
     TENANT_NOT_FOUND = "TENANT_NOT_FOUND"
     TENANT_EXISTS = "TENANT_EXISTS"
+    TENANT_DISABLED = "TENANT_DISABLED"
+    TENANT_PROTECTED = "TENANT_PROTECTED"
     KEY_NOT_FOUND = "KEY_NOT_FOUND"
     # Recorded on failed jobs, not returned by routes.
     TRAINING_FAILED = "TRAINING_FAILED"
@@ -89,6 +91,8 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.JOB_DURATION_LIMIT: 403,
     ErrorCode.TENANT_NOT_FOUND: 404,
     ErrorCode.TENANT_EXISTS: 409,
+    ErrorCode.TENANT_DISABLED: 409,
+    ErrorCode.TENANT_PROTECTED: 409,
     ErrorCode.KEY_NOT_FOUND: 404,
 }
 

@@ -60,6 +60,8 @@ class Tenant(Base):
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     max_job_duration_seconds: Mapped[float | None] = mapped_column(Float)
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Disabled: its keys are revoked, no new ones; its objects and running jobs are kept.
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ApiKey(Base):

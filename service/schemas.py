@@ -326,6 +326,7 @@ class TenantPublic(BaseModel):
     id: str
     name: str
     created_at: datetime
+    disabled_at: datetime | None
     limits: TenantLimits  # in force: the tenant's own values, else the service's
     usage: TenantUsage
 

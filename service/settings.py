@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(default=64 * 1024**3, gt=0)  # uncompressed image bytes
     max_compression_ratio: float = Field(default=200.0, gt=1.0)
     # Prefixes `POST /v1/datasets/import` may read from (s3://bucket/prefix); empty: none.
+    # `{tenant}` in a prefix is the caller's tenant name: s3://imports/{tenant}/ gives each
+    # tenant its own area, and no tenant can register another's objects.
     import_allowed_prefixes: list[str] = Field(default_factory=list)
 
     # Worker side.

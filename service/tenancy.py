@@ -147,10 +147,26 @@ def set_limits(tenant: Tenant, **limits: Any) -> None:
         setattr(tenant, name, value)
 
 
+def disable_tenant(session: Session, tenant: Tenant) -> int:
+    """Revoke every key of `tenant` and refuse new ones. Returns how many were revoked."""
+    if tenant.id == DEFAULT_TENANT:
+        raise TenancyError("the default tenant holds the admin keys and cannot be disabled")
+    now = utcnow()
+    tenant.disabled_at = tenant.disabled_at or now
+    keys = session.scalars(
+        select(ApiKey).where(ApiKey.tenant_id == tenant.id, ApiKey.revoked_at.is_(None))
+    ).all()
+    for key in keys:
+        key.revoked_at = now
+    return len(keys)
+
+
 def create_key(
     session: Session, tenant: Tenant, scopes: list[str], name: str = ""
 ) -> tuple[ApiKey, str]:
     """A new key for `tenant`; returns (row, token). The token is shown once, never stored."""
+    if tenant.disabled_at is not None:
+        raise TenancyError(f"tenant {tenant.name!r} is disabled: it gets no new keys")
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         raise TenancyError(

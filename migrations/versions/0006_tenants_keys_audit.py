@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("max_storage_bytes", sa.BigInteger(), nullable=True),
         sa.Column("max_job_duration_seconds", sa.Float(), nullable=True),
         sa.Column("rate_limit_per_minute", sa.Integer(), nullable=True),
+        sa.Column("disabled_at", sa.DateTime(timezone=True), nullable=True),
     )
     # Everything that exists already belongs to the default tenant.
     op.execute(

@@ -33,6 +33,7 @@ from service.tenancy import (
     audit,
     create_key,
     create_tenant,
+    disable_tenant,
     get_tenant,
     limits_for,
     revoke_key,
@@ -49,6 +50,7 @@ def tenant_public(session: SessionDep, tenant: Tenant, settings: Settings) -> Te
         id=tenant.id,
         name=tenant.name,
         created_at=as_utc(tenant.created_at),  # type: ignore[arg-type]
+        disabled_at=as_utc(tenant.disabled_at),
         limits=TenantLimits(**asdict(limits_for(tenant, settings))),
         usage=TenantUsage(**usage(session, tenant.id)),
     )
@@ -155,13 +157,45 @@ def update_tenant_limits(
     return tenant_public(session, row, settings)
 
 
+@router.delete("/tenants/{tenant}", response_model=TenantPublic)
+def disable_tenant_route(
+    request: Request,
+    tenant: PathId,
+    principal: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> TenantPublic:
+    """Disable a tenant: all its keys are revoked (401 from now on) and it gets no new
+    ones. Its datasets, jobs and models are kept; jobs already queued still run."""
+    row = _tenant(session, tenant)
+    try:
+        revoked = disable_tenant(session, row)
+    except TenancyError as exc:
+        raise ServiceError(ErrorCode.TENANT_PROTECTED, str(exc)) from exc
+    audit(
+        session,
+        principal,
+        "tenant.disable",
+        "tenant",
+        row.id,
+        client_of(request),
+        {"keys_revoked": revoked},
+        tenant_id=row.id,
+    )
+    session.commit()
+    return tenant_public(session, row, settings)
+
+
 @router.post("/keys", status_code=201, response_model=KeyCreated)
 def create_key_route(
     request: Request, body: KeyCreate, principal: AdminDep, session: SessionDep
 ) -> KeyCreated:
     """A new API key for a tenant. The token is in this response only."""
     tenant = _tenant(session, body.tenant)
-    key, token = create_key(session, tenant, list(body.scopes), body.name)
+    try:
+        key, token = create_key(session, tenant, list(body.scopes), body.name)
+    except TenancyError as exc:
+        raise ServiceError(ErrorCode.TENANT_DISABLED, str(exc)) from exc
     audit(
         session,
         principal,

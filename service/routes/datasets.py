@@ -18,7 +18,7 @@ from service.deps import PathId, ReadDep, SessionDep, SettingsDep, StoreDep, Wri
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive, ingest_s3_prefix
 from service.ingest.thumbnails import samples_png
-from service.models import Dataset, Job, JobStatus, new_id
+from service.models import Dataset, Job, JobStatus, Tenant, new_id
 from service.schemas import (
     NO_NUL,
     ClassCount,
@@ -214,7 +214,11 @@ def import_dataset(
     """Register a dataset that already sits in the object store (`s3://bucket/prefix/` in
     any layout an upload may have), so that large datasets need not pass through the API.
     Allowed only under the prefixes listed in IMPORT_ALLOWED_PREFIXES."""
-    allowed = [p.rstrip("/") + "/" for p in settings.import_allowed_prefixes]
+    tenant_name = session.get(Tenant, principal.tenant_id).name  # type: ignore[union-attr]
+    allowed = [
+        p.replace("{tenant}", tenant_name).rstrip("/") + "/"
+        for p in settings.import_allowed_prefixes
+    ]
     source = body.source.rstrip("/") + "/"
     if not isinstance(store, S3ObjectStore) or not any(source.startswith(p) for p in allowed):
         raise ServiceError(

@@ -520,3 +520,47 @@ def test_first_start_prints_an_admin_key_once(tmp_path, capsys):
         me = c.get("/v1/me", headers=bearer(token)).json()
         assert me["scopes"] == ["admin", "read", "write"] and me["tenant_id"] == "default"
         assert c.get("/v1/me").status_code == 401
+
+
+def test_a_disabled_tenant_loses_its_keys_and_gets_no_new_ones(client, admin_token):
+    admin = bearer(admin_token)
+    tenant_id, key = new_tenant(client, admin_token)
+    assert client.get("/v1/me", headers=bearer(key)).status_code == 200
+    resp = client.delete(f"/v1/admin/tenants/{tenant_id}", headers=admin)
+    assert resp.status_code == 200 and resp.json()["disabled_at"]
+    assert client.get("/v1/me", headers=bearer(key)).status_code == 401
+    again = client.post("/v1/admin/keys", json={"tenant": tenant_id}, headers=admin)
+    assert again.status_code == 409 and again.json()["error_code"] == "TENANT_DISABLED"
+    default = client.delete("/v1/admin/tenants/default", headers=admin)
+    assert default.status_code == 409 and default.json()["error_code"] == "TENANT_PROTECTED"
+    events = client.get(
+        "/v1/admin/audit", params={"tenant": tenant_id, "action": "tenant.disable"}, headers=admin
+    ).json()
+    assert events["count"] == 1 and events["data"][0]["detail"] == {"keys_revoked": 1}
+
+
+def test_import_prefixes_can_be_per_tenant(client, admin_token, env):
+    from tests.helpers import noise_image, png_bytes
+
+    tenant_a, key_a = new_tenant(client, admin_token)
+    _, key_b = new_tenant(client, admin_token)
+    name_a = client.get("/v1/me", headers=bearer(key_a)).json()["tenant_name"]
+    bucket = f"imports-{secrets.token_hex(3)}"
+    s3 = s3_client(env)
+    s3.create_bucket(Bucket=bucket)
+    for j, cls in enumerate(("ant", "bee")):
+        for i in range(3):
+            s3.put_object(
+                Bucket=bucket,
+                Key=f"{name_a}/insects/{cls}/{i}.png",
+                Body=png_bytes(noise_image(500 + i + 9 * j)),
+            )
+    app, _ = make_app(env, IMPORT_ALLOWED_PREFIXES=[f"s3://{bucket}/{{tenant}}/"])
+    source = {"source": f"s3://{bucket}/{name_a}/insects"}
+    with TestClient(app) as c:
+        theirs = c.post("/v1/datasets/import", json=source, headers=bearer(key_b))
+        assert theirs.status_code == 403 and theirs.json()["error_code"] == "IMPORT_NOT_ALLOWED"
+        mine = c.post("/v1/datasets/import", json=source, headers=bearer(key_a))
+        assert mine.status_code == 201, mine.text
+        assert mine.json()["num_images"] == 6
+        assert c.get(f"/v1/datasets/{mine.json()['id']}", headers=bearer(key_b)).status_code == 404
