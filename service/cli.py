@@ -204,33 +204,20 @@ def cmd_tenants(args: argparse.Namespace) -> int:
                 audit(session, None, "tenant.create", "tenant", tenant.id, "cli", limits, tenant.id)
                 session.commit()
                 print(f"created tenant {tenant.name} ({tenant.id})")
-            elif args.action == "disable":
+            elif args.action in ("disable", "set"):
                 found = get_tenant(session, args.name)
                 if found is None:
                     print(f"no tenant {args.name!r}")
                     return 2
-                revoked = disable_tenant(session, found)
-                audit(
-                    session,
-                    None,
-                    "tenant.disable",
-                    "tenant",
-                    found.id,
-                    "cli",
-                    {"keys_revoked": revoked},
-                    found.id,
-                )
+                if args.action == "disable":
+                    detail: dict[str, object] = {"keys_revoked": disable_tenant(session, found)}
+                else:
+                    set_limits(found, **limits)
+                    detail = dict(limits)
+                action = f"tenant.{'disable' if args.action == 'disable' else 'update'}"
+                audit(session, None, action, "tenant", found.id, "cli", detail, found.id)
                 session.commit()
-                print(f"disabled tenant {found.name}; {revoked} key(s) revoked")
-            elif args.action == "set":
-                found = get_tenant(session, args.name)
-                if found is None:
-                    print(f"no tenant {args.name!r}")
-                    return 2
-                set_limits(found, **limits)
-                audit(session, None, "tenant.update", "tenant", found.id, "cli", limits, found.id)
-                session.commit()
-                print(f"updated tenant {found.name}")
+                print(f"{args.action}: tenant {found.name} {detail}")
             else:
                 for t in session.scalars(select(Tenant).order_by(Tenant.name)):
                     print(
