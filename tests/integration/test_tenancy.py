@@ -495,6 +495,8 @@ def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env
     me = client.get("/v1/me", headers=bearer(token)).json()
     assert me["tenant_name"] == name and me["scopes"] == ["read"]
     assert me["limits"]["max_queued_jobs"] == 3
+    bad = cli("keys", "create", "--tenant", name, "--scopes", "root")
+    assert bad.returncode == 2 and "scopes" in bad.stdout
     assert cli("tenants", "set", name, "--max-queued-jobs", "5").returncode == 0
     assert client.get("/v1/me", headers=bearer(token)).json()["limits"]["max_queued_jobs"] == 5
     assert cli("keys", "revoke", token.split("_")[1]).returncode == 0
@@ -505,8 +507,6 @@ def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env
     assert disabled.returncode == 0 and "'keys_revoked': 1" in disabled.stdout
     assert client.get("/v1/me", headers=bearer(second)).status_code == 401
     assert cli("tenants", "disable", "default").returncode == 2
-    bad = cli("keys", "create", "--tenant", name, "--scopes", "root")
-    assert bad.returncode == 2 and "scopes" in bad.stdout
 
 
 def test_first_start_prints_an_admin_key_once(tmp_path, capsys):
