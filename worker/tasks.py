@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 TRANSIENT = (StorageError, sqlalchemy.exc.OperationalError)
 
 
+def checkpoint_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints/"
+
+
 class JobLost(RuntimeError):
     """This worker no longer owns the job (reclaimed, canceled or finished elsewhere)."""
 
@@ -58,8 +62,12 @@ class DbReporter(Callbacks):
         settings: Settings,
         total_epochs: int,
         deadline: float | None = None,
+        attempt: int = 1,
     ):
         self.job_id = job_id
+        # One key per attempt: a worker that lost the job (and has not noticed yet) can
+        # never overwrite the checkpoint of the worker that took it over.
+        self.checkpoint_key = f"{checkpoint_prefix(job_id)}attempt-{attempt}.pt"
         self.worker_id = worker_id
         self.settings = settings
         self.total_epochs = total_epochs
@@ -135,7 +143,7 @@ class DbReporter(Callbacks):
         briefly unreachable is retried; one that stays down costs this checkpoint only (the
         job trains on; a crash would resume from an older one)."""
         start = time.monotonic()
-        key = f"jobs/{self.job_id}/checkpoint.pt"
+        key = self.checkpoint_key
         with tempfile.NamedTemporaryFile(suffix=".pt") as f:
             torch.save(state, f.name)
             for attempt in range(1, 4):
@@ -152,6 +160,11 @@ class DbReporter(Callbacks):
             if not transitions.set_checkpoint(s, self.job_id, self.worker_id, key):
                 self.lost.set()
         self.checkpoint_seconds.append(time.monotonic() - start)
+
+    def checkpoint_on_stop(self) -> bool:
+        """Mid-epoch checkpoint only when the job will be resumed: the worker is shutting
+        down. Not on cancel (nothing resumes) nor when the job was lost (not ours)."""
+        return SHUTTING_DOWN.is_set() and not self.lost.is_set() and not self.cancel.is_set()
 
     def should_stop(self) -> bool:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -287,10 +300,13 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
             job.config.get("max_duration_seconds") or settings.job_max_duration_seconds
         )
         prior_seconds = job.run_seconds or 0.0
+        attempt = job.attempts
 
     attempt_started = time.monotonic()
     soft_deadline = attempt_started + max(0.0, max_duration - prior_seconds)
-    reporter = DbReporter(job_id, worker_id, settings, config.epochs, deadline=soft_deadline)
+    reporter = DbReporter(
+        job_id, worker_id, settings, config.epochs, deadline=soft_deadline, attempt=attempt
+    )
     heartbeat = Heartbeat(
         job_id,
         worker_id,
@@ -425,7 +441,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
                 done = transitions.succeed(s, job_id, worker_id, outcome)
             if not done:
                 raise JobLost(f"job {job_id} could not be recorded by {worker_id}")
-        store.delete_prefix(f"jobs/{job_id}/checkpoint.pt")  # one final model, not two
+        store.delete_prefix(checkpoint_prefix(job_id))  # one final model, not two
         status = "canceled" if canceled else "failed" if time_limited else "succeeded"
         log.info("job %s: %s: %s", job_id, limit_message if time_limited else status, result.best)
         return status

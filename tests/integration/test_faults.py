@@ -231,6 +231,10 @@ def test_sigterm_hands_the_job_back_and_another_worker_finishes_it(client, worke
     assert final["status"] == "succeeded" and final["attempts"] == 2
     epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
     assert epochs == [0, 1, 2, 3, 4, 5]
+    # It went on from the step where SIGTERM stopped it, not from the last whole epoch.
+    resumed = client.get(f"/v1/jobs/{job_id}/report").json()["training"]["resumed_from"]
+    assert resumed["phase"] == "fine_tune" and resumed["step"] >= 1, resumed
+    _checkpoint_gone(workers.env, job_id)
 
 
 def test_a_broker_redelivery_while_the_job_runs_does_not_train_it_twice(
@@ -394,7 +398,7 @@ def _checkpoint_gone(env, job_id):
 
     def gone():
         keys = _model_keys(env, job_id)
-        return keys if f"jobs/{job_id}/checkpoint.pt" not in keys else None
+        return keys if not any("/checkpoints/" in k for k in keys) else None
 
     return wait_for(gone, 30, "the checkpoint deleted")
 

@@ -223,3 +223,51 @@ def test_resuming_from_a_checkpoint_continues_exactly_where_training_stopped(dig
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)
     assert resumed.best["epoch"] == straight.best["epoch"]
+
+
+def test_a_mid_epoch_checkpoint_resumes_at_that_step_with_the_same_numbers(digits, tmp_path):
+    """A worker shutting down writes a checkpoint in the middle of an epoch; the resumed
+    run trains only the batches that were left and ends like one uninterrupted run."""
+    import torch
+
+    class Shutdown(Callbacks):
+        def __init__(self, stop_at_step=None):
+            self.states, self.stop_at, self.steps = [], stop_at_step, 0
+
+        def on_step(self, epoch, step, steps_per_epoch):
+            self.steps += 1
+
+        def on_checkpoint(self, state):
+            self.states.append(state)
+
+        def should_stop(self):
+            return self.stop_at is not None and self.steps >= self.stop_at
+
+        def checkpoint_on_stop(self):
+            return True
+
+    archive, index, tmp = digits
+    config = TrainConfig(
+        strategy="full", epochs=3, image_size=32, augmentation=AugmentConfig(hflip=False)
+    )
+    data = prepare(archive, index, config, tmp / "cache")
+    whole = Shutdown()
+    straight = fit(config, data, whole, num_workers=0)
+    per_epoch = whole.steps // 3
+    assert per_epoch >= 4
+
+    first = Shutdown(stop_at_step=per_epoch + 2)  # two steps into epoch 2
+    assert fit(config, data, first, num_workers=0).stopped
+    path = tmp_path / "mid.pt"
+    torch.save(first.states[-1], path)
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["partial"]["steps"]) == (1, 2)
+
+    second = Shutdown()
+    resumed = fit(config, data, second, num_workers=0, resume=state)
+    assert second.steps == 3 * per_epoch - (per_epoch + 2)  # only what was left
+    assert resumed.extra["resumed_from"] == {"phase": "fine_tune", "epoch": 1, "step": 2}
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)

@@ -25,3 +25,9 @@ class Callbacks:
     def should_stop(self) -> bool:
         """Polled between steps; True ends training after the current step."""
         return False
+
+    def checkpoint_on_stop(self) -> bool:
+        """Asked when `should_stop` ends training in the middle of an epoch: True writes a
+        mid-epoch checkpoint first (a worker handing its job back on shutdown), so the
+        resumed job goes on from that step instead of redoing the epoch."""
+        return False

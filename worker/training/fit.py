@@ -20,20 +20,20 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, TensorDataset
 
 from worker.training.augment import batch_mixing
 from worker.training.backbones import create_model
 from worker.training.callbacks import Callbacks
 from worker.training.config import TrainConfig
 from worker.training.data import PreparedData
-from worker.training.loop import EpochStats, predict, train_one_epoch
+from worker.training.loop import EpochSampler, EpochStats, predict, train_one_epoch
 from worker.training.metrics import classification_report
 from worker.training.optim import (
     LrPlan,
@@ -110,6 +110,9 @@ class _Control(Callbacks):
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         self.inner.on_checkpoint(state)
+
+    def checkpoint_on_stop(self) -> bool:
+        return self.inner.checkpoint_on_stop()
 
     def should_stop(self) -> bool:
         if self.inner.should_stop():
@@ -372,6 +375,8 @@ def fit(
         best.stale_epochs = int(resume["stale_epochs"])
         extra.update(resume["extra"])
         extra["resumed_from"] = {"phase": resume["phase"], "epoch": int(resume["epoch"])}
+        if resume.get("partial"):
+            extra["resumed_from"]["step"] = int(resume["partial"]["steps"])
     if resume is None and config.strategy in ("linear_probe", "lp_ft"):
         set_trainable(list(model.parameters()), False)
         set_trainable(list(model.get_classifier().parameters()), True)  # type: ignore[operator]
@@ -409,21 +414,19 @@ def _fine_tune(run: _Run) -> None:
     extra = run.extra
     train_set = data.train_set(config)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = None
+    weights = None
     if extra["class_balance"] == "balanced_sampler":
         labels = np.asarray(data.labels)[data.train_idx]
         counts = np.bincount(labels, minlength=len(data.classes)).astype(float)
-        sampler = WeightedRandomSampler(
-            (1.0 / counts[labels]).tolist(), len(labels), generator=generator
-        )
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    sampler = EpochSampler(len(train_set), generator, weights)
     batch_size = min(config.batch_size, len(train_set))
     train_loader = DataLoader(
         train_set,
         batch_size=batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         drop_last=len(train_set) > batch_size,  # no 1-image batch for BatchNorm
-        generator=generator if sampler is None else None,
+        generator=generator,  # the workers' base seed: drawn from it each epoch
         **loader_kwargs,
     )
     val_loader = DataLoader(data.val_set(config), batch_size=config.batch_size * 2, **loader_kwargs)
@@ -442,6 +445,7 @@ def _fine_tune(run: _Run) -> None:
     planned = config.epochs
     epoch = 0
     resume = run.resume
+    partial: dict[str, Any] | None = None
     if resume is not None and resume["phase"] == "fine_tune":
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -450,6 +454,7 @@ def _fine_tune(run: _Run) -> None:
         generator.set_state(resume["loader_rng"])
         torch.set_rng_state(resume["torch_rng"])
         epoch, planned = int(resume["epoch"]), int(resume["planned"])
+        partial = resume.get("partial")  # stopped in the middle of the next epoch
     started, first_epoch = time.monotonic(), epoch
     while epoch < planned:
         epoch += 1
@@ -458,6 +463,12 @@ def _fine_tune(run: _Run) -> None:
             for i, params in enumerate(stages):
                 set_trainable(params, i >= len(stages) - unfrozen)
         lr = optimizer.param_groups[-1]["lr"]
+        epoch_rng = generator.get_state()  # this epoch's order and worker seeds follow from it
+        done = None
+        if partial is not None:  # go on after the batches the checkpoint had trained on
+            done = EpochStats(**partial)
+            sampler.skip_next(done.steps * batch_size)
+            partial = None
         stats = train_one_epoch(
             train_model,
             train_loader,
@@ -472,8 +483,20 @@ def _fine_tune(run: _Run) -> None:
             mixing,
             config.grad_clip_norm,
             freeze_norm_stats=config.effective_freeze_norm_stats,
+            resume_from=done,
         )
         if stats.stopped and control.reason == "callback":
+            if control.checkpoint_on_stop():
+                run.checkpoint(
+                    "fine_tune",
+                    epoch - 1,  # epochs complete; `partial` is how far this one got
+                    planned=planned,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler else None,
+                    loader_rng=epoch_rng,
+                    partial=asdict(stats),
+                )
             break
         logits, targets = predict(train_model, val_loader, device, amp_dtype)
         report = classification_report(logits, targets, data.classes) if len(targets) else {}

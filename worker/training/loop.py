@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from worker.training.callbacks import Callbacks
 
@@ -21,6 +21,7 @@ class EpochStats:
     seconds: float
     data_seconds: float
     stopped: bool = False
+    steps: int = 0  # optimizer steps taken in this epoch (a resumed one included)
 
     @property
     def images_per_second(self) -> float:
@@ -30,6 +31,33 @@ class EpochStats:
     def loader_images_per_second(self) -> float:
         """How fast the input pipeline alone delivered (time spent waiting for batches)."""
         return self.images / self.data_seconds if self.data_seconds > 0 else float("inf")
+
+
+class EpochSampler(Sampler[int]):
+    """Each epoch a seeded permutation of the training set (or, with `weights`, a weighted
+    draw with replacement), like RandomSampler / WeightedRandomSampler with a generator;
+    and it can skip the first samples of the next epoch only, so that a job resumed from a
+    mid-epoch checkpoint gets exactly the batches it had not trained on yet."""
+
+    def __init__(
+        self, n: int, generator: torch.Generator, weights: torch.Tensor | None = None
+    ) -> None:
+        self.n, self.generator, self.weights = n, generator, weights
+        self._skip = 0
+
+    def skip_next(self, count: int) -> None:
+        self._skip = max(0, min(count, self.n))
+
+    def __len__(self) -> int:
+        return self.n - self._skip
+
+    def __iter__(self) -> Any:
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=self.generator)
+        else:
+            order = torch.multinomial(self.weights, self.n, True, generator=self.generator)
+        skip, self._skip = self._skip, 0
+        yield from order[skip:].tolist()
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
@@ -52,7 +80,10 @@ def train_one_epoch(
     mixing: Any = None,
     grad_clip_norm: float | None = None,
     freeze_norm_stats: bool = False,
+    resume_from: EpochStats | None = None,
 ) -> EpochStats:
+    """One pass over `loader`. `resume_from`: what a mid-epoch checkpoint recorded of this
+    epoch so far (its steps and sums); the loader then holds only the remaining batches."""
     model.train()
     if freeze_norm_stats:
         # Keep BatchNorm on its running statistics: the batch statistics of a small,
@@ -61,15 +92,17 @@ def train_one_epoch(
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     # Sums stay on the device: a .item() per step would force a sync on the GPU.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    steps = len(loader)
-    start = time.perf_counter()
-    data_seconds = 0.0
+    done = resume_from or EpochStats(0.0, 0.0, 0, 0.0, 0.0)
+    loss_sum = torch.full((), done.loss * done.images, device=device)
+    correct = torch.full((), round(done.accuracy * done.images), device=device, dtype=torch.long)
+    seen = done.images
+    steps = done.steps + len(loader)
+    start = time.perf_counter() - done.seconds
+    data_seconds = done.data_seconds
     stopped = False
+    step = done.steps
     fetch_start = time.perf_counter()
-    for step, (images, targets) in enumerate(loader, start=1):
+    for step, (images, targets) in enumerate(loader, start=done.steps + 1):
         data_seconds += time.perf_counter() - fetch_start
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -112,6 +145,7 @@ def train_one_epoch(
         seconds=seconds,
         data_seconds=data_seconds,
         stopped=stopped,
+        steps=step,
     )
 
 
