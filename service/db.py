@@ -74,15 +74,6 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         session.close()
 
 
-def get_session() -> Iterator[Session]:
-    """FastAPI dependency: one session per request."""
-    session = session_factory()()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
 def alembic_config(database_url: str) -> Any:
     from alembic.config import Config
 

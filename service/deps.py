@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.db import get_session
+from service.db import session_factory
 from service.errors import ErrorCode, ServiceError
 from service.settings import Settings, get_settings
 from service.storage import ObjectStore, get_store
 from service.tenancy import Principal
 
-SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _session(settings: SettingsDep) -> Iterator[Session]:
+    """One session per request, on the database of the settings in force."""
+    session = session_factory(settings)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(_session)]
 
 
 def _store(settings: SettingsDep) -> ObjectStore:
