@@ -137,6 +137,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Running time of earlier attempts (a resumed job's time limit counts all of them).
     run_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # When the reaper last sent a long-queued job's task again (its message may be lost).
+    resent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     cancel_mode: Mapped[str | None] = mapped_column(String(20))  # "discard" or "stop-and-keep"
 

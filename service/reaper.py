@@ -24,6 +24,15 @@ def reap_once(settings: Settings) -> tuple[list[str], list[str]]:
         queue.send_train(job_id, settings)
     for job_id in failed:
         log.error("job %s lost its worker on its last attempt: failed", job_id)
+    with session_scope(settings) as session:
+        resend = transitions.resend_long_queued(session, settings.queued_resend_seconds)
+    for job_id in resend:
+        log.warning(
+            "job %s still queued after %.0fs: task sent again",
+            job_id,
+            settings.queued_resend_seconds,
+        )
+        queue.send_train(job_id, settings)
     return requeue, failed
 
 

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    # A job still `queued` this long after it was sent gets its task sent again, in case
+    # the message was lost (a broker restart without persistence); duplicates are harmless.
+    queued_resend_seconds: float = Field(default=3600.0, gt=0)
     progress_interval_seconds: float = Field(default=2.0, ge=0)
     dataloader_workers: int = Field(default=-1, ge=-1)  # -1: sized to the host
     # Per-job time limits. A job may ask for less (`max_duration_seconds`), never more.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
@@ -140,6 +140,31 @@ def release(
         error_message=reason,
         run_seconds=Job.run_seconds + max(0.0, ran_seconds),
     )
+
+
+def resend_long_queued(session: Session, older_than_seconds: float) -> list[str]:
+    """Queued jobs nobody has claimed for `older_than_seconds` since they were sent (or last
+    resent): their message may have been lost (a broker restarted without persistence).
+    Stamped, so each is resent at most once per period; a duplicate is harmless (the claim
+    lets one copy train, the other exits). Returns the ids to send again."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    due = and_(
+        Job.status == JobStatus.QUEUED.value,
+        or_(Job.phase.is_(None), Job.phase != WAITING_FOR_SLOT),
+        func.coalesce(Job.resent_at, Job.created_at) < cutoff,
+    )
+    resend: list[str] = []
+    for job_id in session.scalars(select(Job.id).where(due).limit(1000)).all():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, due)
+            .values(resent_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            resend.append(job_id)
+    return resend
 
 
 def reap_stale(

@@ -488,3 +488,33 @@ def test_a_hung_job_is_failed_and_its_worker_killed_at_the_hard_limit(
         assert proxy.refused > 0
     finally:
         proxy.close()
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(fault_env, small_digits, tmp_path):
+    """The broker loses a queued job's message (a Redis restart without persistence): the
+    reaper sends it again after QUEUED_RESEND_SECONDS, and the job runs once."""
+    import redis
+
+    env = {**fault_env, "QUEUED_RESEND_SECONDS": "3"}
+    broker = redis.Redis.from_url(env["BROKER_URL"])
+    pool = Workers(env, tmp_path)
+    try:
+        with _app_client(env) as c:
+            job_id = submit(c, small_digits, epochs=1, strategy="linear_probe")
+            assert broker.llen(env["TASK_QUEUE"]) == 1
+            broker.delete(env["TASK_QUEUE"])  # the message is gone
+            wait_for(
+                lambda: any(job_id.encode() in m for m in broker.lrange(env["TASK_QUEUE"], 0, -1)),
+                30,
+                "the task sent again",
+            )
+            time.sleep(1.5)
+            assert broker.llen(env["TASK_QUEUE"]) == 1  # once per period, not every round
+            assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+            pool.start()
+            final = wait_job(
+                c, job_id, lambda j: j["status"] in ("succeeded", "failed"), 180, "done"
+            )
+            assert final["status"] == "succeeded" and final["attempts"] == 1
+    finally:
+        pool.stop_all()
