@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, select
@@ -75,6 +75,26 @@ def _tenant(session: SessionDep, ref: str) -> Tenant:
     return tenant
 
 
+def _audit_tenant(
+    session: SessionDep,
+    principal: AdminDep,
+    request: Request,
+    action: str,
+    tenant: Tenant,
+    detail: dict[str, Any],
+) -> None:
+    audit(
+        session,
+        principal,
+        f"tenant.{action}",
+        "tenant",
+        tenant.id,
+        client_of(request),
+        detail,
+        tenant_id=tenant.id,  # the tenant acted on, not the admin's own
+    )
+
+
 @me_router.get("/me", response_model=MePublic)
 def read_me(principal: ReadDep, session: SessionDep, settings: SettingsDep) -> MePublic:
     """Who this key is: its tenant, scopes, the limits in force and what is used of them."""
@@ -103,16 +123,7 @@ def create_tenant_route(
         tenant = create_tenant(session, body.name, **limits)
     except TenancyError as exc:
         raise ServiceError(ErrorCode.TENANT_EXISTS, str(exc)) from exc
-    audit(
-        session,
-        principal,
-        "tenant.create",
-        "tenant",
-        tenant.id,
-        client_of(request),
-        limits,
-        tenant_id=tenant.id,
-    )
+    _audit_tenant(session, principal, request, "create", tenant, limits)
     session.commit()
     return tenant_public(session, tenant, settings)
 
@@ -143,16 +154,7 @@ def update_tenant_limits(
     row = _tenant(session, tenant)
     changes = body.model_dump(exclude_unset=True)
     set_limits(row, **changes)
-    audit(
-        session,
-        principal,
-        "tenant.update",
-        "tenant",
-        row.id,
-        client_of(request),
-        changes,
-        tenant_id=row.id,
-    )
+    _audit_tenant(session, principal, request, "update", row, changes)
     session.commit()
     return tenant_public(session, row, settings)
 
@@ -172,16 +174,7 @@ def disable_tenant_route(
         revoked = disable_tenant(session, row)
     except TenancyError as exc:
         raise ServiceError(ErrorCode.TENANT_PROTECTED, str(exc)) from exc
-    audit(
-        session,
-        principal,
-        "tenant.disable",
-        "tenant",
-        row.id,
-        client_of(request),
-        {"keys_revoked": revoked},
-        tenant_id=row.id,
-    )
+    _audit_tenant(session, principal, request, "disable", row, {"keys_revoked": revoked})
     session.commit()
     return tenant_public(session, row, settings)
 
