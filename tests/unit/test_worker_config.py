@@ -61,3 +61,22 @@ def test_a_visibility_timeout_shorter_than_the_hard_limit_is_warned_about():
     conf = probe(BROKER_VISIBILITY_TIMEOUT_SECONDS="60", JOB_MAX_DURATION_SECONDS="3600")
     assert conf["visibility"] == 60
     assert any("BROKER_VISIBILITY_TIMEOUT_SECONDS (60)" in w for w in conf["warnings"])
+
+
+def test_the_gpu_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_path.py is what a session with a GPU runs first: keep it working
+    (here on the CPU, tiny)."""
+    out = tmp_path / "gpu.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu_path.py", "--device", "cpu", "--backbone", "resnet18"]
+        + ["--image-size", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1"]
+        + ["--json", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())
+    assert set(figures["variants"]) >= {"fp32", "fp32 + channels_last"}
+    assert all(v["images_per_second"] > 0 for v in figures["variants"].values())
+    assert figures["worker_path"]["amp_dtype"] == "fp32"  # no autocast on the CPU
