@@ -21,9 +21,10 @@ from service.settings import Settings
 from service.tenancy import (
     ANONYMOUS_ADMIN,
     AuthFailure,
+    Limits,
     Principal,
     resolve_token,
-    storage_used,
+    storage_overrun,
     tenant_limits,
 )
 
@@ -75,8 +76,8 @@ class Authenticate:
 
     def _resolve(
         self, authorization: str | None, upload_bytes: int | None
-    ) -> tuple[Principal, int, str | None]:
-        """(principal, its rate limit, why an announced upload cannot fit its storage)."""
+    ) -> tuple[Principal, Limits, str | None]:
+        """(principal, its tenant's limits, why an announced upload cannot fit its storage)."""
         with session_scope(self.settings) as session:
             principal = (
                 resolve_token(session, authorization)[0]
@@ -84,19 +85,20 @@ class Authenticate:
                 else ANONYMOUS_ADMIN
             )
             limits = tenant_limits(session, principal.tenant_id, self.settings)
-            over = None
-            if upload_bytes is not None:
-                used = storage_used(session, principal.tenant_id)
-                # Content-Length includes the multipart framing: allow for it here; the
-                # route checks the exact file size once it is read.
-                if used + upload_bytes - MULTIPART_SLACK > limits.max_storage_bytes:
-                    over = (
-                        f"this upload ({upload_bytes} bytes) would take your datasets to "
-                        f"{used + upload_bytes} bytes, over your tenant's storage limit of "
-                        f"{limits.max_storage_bytes} bytes (max_storage_bytes); delete datasets "
-                        "you no longer need or ask an admin to raise the limit"
-                    )
-            return principal, limits.rate_limit_per_minute, over
+            # Content-Length includes the multipart framing: allow for it here; the route
+            # checks the exact file size once it is read.
+            over = (
+                storage_overrun(
+                    session,
+                    principal.tenant_id,
+                    limits.max_storage_bytes,
+                    upload_bytes,
+                    MULTIPART_SLACK,
+                )
+                if upload_bytes is not None
+                else None
+            )
+            return principal, limits, over
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -118,7 +120,7 @@ class Authenticate:
             else None
         )
         try:
-            principal, per_minute, over = await anyio.to_thread.run_sync(
+            principal, limits, over = await anyio.to_thread.run_sync(
                 self._resolve, authorization, upload_bytes
             )
         except AuthFailure as exc:
@@ -130,6 +132,7 @@ class Authenticate:
                 {"WWW-Authenticate": 'Bearer realm="finetune"'},
             )
             return
+        per_minute = limits.rate_limit_per_minute
         wait = self.limiter.take(principal.tenant_id, per_minute)
         if wait > 0:
             await send_error(
@@ -146,4 +149,5 @@ class Authenticate:
             return
         state: dict[str, Any] = scope.setdefault("state", {})
         state["principal"] = principal
+        state["limits"] = limits  # the routes enforce the others without reading them again
         await self.app(scope, receive, send)

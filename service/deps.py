@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db import session_factory
 from service.errors import ErrorCode, ServiceError
 from service.settings import Settings, get_settings
 from service.storage import ObjectStore, get_store
-from service.tenancy import Principal
+from service.tenancy import Limits, Principal
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -68,6 +69,12 @@ def require(scope: str) -> Callable[[Principal], Principal]:
     return check
 
 
+def _limits(request: Request, _: Annotated[Principal, Depends(_principal)]) -> Limits:
+    """The caller's tenant limits, read once per request by the Authenticate middleware."""
+    return request.state.limits  # type: ignore[no-any-return]
+
+
+LimitsDep = Annotated[Limits, Depends(_limits)]
 ReadDep = Annotated[Principal, Depends(require("read"))]
 WriteDep = Annotated[Principal, Depends(require("write"))]
 AdminDep = Annotated[Principal, Depends(require("admin"))]
@@ -78,6 +85,25 @@ AdminDep = Annotated[Principal, Depends(require("admin"))]
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,100}$"
 PathId = Annotated[str, Path(pattern=ID_PATTERN, max_length=100)]
 QueryId = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=100)]
+
+
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
+
+
+def page(
+    session: Session,
+    model: type[Any],
+    where: list[Any],
+    order_by: tuple[Any, ...],
+    limit: int,
+    offset: int,
+) -> tuple[Sequence[Any], int]:
+    """One page of `model` rows matching every condition in `where`, and the total count."""
+    rows = session.scalars(
+        select(model).where(*where).order_by(*order_by).limit(limit).offset(offset)
+    ).all()
+    count = session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+    return rows, count
 
 
 def client_of(request: Request) -> str | None:

@@ -84,6 +84,21 @@ def storage_used(session: Session, tenant_id: str) -> int:
     )
 
 
+def storage_overrun(
+    session: Session, tenant_id: str, limit: int, adding: int, slack: int = 0
+) -> str | None:
+    """Why adding `adding` bytes of datasets would break the tenant's storage limit, or None.
+    `slack`: bytes of the announced size that are not data (multipart framing)."""
+    used = storage_used(session, tenant_id)
+    if used + adding - slack <= limit:
+        return None
+    return (
+        f"this dataset ({adding} bytes) would take your datasets to {used + adding} bytes, "
+        f"over your tenant's storage limit of {limit} bytes (max_storage_bytes); delete "
+        "datasets you no longer need or ask an admin to raise the limit"
+    )
+
+
 def count_jobs(session: Session, tenant_id: str, statuses: tuple[str, ...]) -> int:
     return int(
         session.scalar(

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -241,8 +242,6 @@ class Heartbeat(threading.Thread):
 
 def _main_thread_frame() -> Any:
     """Where the main thread is stuck, for the failed job's traceback."""
-    import sys
-
     return sys._current_frames().get(threading.main_thread().ident or 0)
 
 
@@ -372,25 +371,25 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
                 log.warning("job %s handed back on shutdown; resumes from its checkpoint", job_id)
             return "interrupted"
         canceled = reporter.cancel.is_set()
-        with session_scope(settings) as s:
-            mode = s.scalar(select(Job.cancel_mode).where(Job.id == job_id))
-        if canceled and (mode != "stop-and-keep" or not result.best):
-            store.delete_prefix(f"jobs/{job_id}")
-            with session_scope(settings) as s:
-                transitions.finish_canceled(s, job_id, worker_id, None)
-            log.info("job %s canceled; nothing kept", job_id)
-            return "canceled"
         time_limited = reporter.time_limited.is_set() and not canceled
         limit_message = (
             f"the job reached its time limit of {max_duration:g}s (max_duration_seconds) "
             f"in epoch {reporter.epoch}; "
             + ("the best model so far is kept" if result.best else "no epoch had finished")
         )
-        if time_limited and not result.best:
+        keep = bool(result.best)
+        if canceled:
+            with session_scope(settings) as s:
+                keep &= s.scalar(select(Job.cancel_mode).where(Job.id == job_id)) == "stop-and-keep"
+        if (canceled or time_limited) and not keep:  # ends with nothing to download
             store.delete_prefix(f"jobs/{job_id}")
             with session_scope(settings) as s:
-                transitions.finish_time_limited(s, job_id, worker_id, None, limit_message)
-            return "failed"
+                if canceled:
+                    transitions.finish_canceled(s, job_id, worker_id, None)
+                else:
+                    transitions.finish_time_limited(s, job_id, worker_id, None, limit_message)
+            log.info("job %s %s; nothing kept", job_id, "canceled" if canceled else "timed out")
+            return "canceled" if canceled else "failed"
 
         reporter.on_phase("exporting")
         metadata = build_metadata(
@@ -454,11 +453,10 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         # Storage or database briefly unreachable: hand the job back and retry it later
         # (from its checkpoint), within the attempt budget.
         with session_scope(settings) as s:
-            attempts = s.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
-            if attempts < settings.max_attempts and transitions.release(
+            if attempt < settings.max_attempts and transitions.release(
                 s, job_id, worker_id, f"transient failure: {type(exc).__name__}: {exc}", ran()
             ):
-                delay = min(60.0, 5.0 * attempts)
+                delay = min(60.0, 5.0 * attempt)
                 send_train(job_id, settings, countdown=delay)
                 log.warning("job %s: transient failure (%s); retrying in %.0fs", job_id, exc, delay)
                 return "retrying"
@@ -466,7 +464,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
                 s,
                 job_id,
                 code=_error_code(exc),
-                message=f"{type(exc).__name__}: {exc} (after {attempts} attempts)",
+                message=f"{type(exc).__name__}: {exc} (after {attempt} attempts)",
                 traceback=traceback.format_exc(),
                 worker_id=worker_id,
             )

@@ -6,10 +6,19 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import func, select
 
 from service.db import as_utc
-from service.deps import AdminDep, PathId, QueryId, ReadDep, SessionDep, SettingsDep, client_of
+from service.deps import (
+    AdminDep,
+    Offset,
+    PathId,
+    QueryId,
+    ReadDep,
+    SessionDep,
+    SettingsDep,
+    client_of,
+    page,
+)
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.models import ApiKey, AuditEvent, Tenant
 from service.schemas import (
@@ -134,10 +143,9 @@ def list_tenants(
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: Offset = 0,
 ) -> TenantsPublic:
-    rows = session.scalars(select(Tenant).order_by(Tenant.name).limit(limit).offset(offset)).all()
-    count = session.scalar(select(func.count()).select_from(Tenant)) or 0
+    rows, count = page(session, Tenant, [], (Tenant.name,), limit, offset)
     return TenantsPublic(data=[tenant_public(session, t, settings) for t in rows], count=count)
 
 
@@ -209,18 +217,12 @@ def list_keys(
     session: SessionDep,
     tenant: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: Offset = 0,
 ) -> KeysPublic:
-    query = select(ApiKey)
-    count_query = select(func.count()).select_from(ApiKey)
-    if tenant is not None:
-        tenant_id = _tenant(session, tenant).id
-        query = query.where(ApiKey.tenant_id == tenant_id)
-        count_query = count_query.where(ApiKey.tenant_id == tenant_id)
-    rows = session.scalars(
-        query.order_by(ApiKey.created_at.desc(), ApiKey.id).limit(limit).offset(offset)
-    ).all()
-    return KeysPublic(data=[key_public(k) for k in rows], count=session.scalar(count_query) or 0)
+    where = [] if tenant is None else [ApiKey.tenant_id == _tenant(session, tenant).id]
+    order = (ApiKey.created_at.desc(), ApiKey.id)
+    rows, count = page(session, ApiKey, where, order, limit, offset)
+    return KeysPublic(data=[key_public(k) for k in rows], count=count)
 
 
 @router.delete("/keys/{key_id}", status_code=204, response_class=Response)
@@ -251,19 +253,15 @@ def list_audit_events(
     tenant: QueryId = None,
     action: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: Offset = 0,
 ) -> AuditEventsPublic:
     """Newest first: key and tenant changes, dataset and job creation and deletion, cancels,
     model downloads; each with the key that did it and the client address."""
-    query = select(AuditEvent)
-    count_query = select(func.count()).select_from(AuditEvent)
+    where = []
     if tenant is not None:
-        tenant_id = _tenant(session, tenant).id
-        query = query.where(AuditEvent.tenant_id == tenant_id)
-        count_query = count_query.where(AuditEvent.tenant_id == tenant_id)
+        where.append(AuditEvent.tenant_id == _tenant(session, tenant).id)
     if action is not None:
-        query = query.where(AuditEvent.action == action)
-        count_query = count_query.where(AuditEvent.action == action)
-    rows = session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit).offset(offset)).all()
+        where.append(AuditEvent.action == action)
+    rows, count = page(session, AuditEvent, where, (AuditEvent.id.desc(),), limit, offset)
     data = [AuditEventPublic.model_validate(r, from_attributes=True) for r in rows]
-    return AuditEventsPublic(data=data, count=session.scalar(count_query) or 0)
+    return AuditEventsPublic(data=data, count=count)

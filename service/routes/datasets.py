@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from service.db import utcnow
-from service.deps import PathId, ReadDep, SessionDep, SettingsDep, StoreDep, WriteDep, client_of
+from service.deps import (
+    LimitsDep,
+    Offset,
+    PathId,
+    ReadDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    WriteDep,
+    client_of,
+    page,
+)
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive, ingest_s3_prefix
 from service.ingest.thumbnails import samples_png
@@ -29,7 +40,8 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.storage import S3ObjectStore, StorageError
-from service.tenancy import Principal, audit, storage_used, tenant_limits
+from service.tenancy import Limits as TenantLimits
+from service.tenancy import Principal, audit, storage_overrun
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
@@ -85,33 +97,27 @@ def content_hash(report: IngestReport) -> str:
 
 
 def check_storage_quota(
-    session: SessionDep, settings: Settings, principal: Principal, adding: int
+    session: SessionDep, principal: Principal, limits: TenantLimits, adding: int
 ) -> None:
     """403 STORAGE_LIMIT if `adding` bytes would take the tenant past its storage limit."""
-    limit = tenant_limits(session, principal.tenant_id, settings).max_storage_bytes
-    used = storage_used(session, principal.tenant_id)
-    if used + adding > limit:
-        raise ServiceError(
-            ErrorCode.STORAGE_LIMIT,
-            f"this dataset ({adding} bytes) would take your datasets to {used + adding} bytes, "
-            f"over your tenant's storage limit of {limit} bytes (max_storage_bytes); delete "
-            "datasets you no longer need or ask an admin to raise the limit",
-        )
+    over = storage_overrun(session, principal.tenant_id, limits.max_storage_bytes, adding)
+    if over is not None:
+        raise ServiceError(ErrorCode.STORAGE_LIMIT, over)
 
 
 def store_dataset(
+    request: Request,
     session: SessionDep,
-    settings: Settings,
     store: StoreDep,
     principal: Principal,
     report: IngestReport,
     images_zip: Path,
     name: str,
     size_bytes: int,
-    client: str | None,
 ) -> Dataset:
-    """Write the checked dataset: objects first, then the row; undo the objects on failure."""
-    check_storage_quota(session, settings, principal, size_bytes)
+    """Write the checked dataset: objects first, then the row; undo the objects on failure.
+    The caller has checked the tenant's storage limit."""
+    client = client_of(request)
     ds_id = new_id("ds")
     prefix = f"datasets/{ds_id}"
     ds = Dataset(
@@ -169,6 +175,7 @@ def store_dataset(
 def create_dataset(
     request: Request,
     principal: WriteDep,
+    limits: LimitsDep,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -181,7 +188,7 @@ def create_dataset(
     is stored; files that cannot be used are listed in `rejected` / `skipped`."""
     src = file.file  # spooled to disk by the multipart parser past 1 MiB
     size = src.seek(0, 2)
-    check_storage_quota(session, settings, principal, size)  # before any decoding
+    check_storage_quota(session, principal, limits, size)  # before any decoding
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         images_zip = Path(tmp) / "images.zip"
         report = ingest_archive(src, images_zip, limits_from(settings))
@@ -189,15 +196,7 @@ def create_dataset(
         for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
             stem = stem.removesuffix(suffix)
         ds = store_dataset(
-            session,
-            settings,
-            store,
-            principal,
-            report,
-            images_zip,
-            name or stem,
-            size,
-            client_of(request),
+            request, session, store, principal, report, images_zip, name or stem, size
         )
     return dataset_public(ds)
 
@@ -206,6 +205,7 @@ def create_dataset(
 def import_dataset(
     request: Request,
     principal: WriteDep,
+    limits: LimitsDep,
     body: DatasetImport,
     session: SessionDep,
     settings: SettingsDep,
@@ -230,17 +230,9 @@ def import_dataset(
         images_zip = Path(tmp) / "images.zip"
         report = ingest_s3_prefix(store.client, body.source, images_zip, limits_from(settings))
         name = body.name or source.rstrip("/").rsplit("/", 1)[-1]
-        ds = store_dataset(
-            session,
-            settings,
-            store,
-            principal,
-            report,
-            images_zip,
-            name,
-            images_zip.stat().st_size,
-            client_of(request),
-        )
+        size = images_zip.stat().st_size
+        check_storage_quota(session, principal, limits, size)
+        ds = store_dataset(request, session, store, principal, report, images_zip, name, size)
     return dataset_public(ds)
 
 
@@ -257,13 +249,11 @@ def list_datasets(
     principal: ReadDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: Offset = 0,
 ) -> DatasetsPublic:
-    live = Dataset.deleted_at.is_(None) & (Dataset.tenant_id == principal.tenant_id)
-    rows = session.scalars(
-        select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)
-    ).all()
-    count = session.scalar(select(func.count()).select_from(Dataset).where(live)) or 0
+    live = [Dataset.deleted_at.is_(None), Dataset.tenant_id == principal.tenant_id]
+    order = (Dataset.created_at.desc(), Dataset.id)
+    rows, count = page(session, Dataset, live, order, limit, offset)
     return DatasetsPublic(data=[dataset_public(d) for d in rows], count=count)
 
 

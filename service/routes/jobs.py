@@ -5,12 +5,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from service import queue, transitions
 from service.backbones import BACKBONES
 from service.db import as_utc, utcnow
 from service.deps import (
+    LimitsDep,
+    Offset,
     PathId,
     QueryId,
     ReadDep,
@@ -19,6 +21,7 @@ from service.deps import (
     StoreDep,
     WriteDep,
     client_of,
+    page,
 )
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.models import Job, JobMetric, JobStatus, new_id
@@ -35,7 +38,7 @@ from service.schemas import (
     MetricsPublic,
     Progress,
 )
-from service.tenancy import ACTIVE, Principal, audit, count_jobs, tenant_limits
+from service.tenancy import ACTIVE, Principal, audit, count_jobs
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -114,6 +117,7 @@ def create_job(
     request: Request,
     body: JobCreate,
     principal: WriteDep,
+    limits: LimitsDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> JobPublic:
@@ -123,7 +127,6 @@ def create_job(
     except ServiceError as exc:
         exc.detail += "; upload one with POST /v1/datasets"
         raise
-    limits = tenant_limits(session, principal.tenant_id, settings)
     waiting = count_jobs(session, principal.tenant_id, ACTIVE)
     if waiting >= limits.max_queued_jobs:
         raise ServiceError(
@@ -201,21 +204,15 @@ def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     dataset_id: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: Offset = 0,
 ) -> JobsPublic:
-    mine = Job.tenant_id == principal.tenant_id
-    query = select(Job).where(mine)
-    count_query = select(func.count()).select_from(Job).where(mine)
+    where = [Job.tenant_id == principal.tenant_id]
     if status is not None:
-        query = query.where(Job.status == status.value)
-        count_query = count_query.where(Job.status == status.value)
+        where.append(Job.status == status.value)
     if dataset_id is not None:
-        query = query.where(Job.dataset_id == dataset_id)
-        count_query = count_query.where(Job.dataset_id == dataset_id)
-    rows = session.scalars(
-        query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    ).all()
-    return JobsPublic(data=[job_public(j) for j in rows], count=session.scalar(count_query) or 0)
+        where.append(Job.dataset_id == dataset_id)
+    rows, count = page(session, Job, where, (Job.created_at.desc(), Job.id), limit, offset)
+    return JobsPublic(data=[job_public(j) for j in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
