@@ -32,10 +32,6 @@ class ObjectStore(ABC):
     def put_file(self, key: str, path: Path) -> None: ...
 
     @abstractmethod
-    def put_stream(self, key: str, fileobj: BinaryIO) -> None:
-        """Store a readable binary file object from its current position, streaming."""
-
-    @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
@@ -103,9 +99,6 @@ class LocalObjectStore(ObjectStore):
                 shutil.copyfileobj(src, out, CHUNK)
 
         self._write_atomic(key, fill)
-
-    def put_stream(self, key: str, fileobj: BinaryIO) -> None:
-        self._write_atomic(key, lambda out: shutil.copyfileobj(fileobj, out, CHUNK))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda out: out.write(data))
@@ -219,13 +212,6 @@ class S3ObjectStore(ObjectStore):
         # upload_file streams in parts; S3 makes the object visible only when complete.
         try:
             self.client.upload_file(str(path), self.bucket, _check_key(key))
-        except self._errors() as exc:
-            raise StorageError(f"upload of {key!r} failed: {exc}") from exc
-
-    def put_stream(self, key: str, fileobj: BinaryIO) -> None:
-        self.ensure_bucket()
-        try:
-            self.client.upload_fileobj(fileobj, self.bucket, _check_key(key))
         except self._errors() as exc:
             raise StorageError(f"upload of {key!r} failed: {exc}") from exc
 

@@ -177,8 +177,15 @@ class _Layout:
         self, image_names: list[str], manifest: tuple[str, dict[str, tuple[str, str | None]]] | None
     ):
         self.top = _common_top(image_names) if image_names else None
-        self.manifest = manifest[1] if manifest else None
-        self.manifest_dir = str(PurePosixPath(manifest[0]).parent) if manifest else ""
+        # Keyed by full archive path: manifest paths are relative to the manifest's folder.
+        self.manifest = (
+            {
+                PurePosixPath(PurePosixPath(manifest[0]).parent, p).as_posix(): place
+                for p, place in manifest[1].items()
+            }
+            if manifest
+            else None
+        )
         rel = [self.relative(n) for n in image_names]
         firsts = {r.split("/", 1)[0].lower() for r in rel if "/" in r}
         if self.manifest is not None:
@@ -194,8 +201,7 @@ class _Layout:
     def locate(self, name: str) -> tuple[str, str | None] | str:
         """(class, split), or the reason the image has no place."""
         if self.manifest is not None:
-            key = name[len(self.manifest_dir) + 1 :] if self.manifest_dir not in ("", ".") else name
-            found = self.manifest.get(key)
+            found = self.manifest.get(name)
             return found if found else "not listed in the manifest"
         rel = self.relative(name)
         parts = rel.split("/")
@@ -352,9 +358,7 @@ def _ingest(archive: Archive | S3Prefix, out_zip: Path, limits: Limits) -> Inges
             )
             class_of.append(cls)
     if layout.kind == "manifest" and layout.manifest is not None:
-        listed = {
-            PurePosixPath(layout.manifest_dir, p).as_posix().lstrip("./") for p in layout.manifest
-        }
+        listed = set(layout.manifest)
         present = {a["source"] for a in accepted} | {r["path"] for r in rejected}
         for missing in sorted(listed - present - {s["path"] for s in skipped})[:MAX_LISTED]:
             rejected.append(

@@ -316,7 +316,6 @@ def preview_augmentations(
     dataset_id: PathId,
     principal: ReadDep,
     session: SessionDep,
-    settings: SettingsDep,
     store: StoreDep,
     preset: Literal["none", "light", "standard", "strong"] = "light",
     hflip: bool = True,

@@ -165,6 +165,21 @@ def test_manifest_entries_missing_from_the_archive_are_listed(ingest):
     } in report.rejected
 
 
+def test_a_manifest_in_a_subfolder_labels_only_the_images_under_it(ingest):
+    """Paths in `sub/labels.csv` are relative to `sub/`: `other/b0.png` is not `sub/r/b0.png`."""
+    rows = "path,label\n" + "".join(f"r/{c}{i}.png,{c}\n" for c in "ab" for i in range(2))
+    files = [
+        (f"sub/r/{c}{i}.png", png_bytes(noise_image(200 + 3 * i + ord(c))))
+        for c in "ab"
+        for i in range(2)
+    ]
+    decoy = ("other/b0.png", png_bytes(noise_image(999)))
+    report = ingest(make_zip([*files, ("sub/labels.csv", rows.encode()), decoy]))
+    assert sorted(e["source"] for e in report.entries) == [p for p, _ in sorted(files)]
+    assert {"path": "other/b0.png", "reason": "not listed in the manifest"} in report.skipped
+    assert not [r for r in report.rejected if "listed in the manifest" in r["reason"]]
+
+
 # --- image formats and modes -----------------------------------------------------------
 
 

@@ -59,6 +59,11 @@ def _full_checkpoint(marker: Path) -> dict:
         "best_state": None,
         "stale_epochs": 0,
         "extra": {},
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {"last_epoch": 3},
+        "loader_rng": torch.Generator().get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "planned": 3,
     }
 
 
@@ -157,6 +162,18 @@ def test_load_checkpoint_refuses_data_that_is_not_a_checkpoint(tmp_path: Path, o
     torch.save(obj, tmp_path / "other.pt")
     with pytest.raises(CheckpointRefused, match="refused"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_fine_tuning_checkpoint_without_its_optimizer_is_refused_not_crashed_on(
+    tmp_path: Path,
+):
+    """fit would raise KeyError half-way into the resume: refuse it up front instead, so the
+    job trains from the start."""
+    state = _full_checkpoint(tmp_path / "PWNED")
+    del state["evil"], state["optimizer"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(CheckpointRefused, match="missing optimizer"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 # --- pretrained weights (worker/training/weights.py) ----------------------------------------

@@ -26,6 +26,8 @@ REQUIRED_KEYS = (
     "stale_epochs",
     "extra",
 )
+# And, to go on fine-tuning (`_fine_tune`), the optimizer, schedule and RNG states.
+FINE_TUNE_KEYS = ("optimizer", "scheduler", "loader_rng", "torch_rng", "planned")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -66,7 +68,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is not a valid weights-only checkpoint and was refused "
             f"(it holds a {type(obj).__name__}, not a dict)"
         )
-    missing = [key for key in REQUIRED_KEYS if key not in obj]
+    required = REQUIRED_KEYS + (FINE_TUNE_KEYS if obj.get("phase") == "fine_tune" else ())
+    missing = [key for key in required if key not in obj]
     if missing:
         raise CheckpointRefused(
             f"{path} is not a valid weights-only checkpoint and was refused "

@@ -11,8 +11,6 @@ from typing import Any
 
 from service.backbones import BACKBONES, BackboneSpec
 
-STRATEGIES = ("lp_ft", "full", "linear_probe", "gradual")
-PRESETS = ("none", "light", "standard", "strong")
 # Default backbone LR multiplier per strategy (head LR x this).
 DEFAULT_BACKBONE_LR_MULT = {"full": 1.0, "lp_ft": 0.5, "gradual": 0.5, "linear_probe": 0.0}
 
