@@ -19,6 +19,7 @@ from service.db import session_scope
 from service.models import Dataset
 from service.settings import get_settings
 from service.storage import get_store
+from worker.datasets import fetch_dataset
 from worker.training.augment import batch_mixing, train_transform
 from worker.training.config import AugmentConfig, TrainConfig
 from worker.training.data import resize_center_crop
@@ -50,10 +51,7 @@ def render(dataset_id: str, augmentation: dict, image_size: int, seed: int, samp
         if ds is None:
             raise SystemExit(f"dataset {dataset_id} not found")
         archive_key, index_key, classes = ds.archive_key, ds.index_key, list(ds.classes)
-    cache = settings.resolved_worker_cache_dir / "datasets" / dataset_id / "images.zip"
-    if not cache.is_file():
-        store.get_file(archive_key, cache)
-    index = json.loads(store.get_bytes(index_key))
+    cache, index = fetch_dataset(settings, store, dataset_id, archive_key, index_key)
     config = TrainConfig(
         image_size=image_size, seed=seed, augmentation=AugmentConfig(**augmentation)
     )

@@ -3,7 +3,6 @@ claim the job, build its inputs, call `fit`, record the outcome."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from service.queue import TRAIN_TASK, send_train
 from service.settings import Settings, get_settings
 from service.storage import StorageError, StorageNotFound, get_store
 from worker.celery_app import SHUTTING_DOWN, app
+from worker.datasets import fetch_dataset
 from worker.training.callbacks import Callbacks
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.config import TrainConfig
@@ -321,13 +321,9 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
         store = get_store(settings)
-        cache_dir = settings.resolved_worker_cache_dir / "datasets" / dataset_id
-        archive = cache_dir / "images.zip"
         reporter.on_phase("preparing")
-        if not archive.is_file():
-            store.get_file(archive_key, archive)
-        index = json.loads(store.get_bytes(index_key))
-        data = prepare(archive, index, config, cache_dir)
+        archive, index = fetch_dataset(settings, store, dataset_id, archive_key, index_key)
+        data = prepare(archive, index, config, archive.parent)
         resume = None
         if checkpoint_key and store.exists(checkpoint_key):
             ckpt = workdir / "resume.pt"

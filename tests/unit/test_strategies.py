@@ -55,6 +55,18 @@ def test_lp_ft_probes_first_and_keeps_the_probe_if_fine_tuning_is_worse(digits):
     assert result.extra["probe"]["feature_seconds"] > 0
 
 
+def test_lp_ft_delivers_the_probe_when_fine_tuning_makes_it_worse(digits):
+    """BatchNorm on batch statistics and a 10x backbone LR wreck the probed features: the
+    fine-tuned epoch is worse, so the model delivered must be the probe's."""
+    result = run(digits, strategy="lp_ft", epochs=1, freeze_norm_stats=False, backbone_lr_mult=10)
+    probe, tuned = result.history
+    assert tuned["val_accuracy"] < probe["val_accuracy"], result.history  # the premise
+    assert result.best["phase"] == "probe" and result.best["epoch"] == 0
+    assert result.report["validation"]["top1_accuracy"] == pytest.approx(
+        probe["val_accuracy"], abs=1e-6
+    )
+
+
 def test_linear_probe_epochs_cost_a_fraction_of_full_epochs(digits):
     probe = run(digits, strategy="linear_probe", epochs=5)
     full = run(digits, strategy="full", epochs=1)

@@ -171,6 +171,17 @@ def _epoch_metrics(
     }
 
 
+def _cpu_copy(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples in which every tensor is a CPU copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.copy(obj)
+
+
 @dataclass
 class _Run:
     """What the phases of one `fit` share."""
@@ -190,15 +201,13 @@ class _Run:
 
     def checkpoint(self, phase: str, epoch: int, **training: Any) -> None:
         """Hand the callbacks a resumable snapshot (CPU tensors, plain containers)."""
-
-        def cpu(sd: dict[str, Any]) -> dict[str, Any]:
-            return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-
+        if type(self.control.inner).on_checkpoint is Callbacks.on_checkpoint:
+            return  # nobody keeps checkpoints (benchmarks, plain `fit` calls): build none
         state: dict[str, Any] = {
             "version": 1,
             "phase": phase,
             "epoch": epoch,
-            "model": cpu(self.model.state_dict()),
+            "model": _cpu_copy(self.model.state_dict()),
             "best_metrics": dict(self.best.metrics),
             "best_state": self.best.state,
             "stale_epochs": self.best.stale_epochs,
@@ -206,8 +215,9 @@ class _Run:
             "extra": {k: v for k, v in self.extra.items() if k != "resumed_from"},
             "torch_rng": torch.get_rng_state(),
         }
-        # A snapshot: optimizer state_dicts hold the live tensors, which the next step mutates.
-        state.update(copy.deepcopy(training))
+        # A snapshot: optimizer state_dicts hold the live tensors, which the next step mutates;
+        # copied straight to the CPU (a deepcopy would first clone them on the GPU).
+        state.update(_cpu_copy(training))
         self.control.on_checkpoint(state)
 
 

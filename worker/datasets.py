@@ -1,0 +1,22 @@
+"""The worker's copy of a dataset: the canonical images zip, cached on local disk per
+dataset (datasets are immutable), and its index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+from service.storage import ObjectStore
+
+
+def fetch_dataset(
+    settings: Settings, store: ObjectStore, dataset_id: str, archive_key: str, index_key: str
+) -> tuple[Path, dict[str, Any]]:
+    """(local images.zip, index). The zip is downloaded once per worker host; its folder also
+    holds the decoded image caches `prepare` builds beside it."""
+    archive = settings.resolved_worker_cache_dir / "datasets" / dataset_id / "images.zip"
+    if not archive.is_file():
+        store.get_file(archive_key, archive)
+    return archive, json.loads(store.get_bytes(index_key))
