@@ -107,6 +107,19 @@ def wait_job(client, job_id, predicate, timeout, what):
     return wait_for(check, timeout, what, interval=0.2)
 
 
+def wait_checkpointed_epoch(client, job_id, epoch=1):
+    """Until fine-tuning epoch `epoch` has finished and its checkpoint is recorded."""
+    return wait_job(
+        client,
+        job_id,
+        lambda j: (
+            j["checkpoint_available"] and (j["latest_metrics"] or {}).get("epoch", 0) >= epoch
+        ),
+        240,
+        f"checkpointed epoch {epoch}",
+    )
+
+
 def test_kill_9_mid_epoch_resumes_from_the_last_checkpoint_on_another_worker(
     client, workers, small_digits, fault_env
 ):
@@ -213,13 +226,7 @@ def test_cancel_running_job_stops_it_and_frees_the_worker(client, workers, small
 def test_sigterm_hands_the_job_back_and_another_worker_finishes_it(client, workers, small_digits):
     job_id = submit(client, small_digits, epochs=5)
     first = workers.start()
-    wait_job(
-        client,
-        job_id,
-        lambda j: j["checkpoint_available"] and (j["latest_metrics"] or {}).get("epoch", 0) >= 1,
-        240,
-        "a checkpointed epoch",
-    )
+    wait_checkpointed_epoch(client, job_id)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) is not None  # it stops at the next step, not at the end
     handed_back = client.get(f"/v1/jobs/{job_id}").json()
@@ -422,15 +429,7 @@ def test_a_store_outage_during_a_checkpoint_write_is_retried(
     try:
         job_id = submit(client, small_digits, epochs=6)
         worker = workers.start()
-        wait_job(
-            client,
-            job_id,
-            lambda j: (
-                j["checkpoint_available"] and (j["latest_metrics"] or {}).get("epoch", 0) >= 1
-            ),
-            240,
-            "a checkpointed epoch",
-        )
+        wait_checkpointed_epoch(client, job_id)
         proxy.set_mode("down")
         wait_for(lambda: b"checkpoint write 1/3" in worker.log.read_bytes(), 180, "a failed write")
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"

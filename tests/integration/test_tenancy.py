@@ -107,6 +107,18 @@ def submit(client, token, dataset_id, **config):
     )
 
 
+def counted_body(mib):
+    """A streamed request body of `mib` MiB, and the list that grows by one per MiB read."""
+    sent = []
+
+    def chunks():
+        for _ in range(mib):
+            sent.append(1)
+            yield b"x" * (1024 * 1024)
+
+    return sent, chunks()
+
+
 # --- authentication ---------------------------------------------------------------------
 
 
@@ -145,16 +157,10 @@ def test_missing_malformed_unknown_and_revoked_keys_get_401(client, admin_token)
 
 
 def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(client):
-    sent = []
-
-    def body():
-        for _ in range(64):
-            sent.append(1)
-            yield b"x" * (1024 * 1024)
-
+    sent, body = counted_body(64)
     resp = client.post(
         "/v1/datasets",
-        content=body(),
+        content=body,
         headers={"Content-Type": "multipart/form-data; boundary=B"},
     )
     assert resp.status_code == 401
@@ -333,16 +339,10 @@ def test_the_storage_limit_is_a_403_before_and_after_the_upload_is_read(client, 
     assert me["usage"]["storage_bytes"] == len(ZIP)
     assert client.get("/v1/datasets", headers=bearer(key)).json()["count"] == 1
     # An upload whose Content-Length cannot fit is refused before its body is read.
-    sent = []
-
-    def body():
-        for _ in range(10):
-            sent.append(1)
-            yield b"x" * (1024 * 1024)
-
+    sent, body = counted_body(10)
     resp = client.post(
         "/v1/datasets",
-        content=body(),
+        content=body,
         headers={
             **bearer(key),
             "Content-Type": "multipart/form-data; boundary=B",
