@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from service.db import migrate, session_scope  # noqa: E402
+from core.db import migrate, session_scope  # noqa: E402
+from core.models import DEFAULT_TENANT, Dataset, Job, Tenant  # noqa: E402
+from core.settings import Settings, get_settings  # noqa: E402
+from core.tenancy import create_key  # noqa: E402
 from service.main import create_app  # noqa: E402
-from service.models import DEFAULT_TENANT, Dataset, Job, Tenant  # noqa: E402
-from service.settings import Settings, get_settings  # noqa: E402
-from service.tenancy import create_key  # noqa: E402
 
 
 def client_for(settings: Settings) -> TestClient:

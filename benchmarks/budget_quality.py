@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.jobspec import Augmentation, JobSpec  # noqa: E402
 from service.ingest import Limits, ingest_archive  # noqa: E402
-from worker.training.config import AugmentConfig, TrainConfig  # noqa: E402
 from worker.training.data import prepare, stratified_split  # noqa: E402
 from worker.training.fit import fit  # noqa: E402
 
@@ -65,12 +65,12 @@ def run(name: str, budget: float, seed: int, image_size: int, hflip: bool) -> di
     rest, test = stratified_split(entry_labels, 0.25, seed=1000 + seed)
     out = {}
     for recipe, kw in RECIPES.items():
-        cfg = TrainConfig(
+        cfg = JobSpec(
             image_size=image_size,
             batch_size=32,
             seed=seed,
             time_budget_seconds=budget,
-            augmentation=AugmentConfig(hflip=hflip),
+            augmentation=Augmentation(hflip=hflip),
             **kw,  # type: ignore[arg-type]
         )
         data = prepare(archive, index, cfg, tmp / "cache")

@@ -27,15 +27,15 @@ def bare_epochs(
     import torch
     from torch.utils.data import DataLoader
 
+    from core.jobspec import Augmentation, JobSpec
     from worker.training.backbones import create_model
-    from worker.training.config import AugmentConfig, TrainConfig
     from worker.training.data import prepare
 
-    config = TrainConfig(
+    config = JobSpec(
         epochs=epochs,
         image_size=image_size,
         batch_size=batch_size,
-        augmentation=AugmentConfig(hflip=False),
+        augmentation=Augmentation(hflip=False),
     )
     data = prepare(archive, index, config, archive.parent / "bare-cache")
     torch.manual_seed(0)
@@ -62,10 +62,10 @@ def worker_epochs(
     from fastapi.testclient import TestClient
     from sqlalchemy import select
 
-    from service.db import migrate, session_scope
+    from core.db import migrate, session_scope
+    from core.models import JobMetric
+    from core.settings import get_settings
     from service.main import create_app
-    from service.models import JobMetric
-    from service.settings import get_settings
     from worker.tasks import run_job
 
     get_settings.cache_clear()

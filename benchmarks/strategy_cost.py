@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.jobspec import Augmentation, JobSpec  # noqa: E402
 from service.demo import digits_split, imagefolder_zip  # noqa: E402
 from service.ingest import Limits, ingest_archive  # noqa: E402
-from worker.training.config import AugmentConfig, TrainConfig  # noqa: E402
 from worker.training.data import prepare  # noqa: E402
 from worker.training.fit import fit  # noqa: E402
 
@@ -34,11 +34,11 @@ def main() -> None:
     archive = tmp / "images.zip"
     rows = {}
     for strategy in ("linear_probe", "full"):
-        cfg = TrainConfig(
+        cfg = JobSpec(
             strategy=strategy,
             epochs=args.epochs,
             image_size=args.image_size,
-            augmentation=AugmentConfig(hflip=False),
+            augmentation=Augmentation(hflip=False),
         )
         result = fit(cfg, prepare(archive, index, cfg, tmp / "cache"), num_workers=0)
         epoch = statistics.median(h["epoch_seconds"] for h in result.history)

@@ -15,10 +15,9 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.db import session_scope
-from service.errors import ErrorCode
-from service.settings import Settings
-from service.tenancy import (
+from core.db import session_scope
+from core.settings import Settings
+from core.tenancy import (
     ANONYMOUS_ADMIN,
     AuthFailure,
     Limits,
@@ -27,6 +26,7 @@ from service.tenancy import (
     storage_overrun,
     tenant_limits,
 )
+from service.errors import ErrorCode
 
 
 async def send_error(

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from service.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("finetune")
 
@@ -81,7 +81,7 @@ class WorkerSupervisor(threading.Thread):
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from service.db import migrate
+    from core.db import migrate
 
     migrate()
     print("database schema is up to date")
@@ -102,8 +102,8 @@ def announce_auth(settings: Settings) -> None:
             "'default' with every scope. Run it like this only behind your own gate."
         )
         return
-    from service.db import session_scope
-    from service.tenancy import ensure_bootstrap_key
+    from core.db import session_scope
+    from core.tenancy import ensure_bootstrap_key
 
     with session_scope(settings) as session:
         token = ensure_bootstrap_key(session)
@@ -121,7 +121,7 @@ def announce_auth(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.db import migrate
+    from core.db import migrate
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from service.backbones import BACKBONES, locate_weights
+    from core.backbones import BACKBONES, locate_weights
 
     settings = get_settings()
     names = sorted(BACKBONES) if args.all or args.action == "list" else args.names
@@ -160,12 +160,13 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if not names:
         print("name at least one backbone, or --all")
         return 2
+    from core.settings import weights_paths
     from worker.training.weights import pull
 
     failed = 0
     for name in names:
         try:
-            print(f"{name}: {pull(BACKBONES[name], settings)}")
+            print(f"{name}: {pull(BACKBONES[name], *weights_paths(settings))}")
         except Exception as exc:  # noqa: BLE001 - report each backbone, go on with the rest
             failed += 1
             print(f"{name}: FAILED: {exc}")
@@ -177,9 +178,9 @@ def cmd_tenants(args: argparse.Namespace) -> int:
 
     from sqlalchemy import select
 
-    from service.db import migrate, session_scope
-    from service.models import Tenant
-    from service.tenancy import (
+    from core.db import migrate, session_scope
+    from core.models import Tenant
+    from core.tenancy import (
         LIMIT_FIELDS,
         TenancyError,
         audit,
@@ -233,9 +234,9 @@ def cmd_tenants(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from service.db import migrate, session_scope
-    from service.models import ApiKey
-    from service.tenancy import TenancyError, audit, create_key, get_tenant, revoke_key
+    from core.db import migrate, session_scope
+    from core.models import ApiKey
+    from core.tenancy import TenancyError, audit, create_key, get_tenant, revoke_key
 
     if args.action == "create" and not args.tenant:
         print("`finetune keys create` needs --tenant NAME (`finetune tenants list`)")

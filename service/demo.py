@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from service.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -129,10 +129,10 @@ def demo_auth(settings: Settings) -> dict[str, str]:
     admin key exists and printing it the one time it is created."""
     if not settings.auth_enabled:
         return {}
+    from core.db import migrate, session_scope
+    from core.models import DEFAULT_TENANT, Tenant
+    from core.tenancy import create_key
     from service.cli import announce_auth
-    from service.db import migrate, session_scope
-    from service.models import DEFAULT_TENANT, Tenant
-    from service.tenancy import create_key
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings)

@@ -10,11 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db import session_factory
+from core.db import session_factory
+from core.settings import Settings, get_settings
+from core.storage import ObjectStore, get_store
+from core.tenancy import Limits, Principal
 from service.errors import ErrorCode, ServiceError
-from service.settings import Settings, get_settings
-from service.storage import ObjectStore, get_store
-from service.tenancy import Limits, Principal
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 

@@ -9,12 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from core.reaper import Reaper
+from core.settings import Settings, get_settings
 from service.auth import Authenticate
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
-from service.reaper import Reaper
 from service.routes import admin, backbones, datasets, health, jobs
-from service.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

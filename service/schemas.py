@@ -1,14 +1,15 @@
-"""Request and response bodies: `XCreate` in, `XPublic` out, `XsPublic(data, count)` lists."""
+"""Request and response bodies: `XCreate` in, `XPublic` out, `XsPublic(data, count)` lists.
+
+The job's request body (`JobCreate`) is the job spec in `core/jobspec.py`."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.augmentations import AUG_OPS
-from service.backbones import BACKBONES, DEFAULT_BACKBONE
+from core.jobspec import Augmentation, AugmentationOp, EarlyStopping, JobCreate
 
 NO_NUL = r"^[^\x00]*$"  # free text: anything but NUL, which PostgreSQL text cannot hold
 
@@ -63,128 +64,7 @@ class DatasetsPublic(BaseModel):
     count: int
 
 
-def _ops_json_schema(schema: dict[str, Any]) -> None:
-    """The exact shape of each op (its name, its parameters and their ranges) in OpenAPI."""
-    schema.clear()
-    schema["oneOf"] = [
-        {
-            "type": "object",
-            "title": name,
-            "properties": {
-                "name": {"const": name},
-                **{
-                    k: {"type": "number", "minimum": lo, "maximum": hi} for k, (lo, hi) in p.items()
-                },
-            },
-            "required": ["name"],
-            "additionalProperties": False,
-        }
-        for name, p in sorted(AUG_OPS.items())
-    ]
-
-
-class AugmentationOp(BaseModel):
-    """One explicit op: `{"name": "rotation", "degrees": 10}`. See AUG_OPS for names and ranges."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra=_ops_json_schema)
-
-    name: str
-
-    @model_validator(mode="after")
-    def _known_op(self) -> AugmentationOp:
-        if self.name not in AUG_OPS:
-            raise ValueError(
-                f"unknown augmentation op {self.name!r}; available: {', '.join(sorted(AUG_OPS))}"
-            )
-        allowed = AUG_OPS[self.name]
-        for key, value in (self.model_extra or {}).items():
-            if key not in allowed:
-                raise ValueError(
-                    f"op {self.name!r} has no parameter {key!r}; "
-                    f"it takes: {', '.join(sorted(allowed)) or 'none'}"
-                )
-            lo, hi = allowed[key]
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not lo <= value <= hi
-            ):
-                raise ValueError(f"op {self.name!r}: {key}={value!r} is outside [{lo}, {hi}]")
-        return self
-
-
-class Augmentation(BaseModel):
-    """Training-time augmentation: a preset, or an explicit list of ops.
-
-    Presets: `none` (center crop), `light` (random resized crop + flip), `standard` (+
-    TrivialAugmentWide + random erasing), `strong` (+ MixUp/CutMix). Flips are on by
-    default; turn them off for digits, text and anything not mirror-symmetric."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["none", "light", "standard", "strong"] = "light"
-    hflip: bool = True
-    ops: list[AugmentationOp] | None = Field(None, max_length=20)
-    mixup_alpha: float | None = Field(None, ge=0.0, le=10.0)
-    cutmix_alpha: float | None = Field(None, ge=0.0, le=10.0)
-
-
-class EarlyStoppingCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
-    patience: int = Field(3, ge=1, le=100)
-    min_delta: float = Field(0.0, ge=0.0, le=1.0)
-
-
-_BACKBONE_NAMES: list[JsonValue] = list(sorted(BACKBONES))
-
-
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dataset_id: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
-    backbone: str = Field(
-        DEFAULT_BACKBONE, json_schema_extra={"enum": _BACKBONE_NAMES}
-    )  # a plain str with an enum in the schema: the error below lists what is available
-    strategy: Literal["lp_ft", "full", "linear_probe", "gradual"] = "lp_ft"
-    epochs: int = Field(5, ge=1, le=500)
-    probe_epochs: int = Field(30, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=1024)
-    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
-    backbone_lr_mult: float | None = Field(None, ge=0.0, le=10.0)
-    freeze_norm_stats: bool | None = None
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    schedule: Literal["cosine", "onecycle", "step", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.5, ge=0.0, le=50.0)
-    weight_decay: float | None = Field(
-        None, ge=0.0, le=1.0, description="default: 0.05 with AdamW, 1e-4 with SGD"
-    )
-    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
-    grad_clip_norm: float | None = Field(None, gt=0.0, le=1000.0)
-    image_size: int = Field(224, ge=32, le=1024)
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    early_stopping: EarlyStoppingCreate | None = None
-    class_balance: Literal["auto", "none", "weighted_loss", "balanced_sampler"] = "auto"
-    imbalance_threshold: float = Field(3.0, ge=1.0, le=1000.0)
-    time_budget_seconds: float | None = Field(None, ge=5.0, le=7 * 24 * 3600.0)
-    max_duration_seconds: float | None = Field(
-        None,
-        ge=5.0,
-        description="hard cap on the job's running time, all attempts together (default and "
-        "maximum: the service's JOB_MAX_DURATION_SECONDS). At the limit the job stops, keeps "
-        "its best model so far and ends failed with TIME_LIMIT_EXCEEDED",
-    )
-    compile: bool = False
-    augmentation: Augmentation = Field(default_factory=Augmentation)
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; available: {', '.join(sorted(BACKBONES))}")
-        return v
+__all__ = ["Augmentation", "AugmentationOp", "EarlyStopping", "JobCreate"]
 
 
 class Progress(BaseModel):

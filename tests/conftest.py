@@ -91,8 +91,8 @@ def integration_env(pg_url, s3_endpoint, tmp_path_factory) -> Iterator[dict[str,
     mp = pytest.MonkeyPatch()
     for k, v in env.items():
         mp.setenv(k, v)
-    from service.db import migrate
-    from service.settings import get_settings
+    from core.db import migrate
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     migrate(get_settings())

@@ -19,7 +19,7 @@ import threading
 
 from celery import Celery, signals
 
-from service.settings import get_settings
+from core.settings import get_settings
 
 settings = get_settings()
 
@@ -58,7 +58,7 @@ def _on_shutdown(**_: object) -> None:
 @signals.worker_ready.connect
 def _start_reaper(**_: object) -> None:
     """Each worker also looks for jobs whose worker died (see service/reaper.py)."""
-    from service.reaper import Reaper
+    from core.reaper import Reaper
 
     for warning in settings.warnings():
         logging.getLogger(__name__).warning("%s", warning)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
-from service.storage import ObjectStore
+from core.settings import Settings
+from core.storage import ObjectStore
 
 
 def fetch_dataset(

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from service.db import session_scope
-from service.models import Dataset
-from service.settings import get_settings
-from service.storage import get_store
+from core.db import session_scope
+from core.jobspec import Augmentation, JobSpec
+from core.models import Dataset
+from core.settings import get_settings
+from core.storage import get_store
 from worker.datasets import fetch_dataset
 from worker.training.augment import batch_mixing, train_transform
-from worker.training.config import AugmentConfig, TrainConfig
 from worker.training.data import resize_center_crop
 
 VARIANTS = 4  # augmented draws per sample image
@@ -52,8 +52,8 @@ def render(dataset_id: str, augmentation: dict, image_size: int, seed: int, samp
             raise SystemExit(f"dataset {dataset_id} not found")
         archive_key, index_key, classes = ds.archive_key, ds.index_key, list(ds.classes)
     cache, index = fetch_dataset(settings, store, dataset_id, archive_key, index_key)
-    config = TrainConfig(
-        image_size=image_size, seed=seed, augmentation=AugmentConfig(**augmentation)
+    config = JobSpec(
+        image_size=image_size, seed=seed, augmentation=Augmentation(**augmentation)
     )
     transform = train_transform(config)
     mixing = batch_mixing(config, len(classes))
@@ -70,8 +70,8 @@ def render(dataset_id: str, augmentation: dict, image_size: int, seed: int, samp
     if mixing is not None:
         labels = torch.tensor([int(e["label"]) for e in chosen]).repeat_interleave(VARIANTS)
         batch, _ = mixing(batch, labels)
-    mean = torch.tensor(config.spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.spec.std).view(1, 3, 1, 1)
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
     pixels = ((batch * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
     label_w, pad = 120, 4

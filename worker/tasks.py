@@ -21,18 +21,18 @@ import sqlalchemy.exc
 import torch
 from sqlalchemy import select
 
-from service import transitions
-from service.db import session_scope
-from service.errors import ErrorCode
-from service.models import Dataset, Job
-from service.queue import TRAIN_TASK, send_train
-from service.settings import Settings, get_settings
-from service.storage import StorageError, StorageNotFound, get_store
+from core import transitions
+from core.db import session_scope
+from core.errors import ErrorCode
+from core.jobspec import ConfigInvalid, parse_job_config
+from core.models import Dataset, Job
+from core.queue import TRAIN_TASK, send_train
+from core.settings import Settings, get_settings
+from core.storage import StorageError, StorageNotFound, get_store
 from worker.celery_app import SHUTTING_DOWN, app
 from worker.datasets import fetch_dataset
 from worker.training.callbacks import Callbacks
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
-from worker.training.config import TrainConfig
 from worker.training.data import prepare
 from worker.training.export import build_metadata, export_model
 from worker.training.fit import fit
@@ -292,7 +292,12 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         assert job is not None
         ds = s.get(Dataset, job.dataset_id)
         assert ds is not None
-        config = TrainConfig.from_dict(job.config)
+        try:
+            config = parse_job_config(job.config)
+        except ConfigInvalid as exc:  # deterministic: refused, never silently trimmed
+            bad_config: ConfigInvalid | None = exc
+        else:
+            bad_config = None
         archive_key, index_key, dataset_id = ds.archive_key, ds.index_key, ds.id
         checkpoint_key, dataset_sha = job.checkpoint_key, job.config.get("dataset_sha256")
         max_duration = float(
@@ -301,6 +306,8 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         prior_seconds = job.run_seconds or 0.0
         attempt = job.attempts
 
+    if bad_config is not None:
+        return _fail(job_id, worker_id, settings, bad_config)
     attempt_started = time.monotonic()
     soft_deadline = attempt_started + max(0.0, max_duration - prior_seconds)
     reporter = DbReporter(

@@ -7,7 +7,21 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.db import as_utc
+from core.db import as_utc
+from core.models import ApiKey, AuditEvent, Tenant
+from core.settings import Settings
+from core.tenancy import (
+    TenancyError,
+    audit,
+    create_key,
+    create_tenant,
+    disable_tenant,
+    get_tenant,
+    limits_for,
+    revoke_key,
+    set_limits,
+    usage,
+)
 from service.deps import (
     AdminDep,
     Offset,
@@ -20,7 +34,6 @@ from service.deps import (
     page,
 )
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
-from service.models import ApiKey, AuditEvent, Tenant
 from service.schemas import (
     AuditEventPublic,
     AuditEventsPublic,
@@ -35,19 +48,6 @@ from service.schemas import (
     TenantPublic,
     TenantsPublic,
     TenantUsage,
-)
-from service.settings import Settings
-from service.tenancy import (
-    TenancyError,
-    audit,
-    create_key,
-    create_tenant,
-    disable_tenant,
-    get_tenant,
-    limits_for,
-    revoke_key,
-    set_limits,
-    usage,
 )
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.backbones import BACKBONES, BackboneSpec, WeightsLocation, locate_weights
+from core.backbones import BACKBONES, BackboneSpec, WeightsLocation, locate_weights
+from core.settings import Settings
 from service.deps import ReadDep, SettingsDep
 from service.errors import ERROR_RESPONSES
 from service.schemas import BackbonePublic, BackbonesPublic
-from service.settings import Settings
 
 router = APIRouter(prefix="/v1/backbones", tags=["backbones"], responses=ERROR_RESPONSES)
 

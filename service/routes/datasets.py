@@ -13,7 +13,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from sqlalchemy import select
 
-from service.db import utcnow
+from core.db import utcnow
+from core.models import Dataset, Job, JobStatus, Tenant, new_id
+from core.settings import Settings
+from core.storage import S3ObjectStore, StorageError
+from core.tenancy import Limits as TenantLimits
+from core.tenancy import Principal, audit, storage_overrun
 from service.deps import (
     LimitsDep,
     Offset,
@@ -29,7 +34,6 @@ from service.deps import (
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
 from service.ingest import MAX_LISTED, IngestReport, Limits, ingest_archive, ingest_s3_prefix
 from service.ingest.thumbnails import samples_png
-from service.models import Dataset, Job, JobStatus, Tenant, new_id
 from service.schemas import (
     NO_NUL,
     ClassCount,
@@ -38,10 +42,6 @@ from service.schemas import (
     DatasetsPublic,
     FileIssue,
 )
-from service.settings import Settings
-from service.storage import S3ObjectStore, StorageError
-from service.tenancy import Limits as TenantLimits
-from service.tenancy import Principal, audit, storage_overrun
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)

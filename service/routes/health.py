@@ -4,8 +4,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from core.queue import check_broker
 from service.deps import SessionDep, SettingsDep, StoreDep
-from service.queue import check_broker
 
 router = APIRouter(tags=["health"])
 

@@ -7,9 +7,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from sqlalchemy import select
 
-from service import queue, transitions
-from service.backbones import BACKBONES
-from service.db import as_utc, utcnow
+from core import queue, transitions
+from core.backbones import BACKBONES
+from core.db import as_utc, utcnow
+from core.models import Job, JobMetric, JobStatus, new_id
+from core.tenancy import ACTIVE, Principal, audit, count_jobs
 from service.deps import (
     LimitsDep,
     Offset,
@@ -24,7 +26,6 @@ from service.deps import (
     page,
 )
 from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
-from service.models import Job, JobMetric, JobStatus, new_id
 from service.routes.backbones import usable_backbones, weights_on_host
 from service.routes.datasets import get_owned_dataset
 from service.schemas import (
@@ -38,7 +39,6 @@ from service.schemas import (
     MetricsPublic,
     Progress,
 )
-from service.tenancy import ACTIVE, Principal, audit, count_jobs
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)

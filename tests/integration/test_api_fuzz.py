@@ -13,9 +13,9 @@ import schemathesis
 from fastapi.testclient import TestClient
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.db import session_scope
-from service.models import DEFAULT_TENANT, Tenant
-from service.tenancy import create_key
+from core.db import session_scope
+from core.models import DEFAULT_TENANT, Tenant
+from core.tenancy import create_key
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,8 @@ MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))  # per operation; ~40 
 
 @pytest.fixture(scope="module")
 def fuzz_target(integration_env):
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     env = {
         **integration_env,

@@ -97,8 +97,8 @@ def test_unknown_dataset_is_a_404(api):
 def test_oversized_upload_is_refused_with_413_before_it_is_stored(integration_env):
     from fastapi.testclient import TestClient
 
+    from core.settings import Settings
     from service.main import create_app
-    from service.settings import Settings
 
     small = create_app(Settings(max_upload_bytes=2048))
     before = objects(integration_env)
@@ -158,8 +158,8 @@ def test_sample_thumbnails_are_a_png_with_a_row_per_class(api):
 
 
 def test_delete_is_refused_while_a_job_uses_the_dataset_then_removes_it(api, integration_env):
-    from service.db import session_scope
-    from service.models import Job
+    from core.db import session_scope
+    from core.models import Job
 
     ds = upload(api, imagefolder_zip({"a": 3, "b": 3})).json()
     job = api.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 1}).json()
@@ -210,8 +210,8 @@ def test_hostile_uploads_write_nothing_outside_their_own_prefix(api, integration
 def test_a_dataset_already_in_the_object_store_is_registered_without_upload(integration_env):
     from fastapi.testclient import TestClient
 
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     s3 = s3_client(integration_env)
     s3.create_bucket(Bucket="lake")

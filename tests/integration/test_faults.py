@@ -69,8 +69,8 @@ def workers(fault_env, tmp_path):
 
 @pytest.fixture()
 def client(fault_env):
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     settings = Settings(**{k.lower(): v for k, v in fault_env.items()})
     app = create_app(settings)  # its reaper runs with the fast settings above
@@ -250,8 +250,8 @@ def test_a_broker_redelivery_while_the_job_runs_does_not_train_it_twice(
     """Redis redelivers an unacknowledged task after the visibility timeout (celery#5935):
     with a 3 s timeout and a longer job, the second worker gets the same task and must
     not train it."""
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     env = {**fault_env, "BROKER_VISIBILITY_TIMEOUT_SECONDS": "3"}
     settings = Settings(**{k.lower(): v for k, v in env.items()})
@@ -341,8 +341,8 @@ class RedisServer:
 
 
 def _app_client(env):
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     settings = Settings(**{k.lower(): v for k, v in env.items()})
     app = create_app(settings)

@@ -119,9 +119,9 @@ def test_unreachable_broker_fails_the_job_clearly_instead_of_leaving_it_queued(
 ):
     from fastapi.testclient import TestClient
 
-    from service import queue
+    from core import queue
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     closed = f"redis://127.0.0.1:{_closed_port()}/0"
     settings = Settings(broker_url=closed)
@@ -177,8 +177,8 @@ def test_a_backbone_without_weights_is_refused_at_submit_listing_usable_ones(api
 def test_a_weights_file_makes_a_backbone_usable(api, dataset_id, integration_env, tmp_path):
     from fastapi.testclient import TestClient
 
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     (tmp_path / "resnet18.safetensors").write_bytes(b"placeholder: availability is by file")
     settings = Settings(weights_dir=tmp_path)

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from service import transitions
-from service.db import session_scope
-from service.models import Job
+from core import transitions
+from core.db import session_scope
+from core.models import Job
 from tests.helpers import imagefolder_zip, s3_client
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from service.db import alembic_config
-from service.models import Base
+from core.db import alembic_config
+from core.models import Base
 from tests.conftest import PG_ADMIN
 
 pytestmark = pytest.mark.integration

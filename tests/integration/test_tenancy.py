@@ -12,10 +12,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service import transitions
-from service.db import session_scope
-from service.models import DEFAULT_TENANT, Tenant
-from service.tenancy import create_key
+from core import transitions
+from core.db import session_scope
+from core.models import DEFAULT_TENANT, Tenant
+from core.tenancy import create_key
 from tests.conftest import REPO
 from tests.helpers import imagefolder_zip, s3_client
 
@@ -29,8 +29,8 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def make_app(env: dict[str, str], **overrides: object):
+    from core.settings import Settings, get_settings
     from service.main import create_app
-    from service.settings import Settings, get_settings
 
     settings = Settings(**{k.lower(): v for k, v in {**env, **overrides}.items()})
     app = create_app(settings)
@@ -364,7 +364,7 @@ def test_the_job_duration_limit_is_a_403_and_the_default(client, admin_token):
 
 
 def test_the_running_jobs_limit_holds_a_job_back_until_a_slot_frees(client, admin_token, env):
-    from service.settings import Settings
+    from core.settings import Settings
     from worker.tasks import run_job
 
     settings = Settings(**{k.lower(): v for k, v in env.items()})
@@ -510,9 +510,9 @@ def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env
 
 
 def test_first_start_prints_an_admin_key_once(tmp_path, capsys):
+    from core.db import migrate
+    from core.settings import Settings
     from service.cli import announce_auth
-    from service.db import migrate
-    from service.settings import Settings
 
     settings = Settings(data_dir=tmp_path, database_url="", broker_url="", auth_enabled=True)
     migrate(settings)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from service.backbones import BACKBONES, locate_weights
-from service.settings import Settings
+from core.backbones import BACKBONES, locate_weights
+from core.settings import Settings
 from worker.training.backbones import build_architecture, create_model
 from worker.training.weights import WeightsSource
 

@@ -3,7 +3,7 @@
 import sqlalchemy.exc
 import torch
 
-from service.storage import StorageError, StorageNotFound
+from core.storage import StorageError, StorageNotFound
 from worker.tasks import TRANSIENT, _error_code
 from worker.training.weights import WeightsUnavailable
 

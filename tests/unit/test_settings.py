@@ -7,7 +7,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from service.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
+from core.jobspec import Augmentation, EarlyStopping, JobSpec
 from tests.helpers import digits_samples, digits_zip, ingest_bytes
 from worker.training.callbacks import Callbacks
-from worker.training.config import AugmentConfig, EarlyStopping, TrainConfig
 from worker.training.data import prepare
 from worker.training.fit import fit
 
@@ -29,10 +29,10 @@ def run(digits, **overrides):
         batch_size=32,
         learning_rate=2e-3,
         probe_epochs=15,
-        augmentation=AugmentConfig(hflip=False),
+        augmentation=Augmentation(hflip=False),
     )
     params.update(overrides)
-    config = TrainConfig(**params)
+    config = JobSpec(**params)
     data = prepare(archive, index, config, tmp / "cache")
     return fit(config, data, num_workers=0)
 
@@ -82,7 +82,7 @@ def test_each_augmentation_preset_learns(digits, preset):
         digits,
         strategy="full",
         epochs=epochs,
-        augmentation=AugmentConfig(preset=preset, hflip=False),
+        augmentation=Augmentation(preset=preset, hflip=False),
     )
     assert result.best["val_accuracy"] > 0.3, (preset, result.history)  # chance is 0.1
 
@@ -94,7 +94,7 @@ def test_an_explicit_op_list_trains(digits):
         {"name": "color_jitter", "brightness": 0.3},
         {"name": "random_erasing", "p": 0.2},
     ]
-    result = run(digits, strategy="full", augmentation=AugmentConfig(ops=ops, hflip=False))
+    result = run(digits, strategy="full", augmentation=Augmentation(ops=ops, hflip=False))
     assert result.best["val_accuracy"] > 0.3
 
 
@@ -102,8 +102,8 @@ def test_flips_can_be_switched_off():
     from worker.training.augment import resolved_ops
 
     for preset in ("light", "standard", "strong"):
-        on = resolved_ops(TrainConfig(augmentation=AugmentConfig(preset=preset)))
-        off = resolved_ops(TrainConfig(augmentation=AugmentConfig(preset=preset, hflip=False)))
+        on = resolved_ops(JobSpec(augmentation=Augmentation(preset=preset)))
+        off = resolved_ops(JobSpec(augmentation=Augmentation(preset=preset, hflip=False)))
         assert any(op["name"] == "hflip" for op in on)
         assert not any(op["name"] == "hflip" for op in off)
 
@@ -187,8 +187,8 @@ def test_a_stop_request_ends_training_between_steps(digits):
             return self.steps >= 3
 
     archive, index, tmp = digits
-    config = TrainConfig(
-        strategy="full", epochs=5, image_size=32, augmentation=AugmentConfig(hflip=False)
+    config = JobSpec(
+        strategy="full", epochs=5, image_size=32, augmentation=Augmentation(hflip=False)
     )
     cb = StopAfterThree()
     result = fit(config, prepare(archive, index, config, tmp / "cache"), cb, num_workers=0)
@@ -214,8 +214,8 @@ def test_resuming_from_a_checkpoint_continues_exactly_where_training_stopped(dig
             return self.stop_after is not None and self.epochs >= self.stop_after
 
     archive, index, tmp = digits
-    config = TrainConfig(
-        epochs=3, image_size=32, probe_epochs=5, augmentation=AugmentConfig(hflip=False)
+    config = JobSpec(
+        epochs=3, image_size=32, probe_epochs=5, augmentation=Augmentation(hflip=False)
     )
     data = prepare(archive, index, config, tmp / "cache")
     straight = fit(config, data, Keep(), num_workers=0)
@@ -259,8 +259,8 @@ def test_a_mid_epoch_checkpoint_resumes_at_that_step_with_the_same_numbers(digit
             return True
 
     archive, index, tmp = digits
-    config = TrainConfig(
-        strategy="full", epochs=3, image_size=32, augmentation=AugmentConfig(hflip=False)
+    config = JobSpec(
+        strategy="full", epochs=3, image_size=32, augmentation=Augmentation(hflip=False)
     )
     data = prepare(archive, index, config, tmp / "cache")
     whole = Shutdown()

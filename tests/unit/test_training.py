@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.jobspec import Augmentation, JobSpec
 from tests.helpers import digits_samples, digits_zip, ingest_bytes
 from worker.training.callbacks import Callbacks
-from worker.training.config import AugmentConfig, TrainConfig
 from worker.training.data import prepare, stratified_split
 from worker.training.export import build_metadata, export_model, load_model, preprocess
 from worker.training.fit import fit
@@ -21,13 +21,13 @@ def digits_run(tmp_path_factory):
     train, held_out = digits_samples(limit=600)
     archive = tmp / "images.zip"
     report = ingest_bytes(digits_zip(train), archive)
-    config = TrainConfig(
+    config = JobSpec(
         epochs=2,
         image_size=32,
         batch_size=32,
         learning_rate=2e-3,
         seed=3,
-        augmentation=AugmentConfig(hflip=False),
+        augmentation=Augmentation(hflip=False),
     )
     data = prepare(archive, report.index(), config, tmp / "cache")
 

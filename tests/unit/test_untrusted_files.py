@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from service.backbones import BACKBONES
+from core.backbones import BACKBONES
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.weights import WeightsSource, WeightsUnavailable, load_state_file
 

@@ -8,7 +8,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 from safetensors.torch import save_file
 
-from service.backbones import BACKBONES
+from core.backbones import BACKBONES
 from worker.training.backbones import build_architecture, create_model
 from worker.training.weights import WeightsSource, WeightsUnavailable, resolve_state_dict
 
@@ -105,13 +105,13 @@ def test_a_pickle_in_the_weights_folder_is_refused(tmp_path: Path):
 
 
 def test_weights_pull_copies_cached_weights_into_weights_dir(tmp_path: Path):
-    from service.settings import Settings
+    from core.settings import Settings, weights_paths
     from worker.training.weights import pull
 
     settings = Settings(
         weights_dir=tmp_path / "w", torch_home=tmp_path / "t", hf_hub_cache=tmp_path / "h"
     )
-    message = pull(BACKBONES["efficientnet_lite0"], settings)
+    message = pull(BACKBONES["efficientnet_lite0"], *weights_paths(settings))
     assert "already here (package" in message
     state, where = WeightsSource(weights_dir=tmp_path / "w").resolve(
         BACKBONES["efficientnet_lite0"]

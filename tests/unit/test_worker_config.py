@@ -12,7 +12,7 @@ PROBE = """
 import json, sys
 import worker.tasks  # the task module: imports torch, must not touch CUDA
 from worker.celery_app import app
-from service.settings import get_settings
+from core.settings import get_settings
 import torch
 s = get_settings()
 conf = app.conf

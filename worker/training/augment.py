@@ -7,13 +7,17 @@ from typing import Any
 import torch
 import torchvision.transforms.v2 as T
 
-from service.augmentations import CROP_OPS, FLIP_OPS, PRESET_MIXING, PRESETS
-from worker.training.config import TrainConfig
+from core.augmentations import CROP_OPS, FLIP_OPS, PRESET_MIXING, PRESETS
+from core.jobspec import JobSpec
 
 
-def resolved_ops(config: TrainConfig) -> list[dict[str, Any]]:
+def resolved_ops(config: JobSpec) -> list[dict[str, Any]]:
     aug = config.augmentation
-    ops = [dict(op) for op in (aug.ops if aug.ops is not None else PRESETS[aug.preset])]
+    ops = (
+        [op.params() for op in aug.ops]
+        if aug.ops is not None
+        else [dict(op) for op in PRESETS[aug.preset]]
+    )
     if not aug.hflip:
         ops = [op for op in ops if op["name"] not in FLIP_OPS]
     if not any(op["name"] in CROP_OPS for op in ops):
@@ -60,37 +64,35 @@ def _op(op: dict[str, Any], size: int) -> T.Transform:
     raise ValueError(f"unknown augmentation op {name!r}")
 
 
-def train_transform(config: TrainConfig) -> T.Transform:
+def train_transform(config: JobSpec) -> T.Transform:
     """uint8 CHW (the cache's pre-resized image) -> normalized float tensor."""
-    spec = config.spec
     image_ops, after_normalize = [], []
     for op in resolved_ops(config):
         if op["name"] == "random_erasing":  # works on the normalized float tensor
             after_normalize.append(T.RandomErasing(float(op.get("p", 0.25)), value=0))
         else:
-            image_ops.append(_op(op, config.image_size))
+            image_ops.append(_op(op, config.input_size))
     return T.Compose(
         [
             *image_ops,
             T.ToDtype(torch.float32, scale=True),
-            T.Normalize(spec.mean, spec.std),
+            T.Normalize(config.mean, config.std),
             *after_normalize,
         ]
     )
 
 
-def eval_transform(config: TrainConfig) -> T.Transform:
-    spec = config.spec
+def eval_transform(config: JobSpec) -> T.Transform:
     return T.Compose(
         [
-            T.CenterCrop(config.image_size),
+            T.CenterCrop(config.input_size),
             T.ToDtype(torch.float32, scale=True),
-            T.Normalize(spec.mean, spec.std),
+            T.Normalize(config.mean, config.std),
         ]
     )
 
 
-def batch_mixing(config: TrainConfig, num_classes: int) -> T.Transform | None:
+def batch_mixing(config: JobSpec, num_classes: int) -> T.Transform | None:
     """MixUp/CutMix on whole batches (targets become soft), or None."""
     aug = config.augmentation
     mixup, cutmix = PRESET_MIXING.get(aug.preset, (0.0, 0.0)) if aug.ops is None else (0.0, 0.0)

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from service.backbones import BACKBONES, BackboneSpec
+from core.backbones import BACKBONES, BackboneSpec
 from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from core.jobspec import JobSpec
 from worker.training.augment import eval_transform, train_transform
-from worker.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,17 @@ class PreparedData:
     test_idx: np.ndarray | None = None
     split: dict[str, Any] | None = None
 
-    def train_set(self, config: TrainConfig) -> CachedImages:
+    def train_set(self, config: JobSpec) -> CachedImages:
         return CachedImages(self.cache, self.labels, self.train_idx, train_transform(config))
 
-    def eval_train_set(self, config: TrainConfig) -> CachedImages:
+    def eval_train_set(self, config: JobSpec) -> CachedImages:
         """The training images without augmentation (for cached features)."""
         return CachedImages(self.cache, self.labels, self.train_idx, eval_transform(config))
 
-    def val_set(self, config: TrainConfig) -> CachedImages:
+    def val_set(self, config: JobSpec) -> CachedImages:
         return CachedImages(self.cache, self.labels, self.val_idx, eval_transform(config))
 
-    def test_set(self, config: TrainConfig) -> CachedImages | None:
+    def test_set(self, config: JobSpec) -> CachedImages | None:
         if self.test_idx is None or len(self.test_idx) == 0:
             return None
         return CachedImages(self.cache, self.labels, self.test_idx, eval_transform(config))
@@ -158,7 +158,7 @@ class PreparedData:
 def prepare(
     archive: Path,
     index: dict[str, Any],
-    config: TrainConfig,
+    config: JobSpec,
     cache_dir: Path,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PreparedData:
@@ -188,7 +188,7 @@ def prepare(
 
 
 def split_indices(
-    entries: list[dict[str, Any]], labels: list[int], config: TrainConfig
+    entries: list[dict[str, Any]], labels: list[int], config: JobSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The dataset's own train/val/test split when it has one; otherwise a stratified,
     seeded validation split out of the training images (recorded with the job)."""

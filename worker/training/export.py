@@ -24,9 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from service.backbones import BACKBONES
+from core.backbones import BACKBONES
+from core.jobspec import JobSpec
 from worker.training.backbones import build_architecture
-from worker.training.config import TrainConfig
 from worker.training.data import resize_center_crop
 
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ def library_versions() -> dict[str, str]:
 
 
 def build_metadata(
-    config: TrainConfig, classes: list[str], metrics: dict[str, Any], extra: dict[str, Any]
+    config: JobSpec, classes: list[str], metrics: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
     spec = config.spec
     return {
@@ -57,12 +57,12 @@ def build_metadata(
         "architecture": spec.arch,
         "num_classes": len(classes),
         "class_names": classes,
-        "input_size": [3, config.image_size, config.image_size],
+        "input_size": [3, config.input_size, config.input_size],
         "resize_size": config.resize_size,
         "crop": "center",
         "interpolation": spec.interpolation,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
+        "mean": list(config.mean or spec.mean),
+        "std": list(config.std or spec.std),
         "color": "RGB",
         "metrics": metrics,
         "train_config": config.to_dict(),

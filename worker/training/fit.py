@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.jobspec import JobSpec
 from worker.training.augment import batch_mixing
 from worker.training.backbones import create_model
 from worker.training.callbacks import Callbacks
-from worker.training.config import TrainConfig
 from worker.training.data import PreparedData
 from worker.training.loop import EpochSampler, EpochStats, predict, train_one_epoch
 from worker.training.metrics import classification_report
@@ -187,7 +187,7 @@ class _Run:
     """What the phases of one `fit` share."""
 
     model: nn.Module
-    config: TrainConfig
+    config: JobSpec
     data: PreparedData
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -319,13 +319,13 @@ def _probe(run: _Run, epochs: int, report_epochs: bool) -> dict[str, Any]:
     }
 
 
-def _early_stop(config: TrainConfig, best: _Best) -> bool:
+def _early_stop(config: JobSpec, best: _Best) -> bool:
     es = config.early_stopping
     return es is not None and best.stale_epochs >= es.patience
 
 
 def fit(
-    config: TrainConfig,
+    config: JobSpec,
     data: PreparedData,
     callbacks: Callbacks | None = None,
     *,
@@ -542,7 +542,7 @@ def _fine_tune(run: _Run) -> None:
 
 
 def _final_report(
-    model: nn.Module, config: TrainConfig, data: PreparedData, loader_kwargs: dict[str, Any]
+    model: nn.Module, config: JobSpec, data: PreparedData, loader_kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     """Full evaluation of the chosen model on the validation (and test) split."""
     kwargs = {**loader_kwargs, "pin_memory": False}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.training.config import TrainConfig
+from core.jobspec import JobSpec
 
 
 class LrPlan:
@@ -39,7 +39,7 @@ class LrPlan:
 
 
 def class_weights(
-    config: TrainConfig, labels: np.ndarray, n_classes: int
+    config: JobSpec, labels: np.ndarray, n_classes: int
 ) -> tuple[str, torch.Tensor | None]:
     counts = np.bincount(labels, minlength=n_classes).astype(float)
     ratio = counts.max() / max(counts.min(), 1.0)
@@ -76,14 +76,14 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def make_optimizer(config: JobSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
 def make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+    config: JobSpec, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, steps_per_epoch * epochs)
     if config.schedule == "onecycle":

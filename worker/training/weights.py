@@ -1,6 +1,6 @@
 """Loading ImageNet weights, without needing a network.
 
-Where to look is decided by `service.backbones.locate_weights` (shared with the API, which
+Where to look is decided by `core.backbones.locate_weights` (shared with the API, which
 checks availability at submit time): an explicit file in WEIGHTS_DIR, the torch hub /
 Hugging Face caches, weights shipped in a Python package. A hub download, the normal path
 for users with internet, comes last and only when allowed. Every state dict is loaded from
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from service.backbones import BackboneSpec, WeightsLocation, locate_weights
-from service.settings import Settings
+from core.backbones import BackboneSpec, WeightsLocation, locate_weights
 from worker.training.checkpoint import load_error_reason
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ def resolve_state_dict(
 
 
 class WeightsSource:
-    """Where `create_model` may look for weights (built from Settings by the worker)."""
+    """Where `create_model` may look for weights (the worker builds it from its settings)."""
 
     def __init__(
         self,
@@ -170,13 +169,14 @@ class WeightsSource:
         )
 
 
-def pull(spec: BackboneSpec, settings: Settings) -> str:
+def pull(
+    spec: BackboneSpec, weights_dir: Path | None, torch_hub_dir: Path, hf_cache: Path
+) -> str:
     """Fill this host's cache with `spec`'s weights (downloading when they are not already
     here) and, when WEIGHTS_DIR is set, write `<name>.safetensors` there too: copy that
     folder to an air-gapped host and set WEIGHTS_DIR there."""
     from safetensors.torch import save_file
 
-    torch_hub_dir, hf_cache = settings.resolved_torch_hub_dir, settings.resolved_hf_cache
     location = locate_weights(spec, None, torch_hub_dir, hf_cache)
     if location is not None:
         state, where = (
@@ -186,9 +186,9 @@ def pull(spec: BackboneSpec, settings: Settings) -> str:
     else:
         path = download(spec, torch_hub_dir, hf_cache)
         state, where = load_state_file(path), f"downloaded to {path}"
-    if settings.weights_dir is None:
+    if weights_dir is None:
         return where
-    settings.weights_dir.mkdir(parents=True, exist_ok=True)
-    target = settings.weights_dir / f"{spec.name}.safetensors"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    target = weights_dir / f"{spec.name}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(target))
     return f"{where}; saved {target}"

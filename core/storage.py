@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from service.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
 

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         return not self.database_url and not self.broker_url and self.storage_backend == "local"
 
 
+def weights_paths(settings: Settings) -> tuple[Path | None, Path, Path]:
+    """(WEIGHTS_DIR, torch hub dir, Hugging Face cache): where weights are looked for, as the
+    plain paths `worker.training.weights` takes."""
+    return settings.weights_dir, settings.resolved_torch_hub_dir, settings.resolved_hf_cache
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.db import utcnow
+from core.db import utcnow
 
 
 class Base(DeclarativeBase):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from service import queue, transitions
-from service.db import session_scope
-from service.settings import Settings
+from core import queue, transitions
+from core.db import session_scope
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

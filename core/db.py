@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from service.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 TRAIN_TASK = "finetune.train_job"
 

@@ -14,9 +14,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db import utcnow
-from service.models import DEFAULT_TENANT, ApiKey, AuditEvent, Dataset, Job, JobStatus, Tenant
-from service.settings import Settings
+from core.db import utcnow
+from core.models import DEFAULT_TENANT, ApiKey, AuditEvent, Dataset, Job, JobStatus, Tenant
+from core.settings import Settings
 
 SCOPES = ("read", "write", "admin")
 TOKEN_RE = re.compile(r"^ft_([0-9a-f]{16})_([A-Za-z0-9_-]{20,64})$")

@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db import utcnow
-from service.models import Job, JobMetric, JobStatus, Tenant
-from service.settings import Settings
-from service.tenancy import count_jobs, tenant_limits
+from core.db import utcnow
+from core.models import Job, JobMetric, JobStatus, Tenant
+from core.settings import Settings
+from core.tenancy import count_jobs, tenant_limits
 
 CLAIMABLE = (JobStatus.QUEUED.value, JobStatus.INTERRUPTED.value)
 WAITING_FOR_SLOT = "waiting_for_slot"  # phase of a job whose tenant is at its running limit
