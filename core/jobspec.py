@@ -250,7 +250,9 @@ def parse_job_config(raw: dict[str, Any]) -> JobConfig:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
         unknown = [
-            ".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"
+            ".".join(str(p) for p in e["loc"])
+            for e in exc.errors()
+            if e["type"] == "extra_forbidden"
         ]
         if unknown:
             raise ConfigInvalid(

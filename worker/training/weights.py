@@ -169,9 +169,7 @@ class WeightsSource:
         )
 
 
-def pull(
-    spec: BackboneSpec, weights_dir: Path | None, torch_hub_dir: Path, hf_cache: Path
-) -> str:
+def pull(spec: BackboneSpec, weights_dir: Path | None, torch_hub_dir: Path, hf_cache: Path) -> str:
     """Fill this host's cache with `spec`'s weights (downloading when they are not already
     here) and, when WEIGHTS_DIR is set, write `<name>.safetensors` there too: copy that
     folder to an air-gapped host and set WEIGHTS_DIR there."""
