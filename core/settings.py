@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     task_queue: str = "finetune"
+    # Short tasks that need torch but must not wait behind training (augmentation previews,
+    # later explanations): their own queue, consumed by a light worker.
+    light_queue: str = "finetune-light"
 
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None

@@ -67,6 +67,7 @@ def integration_env(pg_url, s3_endpoint, tmp_path_factory) -> Iterator[dict[str,
         "DATABASE_URL": pg_url,
         "BROKER_URL": REDIS_URL,
         "TASK_QUEUE": f"test-{secrets.token_hex(4)}",
+        "LIGHT_QUEUE": f"test-light-{secrets.token_hex(4)}",
         "STORAGE_BACKEND": "s3",
         "S3_ENDPOINT_URL": s3_endpoint,
         "S3_BUCKET": f"bucket-{secrets.token_hex(4)}",
@@ -101,7 +102,7 @@ def integration_env(pg_url, s3_endpoint, tmp_path_factory) -> Iterator[dict[str,
     get_settings.cache_clear()
     import redis
 
-    redis.Redis.from_url(REDIS_URL).delete(env["TASK_QUEUE"])
+    redis.Redis.from_url(REDIS_URL).delete(env["TASK_QUEUE"], env["LIGHT_QUEUE"])
 
 
 @pytest.fixture(scope="session")
@@ -110,9 +111,13 @@ def stack_env(integration_env) -> Iterator[dict[str, str]]:
     (so jobs queued by API-only tests are never trained)."""
     import redis
 
-    env = {**integration_env, "TASK_QUEUE": f"stack-{secrets.token_hex(4)}"}
+    env = {
+        **integration_env,
+        "TASK_QUEUE": f"stack-{secrets.token_hex(4)}",
+        "LIGHT_QUEUE": f"stack-light-{secrets.token_hex(4)}",
+    }
     yield env
-    redis.Redis.from_url(REDIS_URL).delete(env["TASK_QUEUE"])
+    redis.Redis.from_url(REDIS_URL).delete(env["TASK_QUEUE"], env["LIGHT_QUEUE"])
 
 
 @pytest.fixture(scope="session")
