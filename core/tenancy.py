@@ -154,10 +154,30 @@ def create_tenant(session: Session, name: str, **limits: Any) -> Tenant:
     return tenant
 
 
+# The accepted range of each limit, for every way of setting one (CLI, HTTP, code): a value
+# outside it (a rate limit of 0, say) would make every request of the tenant fail.
+LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "max_running_jobs": (1, 10_000),
+    "max_queued_jobs": (1, 1_000_000),
+    "max_storage_bytes": (0, 10**15),
+    "max_job_duration_seconds": (5.0, 365 * 24 * 3600.0),
+    "rate_limit_per_minute": (1, 1_000_000),
+}
+
+
 def set_limits(tenant: Tenant, **limits: Any) -> None:
+    """Set a tenant's own limits; None goes back to the service's default."""
     unknown = set(limits) - set(LIMIT_FIELDS)
     if unknown:
         raise TenancyError(f"unknown limit(s) {sorted(unknown)}; known: {', '.join(LIMIT_FIELDS)}")
+    for name, value in limits.items():
+        lo, hi = LIMIT_RANGES[name]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi
+        ):
+            raise TenancyError(
+                f"{name} must be between {lo:g} and {hi:g} (or unset); got {value!r}"
+            )
     for name, value in limits.items():
         setattr(tenant, name, value)
 

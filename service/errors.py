@@ -60,6 +60,18 @@ def install_error_handlers(app: FastAPI) -> None:
         }
         return JSONResponse(body, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the exception with its traceback; the client gets the one body.
+        return JSONResponse(
+            {
+                "error_code": ErrorCode.INTERNAL_ERROR.value,
+                "detail": "internal error; it has been logged. Try again, or report it with "
+                "the time of the request if it persists",
+            },
+            status_code=500,
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.VALIDATION_ERROR

@@ -62,6 +62,10 @@ class BodySizeLimit:
             await self._reject(send, limit, setting)
             return
 
+        if not upload:
+            await self._small_body(scope, receive, send, limit, setting)
+            return
+
         received = 0
         started = False
 
@@ -85,3 +89,34 @@ class BodySizeLimit:
         except _TooLarge:
             if not started:
                 await self._reject(send, limit, setting)
+
+    async def _small_body(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, setting: str
+    ) -> None:
+        """Read a (JSON) body of at most `limit` bytes whole, then hand it on. Refusing it
+        from inside the app would not work: FastAPI turns any error while it reads a body
+        into a 400, and a chunked body has no Content-Length to refuse it by up front."""
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                await self._reject(send, limit, setting)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
