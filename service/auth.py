@@ -7,7 +7,6 @@ the request state; the routes' dependencies (service/deps.py) check scopes and o
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
@@ -26,20 +25,7 @@ from core.tenancy import (
     storage_overrun,
     tenant_limits,
 )
-from service.errors import ErrorCode
-
-
-async def send_error(
-    send: Send, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None
-) -> None:
-    body = json.dumps({"error_code": code.value, "detail": detail}).encode()
-    raw = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
+from service.errors import ErrorCode, ServiceError, send_error
 
 MULTIPART_SLACK = 64 * 1024
 
@@ -126,10 +112,11 @@ class Authenticate:
         except AuthFailure as exc:
             await send_error(
                 send,
-                401,
-                ErrorCode.UNAUTHENTICATED,
-                exc.reason,
-                {"WWW-Authenticate": 'Bearer realm="finetune"'},
+                ServiceError(
+                    ErrorCode.UNAUTHENTICATED,
+                    exc.reason,
+                    headers={"WWW-Authenticate": 'Bearer realm="finetune"'},
+                ),
             )
             return
         per_minute = limits.rate_limit_per_minute
@@ -137,15 +124,16 @@ class Authenticate:
         if wait > 0:
             await send_error(
                 send,
-                429,
-                ErrorCode.RATE_LIMITED,
-                f"too many requests: this tenant may make {per_minute} a minute; retry in "
-                f"{wait:.1f}s",
-                {"Retry-After": str(max(1, int(wait + 0.999)))},
+                ServiceError(
+                    ErrorCode.RATE_LIMITED,
+                    f"too many requests: this tenant may make {per_minute} a minute; retry in "
+                    f"{wait:.1f}s",
+                    headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+                ),
             )
             return
         if over is not None:
-            await send_error(send, 403, ErrorCode.STORAGE_LIMIT, over)
+            await send_error(send, ServiceError(ErrorCode.STORAGE_LIMIT, over))
             return
         state: dict[str, Any] = scope.setdefault("state", {})
         state["principal"] = principal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -9,10 +10,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from core.errors import ErrorCode, ServiceError
 
-__all__ = ["ERROR_RESPONSES", "ErrorBody", "ErrorCode", "ServiceError", "install_error_handlers"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "ErrorBody",
+    "ErrorCode",
+    "ServiceError",
+    "install_error_handlers",
+    "send_error",
+]
 
 
 class ErrorBody(BaseModel):
@@ -37,6 +46,22 @@ _DESCRIPTIONS = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in _DESCRIPTIONS.items()
 }
+
+
+async def send_error(
+    send: Send, exc: ServiceError, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """The error body from plain ASGI middleware (auth, body limits), which answers before
+    FastAPI's exception handlers are reached."""
+    body = json.dumps(exc.body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *[(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()],
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def install_error_handlers(app: FastAPI) -> None:

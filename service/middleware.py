@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorCode
+from service.errors import ErrorCode, ServiceError, send_error
 
 
 class _TooLarge(Exception):
@@ -25,29 +24,12 @@ class BodySizeLimit:
         self.upload_max = upload_max
         self.other_max = other_max
 
-    @staticmethod
-    def _body(limit: int, setting: str) -> bytes:
-        return json.dumps(
-            {
-                "error_code": ErrorCode.UPLOAD_TOO_LARGE.value,
-                "detail": f"request body exceeds the limit of {limit} bytes ({setting})",
-            }
-        ).encode()
-
     async def _reject(self, send: Send, limit: int, setting: str) -> None:
-        body = self._body(limit, setting)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+        exc = ServiceError(
+            ErrorCode.UPLOAD_TOO_LARGE,
+            f"request body exceeds the limit of {limit} bytes ({setting})",
         )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, exc, ((b"connection", b"close"),))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
