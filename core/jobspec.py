@@ -8,7 +8,7 @@ built, so the stored config says what actually ran. No torch, no FastAPI.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,7 +26,9 @@ from core.backbones import BACKBONES, DEFAULT_BACKBONE, BackboneSpec
 # Default backbone LR multiplier per strategy (head LR x this).
 DEFAULT_BACKBONE_LR_MULT = {"full": 1.0, "lp_ft": 0.5, "gradual": 0.5, "linear_probe": 0.0}
 Strategy = Literal["lp_ft", "full", "linear_probe", "gradual"]
-Triple = tuple[float, float, float]
+# Per-channel normalization in the schema itself, so clients (and the fuzzer) see the bounds.
+MeanValue = Annotated[float, Field(ge=-10.0, le=10.0)]
+StdValue = Annotated[float, Field(gt=0.0, le=10.0)]
 
 
 def _ops_json_schema(schema: dict[str, Any]) -> None:
@@ -145,8 +147,12 @@ class JobSpec(BaseModel):
     image_size: int | None = Field(
         None, ge=32, le=1024, description="input size; default: the backbone's (224, 240, 260…)"
     )
-    mean: Triple | None = Field(None, description="normalization mean; default: the backbone's")
-    std: Triple | None = Field(None, description="normalization std; default: the backbone's")
+    mean: tuple[MeanValue, MeanValue, MeanValue] | None = Field(
+        None, description="normalization mean per channel; default: the backbone's"
+    )
+    std: tuple[StdValue, StdValue, StdValue] | None = Field(
+        None, description="normalization std per channel; default: the backbone's"
+    )
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     early_stopping: EarlyStopping | None = None
@@ -161,13 +167,6 @@ class JobSpec(BaseModel):
     def _known_backbone(cls, v: str) -> str:
         if v not in BACKBONES:
             raise ValueError(f"unknown backbone {v!r}; available: {', '.join(sorted(BACKBONES))}")
-        return v
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, v: Triple | None) -> Triple | None:
-        if v is not None and min(v) <= 0:
-            raise ValueError(f"std {list(v)} must be positive")
         return v
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Request and response bodies: `XCreate` in, `XPublic` out, `XsPublic(data, count)` lists.
+"""Request and response bodies: `XCreate` in, `XPublic` out, `XsPublic(data, count)` lists,
+and `x_public(row)`, the one place a row becomes its wire view.
 
 The job's request body (`JobCreate`) is the job spec in `core/jobspec.py`."""
 
@@ -9,7 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.db import as_utc, utcnow
+from core.jobs import model_ready
 from core.jobspec import Augmentation, AugmentationOp, EarlyStopping, JobCreate
+from core.models import Dataset, Job, JobStatus
+from service.ingest.model import MAX_LISTED
 
 NO_NUL = r"^[^\x00]*$"  # free text: anything but NUL, which PostgreSQL text cannot hold
 
@@ -45,6 +50,33 @@ class DatasetPublic(BaseModel):
     skipped: list[FileIssue] = []
     num_rejected: int = 0
     num_skipped: int = 0
+
+
+def dataset_public(ds: Dataset) -> DatasetPublic:
+    report = ds.report or {}
+    details = report.get("details", {})
+    return DatasetPublic(
+        id=ds.id,
+        name=ds.name,
+        created_at=ds.created_at,
+        size_bytes=ds.size_bytes,
+        sha256=ds.sha256,
+        format=report.get("format", "zip"),
+        layout=report.get("layout", "imagefolder"),
+        num_images=ds.num_images,
+        num_classes=len(ds.classes),
+        classes=[ClassCount(name=c, count=int(ds.class_counts.get(c, 0))) for c in ds.classes],
+        splits=details.get("counts", {}),
+        imbalance_ratio=details.get("imbalance_ratio"),
+        image_sizes=details.get("image_sizes"),
+        duplicates=details.get("duplicates"),
+        leakage=details.get("leakage"),
+        conflicting_labels=details.get("conflicting_labels"),
+        rejected=[FileIssue(**r) for r in report.get("rejected", [])[:MAX_LISTED]],
+        skipped=[FileIssue(**r) for r in report.get("skipped", [])[:MAX_LISTED]],
+        num_rejected=report.get("num_rejected", len(report.get("rejected", []))),
+        num_skipped=report.get("num_skipped", len(report.get("skipped", []))),
+    )
 
 
 class DatasetImport(BaseModel):
@@ -101,6 +133,47 @@ class JobPublic(BaseModel):
     best_metrics: dict[str, Any] | None
     error: JobError | None
     model_available: bool
+
+
+def job_public(job: Job) -> JobPublic:
+    total = job.total_steps or 0
+    fraction = (
+        1.0
+        if job.status == JobStatus.SUCCEEDED.value
+        else (min(1.0, job.step / total) if total else 0.0)
+    )
+    heartbeat = as_utc(job.heartbeat_at)
+    error = (
+        JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    )
+    return JobPublic(
+        id=job.id,
+        dataset_id=job.dataset_id,
+        status=job.status,
+        config=job.config,
+        created_at=as_utc(job.created_at),  # type: ignore[arg-type]
+        started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at),
+        heartbeat_at=heartbeat,
+        heartbeat_age_seconds=(utcnow() - heartbeat).total_seconds() if heartbeat else None,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        checkpoint_available=job.checkpoint_key is not None,
+        progress=Progress(
+            phase=job.phase,
+            epoch=job.epoch,
+            total_epochs=job.total_epochs or job.config.get("epochs", 0),
+            step=job.step,
+            total_steps=total,
+            fraction=round(fraction, 4),
+            eta_seconds=job.eta_seconds,
+            updated_at=as_utc(job.progress_at),
+        ),
+        latest_metrics=job.latest_metrics,
+        best_metrics=job.best_metrics,
+        error=error,
+        model_available=model_ready(job),
+    )
 
 
 class JobCancel(BaseModel):

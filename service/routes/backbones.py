@@ -2,26 +2,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from core.backbones import BACKBONES, BackboneSpec, WeightsLocation, locate_weights
-from core.settings import Settings
+from core.backbones import BACKBONES
+from core.weights import weights_on_host
 from service.deps import ReadDep, SettingsDep
 from service.errors import ERROR_RESPONSES
 from service.schemas import BackbonePublic, BackbonesPublic
 
 router = APIRouter(prefix="/v1/backbones", tags=["backbones"], responses=ERROR_RESPONSES)
-
-
-def weights_on_host(spec: BackboneSpec, settings: Settings) -> WeightsLocation | None:
-    return locate_weights(
-        spec, settings.weights_dir, settings.resolved_torch_hub_dir, settings.resolved_hf_cache
-    )
-
-
-def usable_backbones(settings: Settings) -> list[str]:
-    """Backbones a job may use now: weights on this host, or downloads allowed."""
-    if settings.allow_weight_downloads:
-        return sorted(BACKBONES)
-    return sorted(n for n, s in BACKBONES.items() if weights_on_host(s, settings) is not None)
 
 
 @router.get("", response_model=BackbonesPublic)

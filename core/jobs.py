@@ -1,0 +1,248 @@
+"""Jobs as the API sees them: submit (every rule a job must pass before it is queued),
+cancel, and what a job has delivered (its model files, report and plots).
+
+Submitting commits the row first, then sends the task by name: the worker re-reads the row,
+and a job the broker never received is recorded as failed, not left queued forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import queue, transitions
+from core.backbones import BACKBONES
+from core.datasets import get_owned_dataset
+from core.errors import ErrorCode, ServiceError
+from core.jobspec import JobCreate
+from core.models import Job, JobMetric, JobStatus, new_id
+from core.settings import Settings
+from core.storage import ObjectStore
+from core.tenancy import ACTIVE, Limits, Principal, audit, count_jobs
+from core.weights import usable_backbones, weights_on_host
+
+log = logging.getLogger(__name__)
+
+# What a job's model can be downloaded as: name -> (key in job.result, media type, suffix)
+MODEL_FORMATS: dict[str, tuple[str, str, str]] = {
+    "zip": ("bundle_key", "application/zip", "model.zip"),
+    "safetensors": ("safetensors_key", "application/octet-stream", "model.safetensors"),
+    "torchscript": ("torchscript_key", "application/octet-stream", "model.torchscript.pt"),
+    "metadata": ("metadata_key", "application/json", "metadata.json"),
+}
+PLOTS = ("curves", "confusion_matrix")
+
+
+def get_owned_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The caller's job; another tenant's answers exactly like a missing one."""
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != principal.tenant_id:
+        raise ServiceError(ErrorCode.JOB_NOT_FOUND, f"job {job_id!r} not found")
+    return job
+
+
+def model_ready(job: Job) -> bool:
+    """Succeeded; canceled with stop-and-keep, or stopped at its time limit, after at least
+    one epoch (the best epoch so far is the model)."""
+    ended = job.status in (
+        JobStatus.SUCCEEDED.value,
+        JobStatus.CANCELED.value,
+        JobStatus.FAILED.value,
+    )
+    return ended and bool(job.result and job.result.get("bundle_key"))
+
+
+def submit_job(
+    session: Session,
+    principal: Principal,
+    limits: Limits,
+    spec: JobCreate,
+    settings: Settings,
+    client: str | None = None,
+) -> Job:
+    """Check the job against the tenant's limits, the host's weights and its dataset, commit
+    it as queued, then send it to the broker. Raises ServiceError for each refusal."""
+    try:
+        ds = get_owned_dataset(session, principal, spec.dataset_id)
+    except ServiceError as exc:
+        exc.detail += "; upload one with POST /v1/datasets"
+        raise
+    waiting = count_jobs(session, principal.tenant_id, ACTIVE)
+    if waiting >= limits.max_queued_jobs:
+        raise ServiceError(
+            ErrorCode.QUEUED_JOBS_LIMIT,
+            f"your tenant has {waiting} jobs waiting to run, its limit (max_queued_jobs) is "
+            f"{limits.max_queued_jobs}; submit again when some have started, or cancel some",
+            headers={"Retry-After": "30"},
+        )
+    backbone = BACKBONES[spec.backbone]
+    if not settings.allow_weight_downloads and weights_on_host(backbone, settings) is None:
+        raise ServiceError(
+            ErrorCode.WEIGHTS_UNAVAILABLE,
+            f"no ImageNet weights for {spec.backbone!r} on this host; usable now: "
+            f"{', '.join(usable_backbones(settings))}. Run `finetune weights pull "
+            f"{spec.backbone}` on a host with internet, or set ALLOW_WEIGHT_DOWNLOADS=true",
+        )
+    val_min = min(ds.class_counts.values())
+    if val_min * spec.val_fraction < 1 and val_min < 2:
+        raise ServiceError(
+            ErrorCode.VALIDATION_ERROR,
+            "every class needs at least 2 images to hold one out for validation",
+        )
+    limit = limits.max_job_duration_seconds
+    if spec.max_duration_seconds is not None and spec.max_duration_seconds > limit:
+        raise ServiceError(
+            ErrorCode.JOB_DURATION_LIMIT,
+            f"max_duration_seconds {spec.max_duration_seconds:g} is over your tenant's limit "
+            f"of {limit:g}s (max_job_duration_seconds, at most the service's "
+            f"JOB_MAX_DURATION_SECONDS); ask for {limit:g} or less",
+        )
+    config = spec.model_dump(mode="json")
+    config["dataset_sha256"] = ds.sha256
+    config["max_duration_seconds"] = spec.max_duration_seconds or limit
+    job = Job(
+        id=new_id("job"),
+        tenant_id=principal.tenant_id,
+        dataset_id=ds.id,
+        status=JobStatus.QUEUED.value,
+        config=config,
+        total_epochs=spec.epochs,
+    )
+    session.add(job)
+    audit(
+        session,
+        principal,
+        "job.create",
+        "job",
+        job.id,
+        client,
+        {"dataset_id": ds.id, "backbone": spec.backbone},
+    )
+    session.commit()
+    _send(session, job.id, settings)
+    session.refresh(job)
+    return job
+
+
+def _send(session: Session, job_id: str, settings: Settings) -> None:
+    """Send the committed job; if the broker is unreachable, record it as failed."""
+    try:
+        queue.send_train(job_id, settings)
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job_id)
+        transitions.fail(
+            session,
+            job_id,
+            code=ErrorCode.BROKER_UNAVAILABLE.value,
+            message=f"the job could not be queued: {exc}",
+        )
+        raise ServiceError(
+            ErrorCode.BROKER_UNAVAILABLE,
+            f"the job queue is unreachable; job {job_id} was recorded as failed, submit again",
+        ) from exc
+
+
+def cancel_job(
+    session: Session, principal: Principal, job_id: str, mode: str, client: str | None = None
+) -> Job:
+    """A queued job is canceled at once; a running one stops at its next step (`mode`:
+    discard, or stop-and-keep). JOB_FINISHED if it has already ended."""
+    get_owned_job(session, principal, job_id)
+    if transitions.request_cancel(session, job_id, mode) is None:
+        job = get_owned_job(session, principal, job_id)
+        raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id} has already ended ({job.status})")
+    audit(session, principal, "job.cancel", "job", job_id, client, {"mode": mode})
+    session.commit()
+    session.expire_all()
+    return get_owned_job(session, principal, job_id)
+
+
+def job_metrics(session: Session, principal: Principal, job_id: str) -> list[JobMetric]:
+    """The caller's job's metrics, one row per epoch."""
+    get_owned_job(session, principal, job_id)
+    return list(
+        session.scalars(
+            select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
+        ).all()
+    )
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    key: str
+    media_type: str
+    disposition: str  # Content-Disposition, with the download's file name
+    url: str | None  # a presigned GET URL when the store issues them (S3)
+
+
+def open_model(
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    principal: Principal,
+    job_id: str,
+    fmt: str,
+    client: str | None = None,
+) -> ModelFile:
+    """The trained model file in format `fmt` (a MODEL_FORMATS name), its download audited.
+    The presigned URL is issued only after the ownership check."""
+    job = get_owned_job(session, principal, job_id)
+    if not model_ready(job) or job.result is None:
+        raise ServiceError(
+            ErrorCode.MODEL_NOT_AVAILABLE,
+            f"job {job_id} is {job.status}; a model is available once it has succeeded "
+            "(or was canceled with stop-and-keep, or stopped at its time limit after an epoch)",
+        )
+    result_key, media_type, filename = MODEL_FORMATS[fmt]
+    key = job.result[result_key]
+    disposition = f'attachment; filename="{job_id}-{filename}"'
+    url = store.presigned_get(key, settings.download_url_ttl_seconds, disposition, media_type)
+    audit(
+        session,
+        principal,
+        "model.download",
+        "job",
+        job_id,
+        client,
+        {"format": fmt, "via": "presigned_url" if url else "stream"},
+    )
+    session.commit()
+    return ModelFile(key, media_type, disposition, url)
+
+
+def succeeded_job(
+    session: Session, principal: Principal, job_id: str
+) -> tuple[Job, dict[str, Any]]:
+    """The caller's job and its result, once it has succeeded with an evaluation report."""
+    job = get_owned_job(session, principal, job_id)
+    result = job.result or {}
+    if job.status != JobStatus.SUCCEEDED.value or "report" not in result:
+        raise ServiceError(
+            ErrorCode.REPORT_NOT_AVAILABLE,
+            f"job {job_id} is {job.status}; the evaluation report is written when it succeeds "
+            f"(live metrics: GET /v1/jobs/{job_id}/metrics)",
+        )
+    return job, result
+
+
+def plot_key(
+    session: Session, store: ObjectStore, principal: Principal, job_id: str, name: str
+) -> str:
+    """Where the caller's job's plot `name` (one of PLOTS) is stored, once it is drawn."""
+    get_owned_job(session, principal, job_id)
+    if name not in PLOTS:
+        raise ServiceError(
+            ErrorCode.NOT_FOUND, f"no plot named {name!r}; available: {', '.join(PLOTS)}"
+        )
+    key = f"jobs/{job_id}/plots/{name}.png"
+    if not store.exists(key):
+        raise ServiceError(
+            ErrorCode.PLOT_NOT_AVAILABLE,
+            f"plot {name!r} of job {job_id} is not drawn yet (curves after the first epoch, "
+            "the confusion matrix when the job succeeds)",
+        )
+    return key
