@@ -19,6 +19,8 @@ def is_hidden(parts: tuple[str, ...]) -> bool:
 
 
 def unsafe_reason(entry: RawEntry) -> str | None:
+    if entry.problem:
+        return entry.problem
     name = entry.name
     if "\\" in name:
         return "path contains a backslash"

@@ -20,8 +20,9 @@ from typing import Any, BinaryIO
 
 from service.errors import ErrorCode, ServiceError
 from service.ingest.images import IMAGE_EXTENSIONS, inspect_image
-from service.ingest.layout import Layout, is_hidden, unsafe_reason
-from service.ingest.manifest import MANIFEST_SUFFIXES, MAX_MANIFEST_BYTES, parse_manifest
+from service.ingest.layout import Layout, Manifest, is_hidden, unsafe_reason
+from service.ingest.manifest import MANIFEST_SUFFIXES
+from service.ingest.manifest_stream import read_manifest
 from service.ingest.model import MAX_LISTED, IngestReport, Limits
 from service.ingest.report import build_report
 from service.ingest.sources import Archive, EntryTooLarge, S3Prefix
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def ingest_archive(src: BinaryIO, out_zip: Path, limits: Limits) -> IngestReport:
     """An uploaded zip or tar (any compression tarfile reads), as a file object on disk."""
-    archive = Archive(src)
+    archive = Archive(src, limits)
     try:
         return _ingest(archive, out_zip, limits)
     finally:
@@ -48,7 +49,7 @@ class _Found:
     """What the passes sort the entries into."""
 
     images: list[str] = field(default_factory=list)
-    manifests: list[tuple[str, bytes]] = field(default_factory=list)
+    manifests: list[Manifest] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     accepted: list[dict[str, Any]] = field(default_factory=list)
@@ -70,9 +71,7 @@ def _ingest(archive: Archive | S3Prefix, out_zip: Path, limits: Limits) -> Inges
             f"found {len(found.manifests)} manifests "
             f"({', '.join(n for n, _ in found.manifests)}); keep one",
         )
-    manifest = (
-        (found.manifests[0][0], parse_manifest(*found.manifests[0])) if found.manifests else None
-    )
+    manifest = found.manifests[0] if found.manifests else None
     layout = Layout(found.images, manifest)
     _copy(archive, layout, found, out_zip, limits)
     if layout.kind == "manifest" and layout.manifest is not None:
@@ -110,12 +109,7 @@ def _list(archive: Archive | S3Prefix, limits: Limits) -> _Found:
         if suffix in IMAGE_EXTENSIONS:
             found.images.append(entry.name)
         elif suffix in MANIFEST_SUFFIXES and len(parts) <= 2:
-            try:
-                found.manifests.append((entry.name, entry.read(MAX_MANIFEST_BYTES)))
-            except EntryTooLarge:
-                found.rejected.append(
-                    {"path": entry.name, "reason": "manifest larger than 256 MiB"}
-                )
+            found.manifests.append((entry.name, read_manifest(entry, limits)))
         else:
             found.skipped.append({"path": entry.name, "reason": "not an image file (by extension)"})
     return found

@@ -1,5 +1,6 @@
-"""From an upload (or an S3 prefix) to a stored dataset: check the tenant's storage limit,
-ingest, then store through `core.datasets`. The dataset routes call these."""
+"""From an upload (or an S3 prefix) to a stored dataset: refuse an upload that cannot fit
+the tenant's storage early, ingest, then store through `core.datasets` (which charges, and
+checks, the bytes actually stored). The dataset routes call these."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def register_upload(
 ) -> Dataset:
     """An uploaded archive (a seekable file on disk), named `name` or after its file."""
     size = src.seek(0, 2)
-    check_storage_quota(session, principal, limits, size)  # before any decoding
+    # Before any decoding, like the Content-Length check in front of the route.
+    check_storage_quota(session, principal, limits, size)
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         images_zip = Path(tmp) / "images.zip"
         report = ingest_archive(src, images_zip, Limits.from_settings(settings))
@@ -44,7 +46,7 @@ def register_upload(
         for suffix in ARCHIVE_SUFFIXES:
             stem = stem.removesuffix(suffix)
         new = _checked(report, images_zip, name or stem, size)
-        return store_dataset(session, store, principal, new, client)
+        return store_dataset(session, store, principal, limits, new, client)
 
 
 def register_import(
@@ -63,10 +65,8 @@ def register_import(
         images_zip = Path(tmp) / "images.zip"
         report = ingest_s3_prefix(s3.client, source, images_zip, Limits.from_settings(settings))
         size = images_zip.stat().st_size
-        # Known only now: the canonical zip is what the tenant's storage holds.
-        check_storage_quota(session, principal, limits, size)
         new = _checked(report, images_zip, name or source.rstrip("/").rsplit("/", 1)[-1], size)
-        return store_dataset(session, store, principal, new, client)
+        return store_dataset(session, store, principal, limits, new, client)
 
 
 def _checked(report: IngestReport, images_zip: Path, name: str, size: int) -> NewDataset:
