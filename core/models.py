@@ -106,7 +106,9 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     archive_key: Mapped[str] = mapped_column(String(500))
     index_key: Mapped[str] = mapped_column(String(500))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # the upload (an import: its archive)
+    # What the store holds for it (canonical archive, index, thumbnails): the quota charges this.
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     sha256: Mapped[str] = mapped_column(String(64))
     num_images: Mapped[int] = mapped_column(Integer)
     classes: Mapped[list[Any]] = mapped_column(JSON)  # class names, index = label

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 
 from core.settings import Settings, get_settings
 
-TRAIN_TASK = "finetune.train_job"
+TRAIN_TASK = "finetune.train_job"  # on settings.task_queue
+PREVIEW_TASK = "finetune.render_preview"  # on settings.light_queue
 
 
 @lru_cache(maxsize=4)
@@ -35,6 +39,33 @@ def send_train(job_id: str, settings: Settings | None = None, countdown: float =
         args=[job_id],
         queue=settings.task_queue,
         countdown=countdown or None,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
+    )
+
+
+def preview_key(
+    dataset_id: str, augmentation: dict[str, Any], image_size: int, seed: int, samples: int
+) -> str:
+    """Where a preview lives in the store, without its suffix (`.png`, `.pending`,
+    `.error.json`): the API and the worker both derive it from the parameters."""
+    params = json.dumps([augmentation, image_size, seed, samples], sort_keys=True)
+    return f"datasets/{dataset_id}/previews/{hashlib.sha256(params.encode()).hexdigest()[:24]}"
+
+
+def send_preview(
+    dataset_id: str,
+    augmentation: dict[str, Any],
+    image_size: int,
+    seed: int,
+    samples: int,
+    settings: Settings | None = None,
+) -> None:
+    settings = settings or get_settings()
+    client(settings).send_task(
+        PREVIEW_TASK,
+        args=[dataset_id, augmentation, image_size, seed, samples],
+        queue=settings.light_queue,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )

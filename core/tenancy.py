@@ -18,7 +18,9 @@ from core.db import utcnow
 from core.models import DEFAULT_TENANT, ApiKey, AuditEvent, Dataset, Job, JobStatus, Tenant
 from core.settings import Settings
 
-SCOPES = ("read", "write", "admin")
+# `admin` manages its own tenant (keys, audit log); `operator` manages every tenant and is
+# held only by keys of the default tenant.
+SCOPES = ("read", "write", "admin", "operator")
 TOKEN_RE = re.compile(r"^ft_([0-9a-f]{16})_([A-Za-z0-9_-]{20,64})$")
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.INTERRUPTED.value)
 
@@ -39,7 +41,8 @@ class Principal:
         return scope in self.scopes
 
 
-ANONYMOUS_ADMIN = Principal(DEFAULT_TENANT, None, frozenset(SCOPES))  # AUTH_ENABLED=false
+# AUTH_ENABLED=false: every request is the default tenant with every scope.
+ANONYMOUS = Principal(DEFAULT_TENANT, None, frozenset(SCOPES))
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def tenant_limits(session: Session, tenant_id: str, settings: Settings) -> Limit
 def storage_used(session: Session, tenant_id: str) -> int:
     return int(
         session.scalar(
-            select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+            select(func.coalesce(func.sum(Dataset.stored_bytes), 0)).where(
                 Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None)
             )
         )
@@ -185,7 +188,7 @@ def set_limits(tenant: Tenant, **limits: Any) -> None:
 def disable_tenant(session: Session, tenant: Tenant) -> int:
     """Revoke every key of `tenant` and refuse new ones. Returns how many were revoked."""
     if tenant.id == DEFAULT_TENANT:
-        raise TenancyError("the default tenant holds the admin keys and cannot be disabled")
+        raise TenancyError("the default tenant holds the operator keys and cannot be disabled")
     now = utcnow()
     tenant.disabled_at = tenant.disabled_at or now
     keys = session.scalars(
@@ -206,6 +209,11 @@ def create_key(
     if bad or not scopes:
         raise TenancyError(
             f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {scopes}"
+        )
+    if "operator" in scopes and tenant.id != DEFAULT_TENANT:
+        raise TenancyError(
+            f"the operator scope is for keys of the {DEFAULT_TENANT!r} tenant only, not of "
+            f"{tenant.name!r}; give this tenant's administrator `admin`"
         )
     key_id = secrets.token_hex(8)
     token = f"ft_{key_id}_{secrets.token_urlsafe(32)}"
@@ -262,14 +270,14 @@ def resolve_token(session: Session, authorization: str | None) -> tuple[Principa
 
 
 def ensure_bootstrap_key(session: Session) -> str | None:
-    """First start with auth on and no admin key: create one for the default tenant and
-    return its token (to be printed once). None when an admin key exists already."""
+    """First start with auth on and no operator key: create one (every scope) for the
+    default tenant and return its token (to be printed once). None when one exists already."""
     keys = session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
-    if any("admin" in k.scopes for k in keys):
+    if any("operator" in k.scopes for k in keys):
         return None
     tenant = session.get(Tenant, DEFAULT_TENANT)
     assert tenant is not None, "migrations create the default tenant"
-    key, token = create_key(session, tenant, list(SCOPES), name="bootstrap admin key")
+    key, token = create_key(session, tenant, list(SCOPES), name="bootstrap operator key")
     audit(session, None, "key.create", "key", key.id, detail={"scopes": key.scopes, "by": "serve"})
     session.commit()
     return token

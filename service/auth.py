@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from core.db import session_scope
 from core.settings import Settings
 from core.tenancy import (
-    ANONYMOUS_ADMIN,
+    ANONYMOUS,
     AuthFailure,
     Limits,
     Principal,
@@ -68,7 +68,7 @@ class Authenticate:
             principal = (
                 resolve_token(session, authorization)[0]
                 if self.settings.auth_enabled
-                else ANONYMOUS_ADMIN
+                else ANONYMOUS
             )
             limits = tenant_limits(session, principal.tenant_id, self.settings)
             # Content-Length includes the multipart framing: allow for it here; the route

@@ -56,12 +56,14 @@ def _principal(
     return principal  # type: ignore[no-any-return]
 
 
-def require(scope: str) -> Callable[[Principal], Principal]:
+def require(*scopes: str) -> Callable[[Principal], Principal]:
+    """A dependency passing a principal that holds at least one of `scopes`."""
+
     def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
-        if not principal.has(scope):
+        if not any(principal.has(s) for s in scopes):
             raise ServiceError(
                 ErrorCode.INSUFFICIENT_SCOPE,
-                f"this API key lacks the {scope!r} scope (it has: "
+                f"this API key lacks the {' or '.join(map(repr, scopes))} scope (it has: "
                 f"{', '.join(sorted(principal.scopes))})",
             )
         return principal
@@ -77,7 +79,9 @@ def _limits(request: Request, _: Annotated[Principal, Depends(_principal)]) -> L
 LimitsDep = Annotated[Limits, Depends(_limits)]
 ReadDep = Annotated[Principal, Depends(require("read"))]
 WriteDep = Annotated[Principal, Depends(require("write"))]
-AdminDep = Annotated[Principal, Depends(require("admin"))]
+# What an admin may do within its own tenant, an operator may do for any (core/admin.py).
+AdminDep = Annotated[Principal, Depends(require("admin", "operator"))]
+OperatorDep = Annotated[Principal, Depends(require("operator"))]
 
 
 # Object ids and tenant names in paths and queries: anything else (a NUL byte, a slash, a

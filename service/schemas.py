@@ -289,7 +289,7 @@ class TenantsPublic(BaseModel):
     count: int
 
 
-Scope = Literal["read", "write", "admin"]
+Scope = Literal["read", "write", "admin", "operator"]
 
 
 class KeyCreate(BaseModel):

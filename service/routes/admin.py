@@ -1,30 +1,22 @@
-"""Tenants, API keys and the audit log (`admin` scope), and `GET /v1/me` for any key."""
+"""Tenants, API keys and the audit log (`admin`: its own tenant; `operator`: every tenant),
+and `GET /v1/me` for any key. Who may do what is decided in `core/admin.py`."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from core import admin
 from core.db import as_utc
 from core.models import ApiKey, AuditEvent, Tenant
 from core.settings import Settings
-from core.tenancy import (
-    TenancyError,
-    audit,
-    create_key,
-    create_tenant,
-    disable_tenant,
-    get_tenant,
-    limits_for,
-    revoke_key,
-    set_limits,
-    usage,
-)
+from core.tenancy import limits_for, usage
 from service.deps import (
     AdminDep,
     Offset,
+    OperatorDep,
     PathId,
     QueryId,
     ReadDep,
@@ -33,7 +25,7 @@ from service.deps import (
     client_of,
     page,
 )
-from service.errors import ERROR_RESPONSES, ErrorCode, ServiceError
+from service.errors import ERROR_RESPONSES
 from service.schemas import (
     AuditEventPublic,
     AuditEventsPublic,
@@ -77,37 +69,10 @@ def key_public(key: ApiKey) -> KeyPublic:
     )
 
 
-def _tenant(session: SessionDep, ref: str) -> Tenant:
-    tenant = get_tenant(session, ref)
-    if tenant is None:
-        raise ServiceError(ErrorCode.TENANT_NOT_FOUND, f"tenant {ref!r} not found")
-    return tenant
-
-
-def _audit_tenant(
-    session: SessionDep,
-    principal: AdminDep,
-    request: Request,
-    action: str,
-    tenant: Tenant,
-    detail: dict[str, Any],
-) -> None:
-    audit(
-        session,
-        principal,
-        f"tenant.{action}",
-        "tenant",
-        tenant.id,
-        client_of(request),
-        detail,
-        tenant_id=tenant.id,  # the tenant acted on, not the admin's own
-    )
-
-
 @me_router.get("/me", response_model=MePublic)
 def read_me(principal: ReadDep, session: SessionDep, settings: SettingsDep) -> MePublic:
     """Who this key is: its tenant, scopes, the limits in force and what is used of them."""
-    tenant = _tenant(session, principal.tenant_id)
+    tenant = admin.get_tenant(session, principal.tenant_id)
     return MePublic(
         tenant_id=tenant.id,
         tenant_name=tenant.name,
@@ -123,17 +88,12 @@ def read_me(principal: ReadDep, session: SessionDep, settings: SettingsDep) -> M
 def create_tenant_route(
     request: Request,
     body: TenantCreate,
-    principal: AdminDep,
+    principal: OperatorDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> TenantPublic:
     limits = body.model_dump(exclude={"name"}, exclude_none=True)
-    try:
-        tenant = create_tenant(session, body.name, **limits)
-    except TenancyError as exc:
-        raise ServiceError(ErrorCode.TENANT_EXISTS, str(exc)) from exc
-    _audit_tenant(session, principal, request, "create", tenant, limits)
-    session.commit()
+    tenant = admin.create_tenant(session, principal, body.name, limits, client_of(request))
     return tenant_public(session, tenant, settings)
 
 
@@ -145,7 +105,9 @@ def list_tenants(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Offset = 0,
 ) -> TenantsPublic:
-    rows, count = page(session, Tenant, [], (Tenant.name,), limit, offset)
+    """Every tenant for an operator; a tenant admin's own."""
+    where = admin.visible_tenants(principal)
+    rows, count = page(session, Tenant, where, (Tenant.name,), limit, offset)
     return TenantsPublic(data=[tenant_public(session, t, settings) for t in rows], count=count)
 
 
@@ -154,16 +116,13 @@ def update_tenant_limits(
     request: Request,
     tenant: PathId,
     body: TenantLimitsUpdate,
-    principal: AdminDep,
+    principal: OperatorDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> TenantPublic:
     """Set a tenant's limits; a field sent as null goes back to the service's default."""
-    row = _tenant(session, tenant)
     changes = body.model_dump(exclude_unset=True)
-    set_limits(row, **changes)
-    _audit_tenant(session, principal, request, "update", row, changes)
-    session.commit()
+    row = admin.update_limits(session, principal, tenant, changes, client_of(request))
     return tenant_public(session, row, settings)
 
 
@@ -171,19 +130,13 @@ def update_tenant_limits(
 def disable_tenant_route(
     request: Request,
     tenant: PathId,
-    principal: AdminDep,
+    principal: OperatorDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> TenantPublic:
     """Disable a tenant: all its keys are revoked (401 from now on) and it gets no new
     ones. Its datasets, jobs and models are kept; jobs already queued still run."""
-    row = _tenant(session, tenant)
-    try:
-        revoked = disable_tenant(session, row)
-    except TenancyError as exc:
-        raise ServiceError(ErrorCode.TENANT_PROTECTED, str(exc)) from exc
-    _audit_tenant(session, principal, request, "disable", row, {"keys_revoked": revoked})
-    session.commit()
+    row = admin.disable_tenant(session, principal, tenant, client_of(request))
     return tenant_public(session, row, settings)
 
 
@@ -191,23 +144,11 @@ def disable_tenant_route(
 def create_key_route(
     request: Request, body: KeyCreate, principal: AdminDep, session: SessionDep
 ) -> KeyCreated:
-    """A new API key for a tenant. The token is in this response only."""
-    tenant = _tenant(session, body.tenant)
-    try:
-        key, token = create_key(session, tenant, list(body.scopes), body.name)
-    except TenancyError as exc:
-        raise ServiceError(ErrorCode.TENANT_DISABLED, str(exc)) from exc
-    audit(
-        session,
-        principal,
-        "key.create",
-        "key",
-        key.id,
-        client_of(request),
-        {"scopes": key.scopes, "for_tenant": tenant.id},
-        tenant_id=tenant.id,
+    """A new API key for a tenant (a tenant admin: its own, with scopes it holds itself).
+    The token is in this response only."""
+    key, token = admin.create_key(
+        session, principal, body.tenant, list(body.scopes), body.name, client_of(request)
     )
-    session.commit()
     return KeyCreated(**key_public(key).model_dump(), key=token)
 
 
@@ -219,7 +160,8 @@ def list_keys(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Offset = 0,
 ) -> KeysPublic:
-    where = [] if tenant is None else [ApiKey.tenant_id == _tenant(session, tenant).id]
+    """Keys of `tenant`; without it, every key for an operator, its own for a tenant admin."""
+    where = admin.visible_keys(session, principal, tenant)
     order = (ApiKey.created_at.desc(), ApiKey.id)
     rows, count = page(session, ApiKey, where, order, limit, offset)
     return KeysPublic(data=[key_public(k) for k in rows], count=count)
@@ -230,19 +172,7 @@ def revoke_key_route(
     request: Request, key_id: PathId, principal: AdminDep, session: SessionDep
 ) -> Response:
     """Revoke a key: from now on it gets 401. Revoking twice is harmless."""
-    key = revoke_key(session, key_id)
-    if key is None:
-        raise ServiceError(ErrorCode.KEY_NOT_FOUND, f"API key {key_id!r} not found")
-    audit(
-        session,
-        principal,
-        "key.revoke",
-        "key",
-        key.id,
-        client_of(request),
-        tenant_id=key.tenant_id,
-    )
-    session.commit()
+    admin.revoke_key(session, principal, key_id, client_of(request))
     return Response(status_code=204)
 
 
@@ -256,12 +186,9 @@ def list_audit_events(
     offset: Offset = 0,
 ) -> AuditEventsPublic:
     """Newest first: key and tenant changes, dataset and job creation and deletion, cancels,
-    model downloads; each with the key that did it and the client address."""
-    where = []
-    if tenant is not None:
-        where.append(AuditEvent.tenant_id == _tenant(session, tenant).id)
-    if action is not None:
-        where.append(AuditEvent.action == action)
+    model downloads; each with the key that did it and the client address. An operator
+    reads every tenant's (or `tenant`'s); a tenant admin its own."""
+    where = admin.visible_audit(session, principal, tenant, action)
     rows, count = page(session, AuditEvent, where, (AuditEvent.id.desc(),), limit, offset)
     data = [AuditEventPublic.model_validate(r, from_attributes=True) for r in rows]
     return AuditEventsPublic(data=data, count=count)

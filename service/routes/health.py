@@ -1,4 +1,10 @@
+"""Liveness and readiness, unauthenticated for load balancers: they say whether each
+dependency answers, never how it failed (addresses, versions and messages go to the log)."""
+
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -6,6 +12,8 @@ from sqlalchemy import text
 
 from core.queue import check_broker
 from service.deps import SessionDep, SettingsDep, StoreDep
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -16,24 +24,24 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _check(name: str, probe: Callable[[], object]) -> str:
+    try:
+        probe()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        # No traceback: a load balancer polls this every few seconds while it is down.
+        log.warning("readiness check %s failed: %r", name, exc)
+        return "error: unreachable"
+    return "ok"
+
+
 @router.get("/readyz")
 def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONResponse:
-    checks: dict[str, str] = {}
-    try:
-        session.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        checks["database"] = f"error: {exc}"
-    try:
-        check_broker(settings)
-        checks["broker"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["broker"] = f"error: {exc}"
-    try:
-        store.check()
-        checks["storage"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["storage"] = f"error: {exc}"
+    """200 when the database, the broker and the object store all answer, else 503."""
+    checks = {
+        "database": _check("database", lambda: session.execute(text("SELECT 1"))),
+        "broker": _check("broker", lambda: check_broker(settings)),
+        "storage": _check("storage", store.check),
+    }
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},

@@ -1,6 +1,7 @@
 """Tenants and limits, with auth on, against real PostgreSQL, Redis and S3: API keys and
-scopes, isolation across every route, each per-tenant limit, presigned downloads, CORS,
-body limits and the audit log."""
+scopes (a tenant's `admin` bounded to its tenant, the `operator` over all of them),
+isolation across every route, each per-tenant limit, presigned downloads, CORS, body
+limits, the audit log and what /readyz tells anyone."""
 
 from __future__ import annotations
 
@@ -63,27 +64,27 @@ def client(env):
 
 
 @pytest.fixture(scope="module")
-def admin_token(env):
-    """What `finetune keys create --tenant default --scopes read,write,admin` makes."""
+def operator_token(env):
+    """What `finetune keys create --tenant default --scopes read,write,admin,operator` makes."""
     with session_scope() as s:
         tenant = s.get(Tenant, DEFAULT_TENANT)
-        _, token = create_key(s, tenant, ["read", "write", "admin"], "test admin")
+        _, token = create_key(s, tenant, ["read", "write", "admin", "operator"], "test operator")
         s.commit()
     return token
 
 
-def new_tenant(client, admin_token, **limits) -> tuple[str, str]:
-    """(tenant id, a read+write key), made through the admin API."""
+def new_tenant(client, operator_token, **limits) -> tuple[str, str]:
+    """(tenant id, a read+write key), made through the admin API by the operator."""
     name = f"t-{secrets.token_hex(4)}"
     resp = client.post(
-        "/v1/admin/tenants", json={"name": name, **limits}, headers=bearer(admin_token)
+        "/v1/admin/tenants", json={"name": name, **limits}, headers=bearer(operator_token)
     )
     assert resp.status_code == 201, resp.text
     tenant_id = resp.json()["id"]
     key = client.post(
         "/v1/admin/keys",
         json={"tenant": name, "scopes": ["read", "write"]},
-        headers=bearer(admin_token),
+        headers=bearer(operator_token),
     )
     assert key.status_code == 201, key.text
     assert key.json()["key"].startswith("ft_") and key.json()["tenant_id"] == tenant_id
@@ -122,11 +123,11 @@ def counted_body(mib):
 # --- authentication ---------------------------------------------------------------------
 
 
-def test_missing_malformed_unknown_and_revoked_keys_get_401(client, admin_token):
-    _, token = new_tenant(client, admin_token)
+def test_missing_malformed_unknown_and_revoked_keys_get_401(client, operator_token):
+    _, token = new_tenant(client, operator_token)
     key_id = token.split("_")[1]
     assert client.get("/v1/me", headers=bearer(token)).status_code == 200
-    revoke = client.delete(f"/v1/admin/keys/{key_id}", headers=bearer(admin_token))
+    revoke = client.delete(f"/v1/admin/keys/{key_id}", headers=bearer(operator_token))
     assert revoke.status_code == 204
     wrong_secret = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
     cases = {
@@ -167,8 +168,8 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(client):
     assert len(sent) <= 2, f"{len(sent)} MiB were read before refusing"
 
 
-def test_scopes_are_enforced(client, admin_token, env):
-    _, rw = new_tenant(client, admin_token)
+def test_scopes_are_enforced(client, operator_token, env):
+    _, rw = new_tenant(client, operator_token)
     ds = upload(client, rw).json()["id"]
     tenant_id = client.get("/v1/me", headers=bearer(rw)).json()["tenant_id"]
     with session_scope() as s:
@@ -194,11 +195,11 @@ def test_scopes_are_enforced(client, admin_token, env):
 
 
 @pytest.fixture(scope="module")
-def two_tenants(client, admin_token, env):
+def two_tenants(client, operator_token, env):
     """Tenant B with a dataset, a finished job with a stored model, and a running job;
     tenant A with nothing of B's."""
-    _, key_a = new_tenant(client, admin_token)
-    tenant_b, key_b = new_tenant(client, admin_token)
+    _, key_a = new_tenant(client, operator_token)
+    tenant_b, key_b = new_tenant(client, operator_token)
     ds = upload(client, key_b, name="b-secret-name").json()
     finished = submit(client, key_b, ds["id"]).json()["id"]
     running = submit(client, key_b, ds["id"]).json()["id"]
@@ -317,8 +318,8 @@ def test_model_downloads_are_presigned_urls_issued_after_the_ownership_check(
 # --- limits -----------------------------------------------------------------------------
 
 
-def test_the_queued_jobs_limit_is_a_429_naming_it(client, admin_token):
-    _, key = new_tenant(client, admin_token, max_queued_jobs=2)
+def test_the_queued_jobs_limit_is_a_429_naming_it(client, operator_token):
+    _, key = new_tenant(client, operator_token, max_queued_jobs=2)
     ds = upload(client, key).json()["id"]
     assert submit(client, key, ds).status_code == 201
     assert submit(client, key, ds).status_code == 201
@@ -328,15 +329,20 @@ def test_the_queued_jobs_limit_is_a_429_naming_it(client, admin_token):
     assert resp.headers["retry-after"]
 
 
-def test_the_storage_limit_is_a_403_before_and_after_the_upload_is_read(client, admin_token):
-    _, key = new_tenant(client, admin_token, max_storage_bytes=len(ZIP) + 100)
+def test_the_storage_limit_is_a_403_before_and_after_the_upload_is_read(client, operator_token):
+    # What ZIP takes in the store (its canonical archive, index and thumbnails) is charged.
+    _, probe = new_tenant(client, operator_token)
+    assert upload(client, probe).status_code == 201
+    stored = client.get("/v1/me", headers=bearer(probe)).json()["usage"]["storage_bytes"]
+    assert stored > len(ZIP)
+    _, key = new_tenant(client, operator_token, max_storage_bytes=stored + 100)
     assert upload(client, key).status_code == 201
     # Once the upload is read, its exact size is checked: nothing more is stored.
     resp = upload(client, key)
     assert resp.status_code == 403
     assert resp.json()["error_code"] == "STORAGE_LIMIT" and "max_storage_bytes" in resp.text
     me = client.get("/v1/me", headers=bearer(key)).json()
-    assert me["usage"]["storage_bytes"] == len(ZIP)
+    assert me["usage"]["storage_bytes"] == stored
     assert client.get("/v1/datasets", headers=bearer(key)).json()["count"] == 1
     # An upload whose Content-Length cannot fit is refused before its body is read.
     sent, body = counted_body(10)
@@ -353,8 +359,8 @@ def test_the_storage_limit_is_a_403_before_and_after_the_upload_is_read(client, 
     assert len(sent) <= 1
 
 
-def test_the_job_duration_limit_is_a_403_and_the_default(client, admin_token):
-    _, key = new_tenant(client, admin_token, max_job_duration_seconds=60)
+def test_the_job_duration_limit_is_a_403_and_the_default(client, operator_token):
+    _, key = new_tenant(client, operator_token, max_job_duration_seconds=60)
     ds = upload(client, key).json()["id"]
     resp = submit(client, key, ds, max_duration_seconds=120)
     assert resp.status_code == 403
@@ -363,12 +369,12 @@ def test_the_job_duration_limit_is_a_403_and_the_default(client, admin_token):
     assert ok.status_code == 201 and ok.json()["config"]["max_duration_seconds"] == 60
 
 
-def test_the_running_jobs_limit_holds_a_job_back_until_a_slot_frees(client, admin_token, env):
+def test_the_running_jobs_limit_holds_a_job_back_until_a_slot_frees(client, operator_token, env):
     from core.settings import Settings
     from worker.tasks import run_job
 
     settings = Settings(**{k.lower(): v for k, v in env.items()})
-    tenant_id, key = new_tenant(client, admin_token, max_running_jobs=1)
+    tenant_id, key = new_tenant(client, operator_token, max_running_jobs=1)
     ds = upload(client, key).json()["id"]
     first = submit(client, key, ds).json()["id"]
     second = submit(client, key, ds).json()["id"]
@@ -392,9 +398,9 @@ def test_the_running_jobs_limit_holds_a_job_back_until_a_slot_frees(client, admi
     assert (outcome, limit) == ("claimed", 1)
 
 
-def test_the_rate_limit_is_a_429_per_tenant(client, admin_token):
-    _, slow = new_tenant(client, admin_token, rate_limit_per_minute=5)
-    _, other = new_tenant(client, admin_token)
+def test_the_rate_limit_is_a_429_per_tenant(client, operator_token):
+    _, slow = new_tenant(client, operator_token, rate_limit_per_minute=5)
+    _, other = new_tenant(client, operator_token)
     codes = [client.get("/v1/me", headers=bearer(slow)).status_code for _ in range(6)]
     assert codes == [200] * 5 + [429]
     resp = client.get("/v1/datasets", headers=bearer(slow))
@@ -402,8 +408,8 @@ def test_the_rate_limit_is_a_429_per_tenant(client, admin_token):
     assert client.get("/v1/me", headers=bearer(other)).status_code == 200  # not shared
 
 
-def test_json_bodies_are_limited_before_they_are_read(client, admin_token):
-    _, key = new_tenant(client, admin_token)
+def test_json_bodies_are_limited_before_they_are_read(client, operator_token):
+    _, key = new_tenant(client, operator_token)
     resp = client.post(
         "/v1/jobs",
         content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
@@ -415,16 +421,18 @@ def test_json_bodies_are_limited_before_they_are_read(client, admin_token):
 # --- admin, audit, CORS, CLI -----------------------------------------------------------
 
 
-def test_admin_manages_tenants_and_keys_and_everything_is_audited(client, admin_token, two_tenants):
+def test_the_operator_manages_tenants_and_keys_and_everything_is_audited(
+    client, operator_token, two_tenants
+):
     t = two_tenants
-    admin = bearer(admin_token)
-    dup = client.post("/v1/admin/tenants", json={"name": "default"}, headers=admin)
+    op = bearer(operator_token)
+    dup = client.post("/v1/admin/tenants", json={"name": "default"}, headers=op)
     assert dup.status_code == 409 and dup.json()["error_code"] == "TENANT_EXISTS"
     patched = client.patch(
-        f"/v1/admin/tenants/{t['tenant_b']}", json={"max_running_jobs": 7}, headers=admin
+        f"/v1/admin/tenants/{t['tenant_b']}", json={"max_running_jobs": 7}, headers=op
     )
     assert patched.status_code == 200 and patched.json()["limits"]["max_running_jobs"] == 7
-    keys = client.get("/v1/admin/keys", params={"tenant": t["tenant_b"]}, headers=admin).json()
+    keys = client.get("/v1/admin/keys", params={"tenant": t["tenant_b"]}, headers=op).json()
     assert keys["count"] == 1 and "key" not in keys["data"][0]  # never shown again
     assert "key_hash" not in str(keys)
     # B downloads, cancels, deletes; A tries and fails: only B's actions are B's audit.
@@ -434,7 +442,7 @@ def test_admin_manages_tenants_and_keys_and_everything_is_audited(client, admin_
     spare = upload(client, t["b"], name="spare").json()["id"]
     assert client.delete(f"/v1/datasets/{spare}", headers=bearer(t["b"])).status_code == 204
     events = client.get(
-        "/v1/admin/audit", params={"tenant": t["tenant_b"], "limit": 100}, headers=admin
+        "/v1/admin/audit", params={"tenant": t["tenant_b"], "limit": 100}, headers=op
     ).json()["data"]
     actions = {e["action"] for e in events}
     assert {
@@ -449,8 +457,209 @@ def test_admin_manages_tenants_and_keys_and_everything_is_audited(client, admin_
     assert download["detail"]["via"] == "presigned_url"
     assert sum(e["action"] == "model.download" for e in events) >= 1
     tenant_a = client.get("/v1/me", headers=bearer(t["a"])).json()["tenant_id"]
-    a_events = client.get("/v1/admin/audit", params={"tenant": tenant_a}, headers=admin).json()
+    a_events = client.get("/v1/admin/audit", params={"tenant": tenant_a}, headers=op).json()
     assert all(e["action"] != "model.download" for e in a_events["data"])  # refused: none
+
+
+def tenant_admin(client, operator_token, scopes=("read", "write", "admin")) -> dict[str, str]:
+    """A new tenant with a key of `scopes`, given by the operator: its id, name and token."""
+    tenant_id, _ = new_tenant(client, operator_token)
+    made = client.post(
+        "/v1/admin/keys",
+        json={"tenant": tenant_id, "scopes": list(scopes)},
+        headers=bearer(operator_token),
+    )
+    assert made.status_code == 201, made.text
+    me = client.get("/v1/me", headers=bearer(made.json()["key"])).json()
+    return {"id": tenant_id, "name": me["tenant_name"], "token": made.json()["key"]}
+
+
+def refused(resp, code="INSUFFICIENT_SCOPE", status=403) -> bool:
+    return resp.status_code == status and resp.json()["error_code"] == code
+
+
+def test_a_tenant_admin_administers_its_own_tenant_and_no_other(client, operator_token):
+    mine = tenant_admin(client, operator_token)
+    other = tenant_admin(client, operator_token)
+    adm = bearer(mine["token"])
+    # Its own tenant's view, keys and audit log, and nobody else's.
+    tenants = client.get("/v1/admin/tenants", headers=adm).json()
+    assert [t["id"] for t in tenants["data"]] == [mine["id"]] and tenants["count"] == 1
+    keys = client.get("/v1/admin/keys", headers=adm).json()
+    assert keys["count"] == 2 and {k["tenant_id"] for k in keys["data"]} == {mine["id"]}
+    by_name = client.get("/v1/admin/keys", params={"tenant": mine["name"]}, headers=adm).json()
+    assert by_name["count"] == 2
+    events = client.get("/v1/admin/audit", headers=adm).json()
+    assert events["count"] >= 2 and {e["tenant_id"] for e in events["data"]} == {mine["id"]}
+    # Another tenant, existing or not, is refused alike: nothing says whether it exists.
+    for ref in (other["id"], other["name"], "default", "no-such-tenant"):
+        for path in ("/v1/admin/keys", "/v1/admin/audit"):
+            resp = client.get(path, params={"tenant": ref}, headers=adm)
+            assert refused(resp) and "'operator'" in resp.json()["detail"], (path, ref)
+        made = client.post("/v1/admin/keys", json={"tenant": ref, "scopes": ["admin"]}, headers=adm)
+        assert refused(made), (ref, made.text)
+    # No tenant changes at all, not even of its own.
+    assert refused(client.post("/v1/admin/tenants", json={"name": "mine-too"}, headers=adm))
+    for ref in (mine["id"], other["id"], "default"):
+        resp = client.patch(f"/v1/admin/tenants/{ref}", json={"max_queued_jobs": 9}, headers=adm)
+        assert refused(resp)
+        assert refused(client.delete(f"/v1/admin/tenants/{ref}", headers=adm))
+    me = client.get("/v1/me", headers=adm).json()
+    assert me["limits"]["max_queued_jobs"] == 20  # unchanged: the service's default
+    # Another tenant's key is as absent as a missing one, and keeps working.
+    other_key = other["token"].split("_")[1]
+    assert refused(client.delete(f"/v1/admin/keys/{other_key}", headers=adm), "KEY_NOT_FOUND", 404)
+    operator_key = operator_token.split("_")[1]
+    assert refused(
+        client.delete(f"/v1/admin/keys/{operator_key}", headers=adm), "KEY_NOT_FOUND", 404
+    )
+    assert client.get("/v1/me", headers=bearer(other["token"])).status_code == 200
+    assert client.get("/v1/me", headers=bearer(operator_token)).status_code == 200
+    # Within its tenant it makes and revokes keys.
+    made = client.post(
+        "/v1/admin/keys", json={"tenant": mine["name"], "scopes": ["read"]}, headers=adm
+    )
+    assert made.status_code == 201 and made.json()["tenant_id"] == mine["id"]
+    assert client.delete(f"/v1/admin/keys/{made.json()['id']}", headers=adm).status_code == 204
+    assert client.get("/v1/me", headers=bearer(made.json()["key"])).status_code == 401
+
+
+def test_a_tenant_admin_grants_and_revokes_only_scopes_it_holds(client, operator_token):
+    mine = tenant_admin(client, operator_token, scopes=("read", "admin"))
+    adm = bearer(mine["token"])
+    for scopes in (["write"], ["read", "write"], ["operator"]):
+        resp = client.post(
+            "/v1/admin/keys", json={"tenant": mine["id"], "scopes": scopes}, headers=adm
+        )
+        # (`operator` may also be refused by the request schema, before this rule.)
+        assert resp.status_code in (403, 422) and resp.status_code != 201, (scopes, resp.text)
+        if scopes != ["operator"]:
+            assert refused(resp) and "write" in resp.json()["detail"]
+    keys = client.get("/v1/admin/keys", headers=adm).json()
+    assert keys["count"] == 2  # its read+write key and its own: nothing was made
+    # A key of its tenant with more than it holds (made by the operator) stays out of reach.
+    writer = client.post(
+        "/v1/admin/keys",
+        json={"tenant": mine["id"], "scopes": ["read", "write"]},
+        headers=bearer(operator_token),
+    ).json()
+    assert refused(client.delete(f"/v1/admin/keys/{writer['id']}", headers=adm))
+    assert client.get("/v1/me", headers=bearer(writer["key"])).status_code == 200
+    # A default-tenant admin without `operator` is a tenant admin like any other.
+    with session_scope() as s:
+        _, plain = create_key(s, s.get(Tenant, DEFAULT_TENANT), ["read", "admin"], "plain")
+        s.commit()
+    assert client.get("/v1/admin/tenants", headers=bearer(plain)).json()["count"] == 1
+    assert refused(
+        client.get("/v1/admin/keys", params={"tenant": mine["id"]}, headers=bearer(plain))
+    )
+    operator_key = operator_token.split("_")[1]
+    assert refused(client.delete(f"/v1/admin/keys/{operator_key}", headers=bearer(plain)))
+
+
+def test_the_operator_scope_is_only_for_keys_of_the_default_tenant(client, operator_token):
+    from core.tenancy import TenancyError
+
+    mine = tenant_admin(client, operator_token)
+    with session_scope() as s, pytest.raises(TenancyError, match="operator"):
+        create_key(s, s.get(Tenant, mine["id"]), ["read", "operator"])
+    resp = client.post(
+        "/v1/admin/keys",
+        json={"tenant": mine["id"], "scopes": ["operator"]},
+        headers=bearer(operator_token),
+    )
+    assert resp.status_code == 422, resp.text
+    # The operator administers every tenant: its list, its keys, its audit log.
+    tenants = client.get("/v1/admin/tenants", headers=bearer(operator_token)).json()
+    assert tenants["count"] >= 3 and mine["id"] in {t["id"] for t in tenants["data"]}
+    keys = client.get("/v1/admin/keys", headers=bearer(operator_token)).json()
+    assert len({k["tenant_id"] for k in keys["data"]}) >= 2
+
+
+def test_upgrading_makes_the_default_tenants_admin_keys_operators_and_no_others():
+    import json
+
+    import psycopg
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from core.db import alembic_config
+    from tests.conftest import PG_ADMIN
+
+    name = f"finetune_mig_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    cfg = alembic_config(url)
+    cfg.attributes["configure_logger"] = False
+    engine = create_engine(url)
+    keys = {
+        "k_admin": ("default", ["read", "write", "admin"]),
+        "k_reader": ("default", ["read"]),
+        "k_tenant_admin": ("tn_x", ["read", "admin"]),
+    }
+
+    def scopes() -> dict[str, list[str]]:
+        with engine.connect() as conn:
+            return dict(conn.execute(text("SELECT id, scopes FROM api_keys")).all())
+
+    try:
+        command.upgrade(cfg, "0008")
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO tenants (id, name, created_at) VALUES ('tn_x', 'x', now())")
+            )
+            for key_id, (tenant, held) in keys.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO api_keys (id, tenant_id, name, key_hash, scopes, created_at)"
+                        " VALUES (:id, :tenant, 'k', 'h', CAST(:scopes AS JSON), now())"
+                    ),
+                    {"id": key_id, "tenant": tenant, "scopes": json.dumps(held)},
+                )
+        command.upgrade(cfg, "head")
+        assert scopes() == {
+            "k_admin": ["read", "write", "admin", "operator"],
+            "k_reader": ["read"],
+            "k_tenant_admin": ["read", "admin"],
+        }
+        command.downgrade(cfg, "0008")
+        assert scopes() == {k: held for k, (_, held) in keys.items()}
+    finally:
+        engine.dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_readiness_says_what_is_down_but_not_how(env, caplog):
+    import socket
+
+    def closed_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    ports = {name: closed_port() for name in ("db", "broker", "s3")}
+    app, _ = make_app(
+        env,
+        DATABASE_URL=f"postgresql+psycopg://secret_user:pw@127.0.0.1:{ports['db']}/secret_db",
+        BROKER_URL=f"redis://127.0.0.1:{ports['broker']}/0",
+        S3_ENDPOINT_URL=f"http://127.0.0.1:{ports['s3']}",
+    )
+    caplog.set_level("WARNING")
+    with TestClient(app) as c:
+        resp = c.get("/readyz")
+    assert resp.status_code == 503
+    assert resp.json() == {
+        "status": "not ready",
+        "checks": {
+            "database": "error: unreachable",
+            "broker": "error: unreachable",
+            "storage": "error: unreachable",
+        },
+    }
+    for port in ports.values():  # the detail is in the log, for the operator
+        assert str(port) in caplog.text
 
 
 def test_cors_is_off_by_default_and_an_allow_list_when_set(env):
@@ -478,7 +687,7 @@ def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env
 
     def cli(*args):
         return subprocess.run(
-            [sys.executable, "-m", "service.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=run_env,
             cwd=REPO,
             capture_output=True,
@@ -509,10 +718,10 @@ def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env
     assert cli("tenants", "disable", "default").returncode == 2
 
 
-def test_first_start_prints_an_admin_key_once(tmp_path, capsys):
+def test_first_start_prints_an_operator_key_once(tmp_path, capsys):
+    from cli.admin import announce_auth
     from core.db import migrate
     from core.settings import Settings
-    from service.cli import announce_auth
 
     settings = Settings(data_dir=tmp_path, database_url="", broker_url="", auth_enabled=True)
     migrate(settings)
@@ -520,38 +729,39 @@ def test_first_start_prints_an_admin_key_once(tmp_path, capsys):
     first = capsys.readouterr().out
     token = next(w for w in first.split() if w.startswith("ft_"))
     announce_auth(settings)
-    assert "ft_" not in capsys.readouterr().out  # an admin key exists now: nothing printed
+    assert "ft_" not in capsys.readouterr().out  # an operator key exists now: nothing printed
     app, _ = make_app(
         {"DATA_DIR": str(tmp_path), "AUTH_ENABLED": "true", "DATABASE_URL": "", "BROKER_URL": ""}
     )
     with TestClient(app) as c:
         me = c.get("/v1/me", headers=bearer(token)).json()
-        assert me["scopes"] == ["admin", "read", "write"] and me["tenant_id"] == "default"
+        assert me["scopes"] == ["admin", "operator", "read", "write"]
+        assert me["tenant_id"] == "default"
         assert c.get("/v1/me").status_code == 401
 
 
-def test_a_disabled_tenant_loses_its_keys_and_gets_no_new_ones(client, admin_token):
-    admin = bearer(admin_token)
-    tenant_id, key = new_tenant(client, admin_token)
+def test_a_disabled_tenant_loses_its_keys_and_gets_no_new_ones(client, operator_token):
+    op = bearer(operator_token)
+    tenant_id, key = new_tenant(client, operator_token)
     assert client.get("/v1/me", headers=bearer(key)).status_code == 200
-    resp = client.delete(f"/v1/admin/tenants/{tenant_id}", headers=admin)
+    resp = client.delete(f"/v1/admin/tenants/{tenant_id}", headers=op)
     assert resp.status_code == 200 and resp.json()["disabled_at"]
     assert client.get("/v1/me", headers=bearer(key)).status_code == 401
-    again = client.post("/v1/admin/keys", json={"tenant": tenant_id}, headers=admin)
+    again = client.post("/v1/admin/keys", json={"tenant": tenant_id}, headers=op)
     assert again.status_code == 409 and again.json()["error_code"] == "TENANT_DISABLED"
-    default = client.delete("/v1/admin/tenants/default", headers=admin)
+    default = client.delete("/v1/admin/tenants/default", headers=op)
     assert default.status_code == 409 and default.json()["error_code"] == "TENANT_PROTECTED"
     events = client.get(
-        "/v1/admin/audit", params={"tenant": tenant_id, "action": "tenant.disable"}, headers=admin
+        "/v1/admin/audit", params={"tenant": tenant_id, "action": "tenant.disable"}, headers=op
     ).json()
     assert events["count"] == 1 and events["data"][0]["detail"] == {"keys_revoked": 1}
 
 
-def test_import_prefixes_can_be_per_tenant(client, admin_token, env):
+def test_import_prefixes_can_be_per_tenant(client, operator_token, env):
     from tests.helpers import noise_image, png_bytes
 
-    tenant_a, key_a = new_tenant(client, admin_token)
-    _, key_b = new_tenant(client, admin_token)
+    tenant_a, key_a = new_tenant(client, operator_token)
+    _, key_b = new_tenant(client, operator_token)
     name_a = client.get("/v1/me", headers=bearer(key_a)).json()["tenant_name"]
     bucket = f"imports-{secrets.token_hex(3)}"
     s3 = s3_client(env)
