@@ -1,15 +1,34 @@
-# One image for the API and the workers; the command picks the role.
-FROM python:3.11-slim
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# Two images from one file: `--target api` (the HTTP app, no torch) and `--target worker`
+# (torch + the training stack; runs training and light workers). docker-compose.yml builds both.
+FROM python:3.11-slim AS base
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DATA_DIR=/data
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
-COPY service ./service
-COPY worker ./worker
-COPY migrations ./migrations
-ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
-RUN pip install $TORCH_SPEC && pip install .
 RUN useradd --create-home app && mkdir -p /data && chown app /data
+
+FROM base AS api
+COPY pyproject.toml README.md alembic.ini ./
+COPY core ./core
+COPY service ./service
+COPY cli ./cli
+COPY migrations ./migrations
+# Editable: core/db.py finds alembic.ini and migrations/ next to the `core` package, so the
+# code must run from this tree, not from a copy in site-packages. Still no torch.
+RUN pip install -e .
 USER app
-ENV DATA_DIR=/data
 EXPOSE 8000
 CMD ["finetune", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-worker"]
+
+FROM base AS worker
+# torch first, in its own layer: gigabytes that a code change must not download again.
+ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+RUN pip install $TORCH_SPEC
+COPY pyproject.toml README.md alembic.ini ./
+COPY core ./core
+COPY service ./service
+COPY worker ./worker
+COPY cli ./cli
+COPY migrations ./migrations
+RUN pip install -e '.[worker]'
+USER app
+# Both queues by default; docker-compose.yml gives each queue its own workers.
+CMD ["finetune", "worker"]

@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Both install everything first.
+# The README's two commands: `make demo` and `make test`. Both install everything first:
+# the core, the `worker` extra (torch), the `demo` extra (the tests use it too) and `dev`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[worker,demo,dev]'
 	touch $@
 
 demo: install
@@ -31,7 +32,8 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy service worker
+	$(BIN)/lint-imports
+	$(BIN)/mypy core service worker cli
 
 bench: install
 	$(BIN)/python benchmarks/epoch_overhead.py

@@ -135,7 +135,7 @@ def worker_process(stack_env, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """A real Celery worker process on the stack's queue."""
     log_path = tmp_path_factory.mktemp("logs") / "worker.log"
     env = {**os.environ, **stack_env}
-    cmd = [sys.executable, "-m", "service.cli", "worker"]
+    cmd = [sys.executable, "-m", "cli", "worker"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wait_for(
@@ -159,7 +159,7 @@ def server_url(stack_env, tmp_path_factory) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("logs") / "api.log"
     env = {**os.environ, **stack_env}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--no-worker", "--port", str(port)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

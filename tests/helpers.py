@@ -51,7 +51,7 @@ def digits_samples(
     limit: int | None = None,
 ) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
     """scikit-learn digits as uint8 8x8 images: (train, held_out), stratified 80/20."""
-    from service.demo import digits_split
+    from cli.demo import digits_split
 
     train, held_out = digits_split(seed=0)
     if limit is not None:

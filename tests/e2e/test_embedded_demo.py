@@ -22,7 +22,7 @@ def test_demo_trains_downloads_and_reports_held_out_accuracy(tmp_path: Path):
     env["PYTHONUNBUFFERED"] = "1"
     port = free_port()
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "demo", "--exit", "--port", str(port)],
+        [sys.executable, "-m", "cli", "demo", "--exit", "--port", str(port)],
         cwd=REPO,
         env=env,
         capture_output=True,

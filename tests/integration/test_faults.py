@@ -38,7 +38,7 @@ class Workers:
         log = self.tmp / f"worker{len(self.procs)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker"],
+                [sys.executable, "-m", "cli", "worker"],
                 env={**os.environ, **self.env},
                 cwd=REPO,
                 stdout=out,

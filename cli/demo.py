@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cli.admin import announce_auth
+from cli.processes import stop_process
 from core.settings import Settings, get_settings
 
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -132,7 +134,6 @@ def demo_auth(settings: Settings) -> dict[str, str]:
     from core.db import migrate, session_scope
     from core.models import DEFAULT_TENANT, Tenant
     from core.tenancy import create_key
-    from service.cli import announce_auth
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings)
@@ -159,7 +160,7 @@ def run_demo(
     print(f"starting the service at {base} (logs: {log_path})")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", host, "--port", str(port)],
+            [sys.executable, "-m", "cli", "serve", "--host", host, "--port", str(port)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
@@ -240,6 +241,4 @@ def run_demo(
         print("\nstopping")
         return 0
     finally:
-        from service.cli import stop_process
-
         stop_process(proc)
