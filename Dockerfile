@@ -11,9 +11,8 @@ COPY core ./core
 COPY service ./service
 COPY cli ./cli
 COPY migrations ./migrations
-# Editable: core/db.py finds alembic.ini and migrations/ next to the `core` package, so the
-# code must run from this tree, not from a copy in site-packages. Still no torch.
-RUN pip install -e .
+# The migrations ship inside the package (`finetune migrate` needs no source tree). No torch.
+RUN pip install . && rm -rf core service cli migrations
 USER app
 EXPOSE 8000
 CMD ["finetune", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-worker"]
@@ -28,7 +27,7 @@ COPY service ./service
 COPY worker ./worker
 COPY cli ./cli
 COPY migrations ./migrations
-RUN pip install -e '.[worker]'
+RUN pip install '.[worker]' && rm -rf core service worker cli migrations
 USER app
 # Both queues by default; docker-compose.yml gives each queue its own workers.
 CMD ["finetune", "worker"]

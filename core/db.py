@@ -77,8 +77,13 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
 def alembic_config(database_url: str) -> Any:
     from alembic.config import Config
 
-    cfg = Config(str(REPO_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    # The migrations ship as the `migrations` package, so this works from a source checkout
+    # and from a plain `pip install .` alike; alembic.ini (logging) only in a checkout.
+    import migrations
+
+    ini = REPO_ROOT / "alembic.ini"
+    cfg = Config(str(ini)) if ini.is_file() else Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return cfg
 

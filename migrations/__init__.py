@@ -1,0 +1,1 @@
+"""Alembic migrations, shipped as a package so `finetune migrate` works from an install."""
