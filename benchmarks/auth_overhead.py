@@ -49,7 +49,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="a few requests: does it run")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.rounds = 10, 1
     with tempfile.TemporaryDirectory() as tmp:
         common = dict(
             data_dir=Path(tmp), database_url="", broker_url="", rate_limit_per_minute=10**9

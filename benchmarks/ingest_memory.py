@@ -66,7 +66,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--size", type=int, default=132)
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="200 small images: does it run")
     args = p.parse_args()
+    if args.smoke:
+        args.images, args.size = 200, 32
     if args.child:
         # Import everything ingest needs before the baseline is read.
         import service.ingest  # noqa: F401
