@@ -14,7 +14,7 @@ from core.settings import Settings, get_settings
 from service.auth import Authenticate
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
-from service.routes import admin, backbones, datasets, health, jobs
+from service.routes import admin, backbones, datasets, health, jobs, previews
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (
         health.router,
+        previews.router,
         datasets.router,
         jobs.router,
         backbones.router,

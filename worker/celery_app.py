@@ -1,4 +1,8 @@
-"""The Celery application the workers run: `celery -A worker.celery_app worker`.
+"""The Celery application the workers run: `celery -A worker.celery_app worker -Q QUEUES`.
+
+Two queues: TASK_QUEUE (training, `finetune.train_job`) and LIGHT_QUEUE (short torch tasks that
+must not wait behind training: `finetune.render_preview`). A worker consumes the queues its
+`-Q` names: `-Q "$TASK_QUEUE,$LIGHT_QUEUE"` for both, or one each for separate workers.
 
 Settings chosen for long training tasks:
 - acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost;
@@ -8,7 +12,8 @@ Settings chosen for long training tasks:
   redeliver a job that is still training; and even when it does, the guarded claim in
   the database makes the second copy exit without training;
 - no Celery time limits: the solo pool cannot enforce them and they are per task, not per
-  job. Each job's soft and hard limits are enforced by worker/tasks.py instead;
+  job. Each job's soft and hard limits are enforced by worker/lease.py and
+  worker/reporting.py instead;
 - nothing here touches CUDA: the first CUDA call happens inside the task, after any fork.
 """
 
@@ -19,6 +24,7 @@ import threading
 
 from celery import Celery, signals
 
+from core.queue import PREVIEW_TASK
 from core.settings import get_settings
 
 settings = get_settings()
@@ -30,6 +36,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
     task_default_queue=settings.task_queue,
+    task_routes={PREVIEW_TASK: {"queue": settings.light_queue}},
     broker_connection_retry_on_startup=True,
     # Redis only (kombu's SQLAlchemy transport hands its options to create_engine).
     broker_transport_options=(

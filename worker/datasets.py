@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from core.storage import ObjectStore
+from core.storage import ObjectStore, StorageNotFound
+
+
+class DatasetFilesMissing(RuntimeError):
+    """The dataset's row is there but its objects are not: deleted behind the service's back
+    (or the store was swapped). Not transient: no retry brings them back."""
 
 
 def fetch_dataset(
@@ -17,6 +22,13 @@ def fetch_dataset(
     """(local images.zip, index). The zip is downloaded once per worker host; its folder also
     holds the decoded image caches `prepare` builds beside it."""
     archive = settings.resolved_worker_cache_dir / "datasets" / dataset_id / "images.zip"
-    if not archive.is_file():
-        store.get_file(archive_key, archive)
-    return archive, json.loads(store.get_bytes(index_key))
+    try:
+        if not archive.is_file():
+            store.get_file(archive_key, archive)
+        index = json.loads(store.get_bytes(index_key))
+    except StorageNotFound as exc:
+        raise DatasetFilesMissing(
+            f"the files of dataset {dataset_id} are gone from the object store "
+            f"(was the dataset deleted?): {exc}"
+        ) from exc
+    return archive, index

@@ -199,25 +199,6 @@ def test_report_and_plots_of_an_unfinished_job_say_when_they_come(api, dataset_i
     assert plot.status_code == 404 and plot.json()["error_code"] == "PLOT_NOT_AVAILABLE"
 
 
-def test_augmentation_preview_is_a_png_grid_and_is_cached(api, dataset_id):
-    from io import BytesIO
-
-    from PIL import Image
-
-    params = {"preset": "strong", "image_size": 48, "samples": 2, "hflip": "false"}
-    first = api.get(f"/v1/datasets/{dataset_id}/augmentations/preview", params=params)
-    assert first.status_code == 200, first.text
-    image = Image.open(BytesIO(first.content))
-    assert image.format == "PNG"
-    assert image.size == (120 + 4 * (48 + 4), 2 * (48 + 4))  # label column + 4 draws, 2 rows
-    again = api.get(f"/v1/datasets/{dataset_id}/augmentations/preview", params=params)
-    assert again.content == first.content
-    bad = api.get(f"/v1/datasets/{dataset_id}/augmentations/preview", params={"preset": "wild"})
-    assert bad.status_code == 422 and "preset" in bad.json()["detail"]
-    missing = api.get("/v1/datasets/ds_nope/augmentations/preview")
-    assert missing.status_code == 404
-
-
 def _closed_port() -> int:
     from tests.conftest import free_port
 

@@ -74,7 +74,7 @@ def test_a_failed_job_records_why(api, job_id, integration_env):
     assert run_job(job_id, worker_id="w1") == "failed"
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["finished_at"]
-    assert job["error"]["code"] == "STORAGE_UNAVAILABLE"
+    assert job["error"]["code"] == "DATA_ERROR" and "deleted" in job["error"]["message"]
     assert "images.zip" in job["error"]["message"]
     with session_scope() as s:
         assert "Traceback" in s.get(Job, job_id).error_traceback

@@ -27,6 +27,9 @@ json.dump({
     "celery_soft_time_limit": conf.task_soft_time_limit,
     "cuda_initialized": torch.cuda.is_initialized(),
     "warnings": s.warnings(),
+    "tasks": sorted(t for t in app.tasks if t.startswith("finetune.")),
+    "preview_queue": app.amqp.router.route({}, "finetune.render_preview")["queue"].name,
+    "train_queue": app.amqp.router.route({}, "finetune.train_job")["queue"].name,
 }, sys.stdout)
 """
 
@@ -55,6 +58,12 @@ def test_the_worker_runs_with_late_acks_prefetch_one_and_a_long_visibility_timeo
     assert conf["celery_time_limit"] is None and conf["celery_soft_time_limit"] is None
     # Importing the worker (and torch) touches no CUDA: nothing to break in a forked child.
     assert conf["cuda_initialized"] is False
+
+
+def test_previews_are_routed_to_the_light_queue_and_training_to_the_task_queue():
+    conf = probe(TASK_QUEUE="heavy-q", LIGHT_QUEUE="light-q")
+    assert conf["tasks"] == ["finetune.render_preview", "finetune.train_job"]
+    assert conf["preview_queue"] == "light-q" and conf["train_queue"] == "heavy-q"
 
 
 def test_a_visibility_timeout_shorter_than_the_hard_limit_is_warned_about():
