@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
 
-    from service.demo import digits_split, imagefolder_zip
+    from cli.demo import digits_split, imagefolder_zip
     from service.ingest import Limits, ingest_archive
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli.demo import digits_split, imagefolder_zip  # noqa: E402
 from core.jobspec import Augmentation, JobSpec  # noqa: E402
-from service.demo import digits_split, imagefolder_zip  # noqa: E402
 from service.ingest import Limits, ingest_archive  # noqa: E402
 from worker.training.data import prepare  # noqa: E402
 from worker.training.fit import fit  # noqa: E402

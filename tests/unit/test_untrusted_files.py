@@ -268,7 +268,7 @@ def test_torchscript_loader_refuses_a_malicious_pickle(payloads: Payloads):
 def test_demo_refuses_a_downloaded_model_with_a_malicious_torchscript(
     payloads: Payloads, tmp_path: Path
 ):
-    from service.demo import evaluate_download
+    from cli.demo import evaluate_download
 
     model_zip = tmp_path / "download" / "model.zip"
     model_zip.parent.mkdir()

@@ -62,11 +62,11 @@ def test_torchvision_weights_are_read_from_the_torch_hub_cache(tmp_path: Path, m
 
     filename = get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[-1]
     (tmp_path / "checkpoints").mkdir()
-    torch.save(model.net.state_dict(), tmp_path / "checkpoints" / filename)
+    torch.save(model.state_dict(), tmp_path / "checkpoints" / filename)
     sd, source = resolve_state_dict(spec, allow_download=False)
     assert source.startswith("torch-hub-cache:")
     built = create_model("resnet18", 3, weights=WeightsSource(torch_hub_dir=tmp_path))
-    assert torch.equal(built.net.conv1.weight, model.net.conv1.weight)
+    assert torch.equal(built.conv1.weight, model.conv1.weight)
     assert built(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -117,3 +117,43 @@ def test_weights_pull_copies_cached_weights_into_weights_dir(tmp_path: Path):
         BACKBONES["efficientnet_lite0"]
     )
     assert where.startswith("file:") and "conv_stem.weight" in state
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_a_torchvision_resnet_file_loads_into_the_timm_resnet_and_computes_the_same(
+    name: str, tmp_path: Path
+):
+    """The torch hub cache holds torchvision's file: same key names as timm's ResNet, and the
+    timm network built from it gives torchvision's outputs."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.get_model(name, weights=None).eval()
+    for module in reference.modules():  # non-trivial statistics, so BatchNorm is compared too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / BACKBONES[name].hub_file)
+    source = WeightsSource(torch_hub_dir=tmp_path, hf_cache=tmp_path / "no-hf")
+    built = create_model(name, 1000, weights=source, keep_imagenet_head=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(built(x), reference(x), atol=1e-4)
+
+
+def test_a_resnet_exported_as_the_old_torchvision_wrapper_still_loads(tmp_path: Path):
+    """Models exported before ResNets were built with timm have every key under `net.`."""
+    import json
+
+    from worker.training.export import load_model
+
+    model = build_architecture(BACKBONES["resnet18"], 4).eval()
+    old = {f"net.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(old, str(tmp_path / "model.safetensors"))
+    metadata = {"backbone": "resnet18", "library": "torchvision", "num_classes": 4}
+    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
+    loaded, _ = load_model(tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

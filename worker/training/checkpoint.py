@@ -1,21 +1,32 @@
-"""Reading a resume checkpoint back, as data only.
+"""Resume checkpoints: what `fit` hands its callbacks each epoch, read back as data only.
 
-A checkpoint comes from the object store, so it is treated like anything a user could have
-placed there: it is read with `torch.load(..., weights_only=True)` (tensors, numbers,
-strings and plain containers; never an arbitrary unpickle, so no code runs), and anything
-that is not such a file, or not shaped like what `fit` wrote, is refused with
-`CheckpointRefused`.
+A checkpoint describes itself (backbone, class names, the job spec, preprocessing, library
+versions) beside the weights, optimizer, schedule and RNG states, so it can be understood
+without the DB. It holds tensors, numbers, strings and plain containers only.
+
+It comes back from the object store, so it is treated like anything a user could have placed
+there: it is read with `torch.load(..., weights_only=True)` (never an arbitrary unpickle, so
+no code runs), and anything that is not such a file, or not shaped like what `fit` wrote, is
+refused with `CheckpointRefused`. The descriptive fields are not required: checkpoints
+written before they existed still resume.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-# What `fit(..., resume=state)` reads unconditionally (see `_Run.checkpoint`).
+from core.jobspec import JobSpec
+from worker.training.provenance import model_card, preprocessing
+
+VERSION = 2  # 1: before the descriptive fields
+
+# What `fit(..., resume=state)` reads unconditionally (see `build_checkpoint`).
 REQUIRED_KEYS = (
     "phase",
     "epoch",
@@ -76,3 +87,52 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"(missing {', '.join(missing)})"
         )
     return obj
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples in which every tensor is a CPU copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.copy(obj)
+
+
+def build_checkpoint(
+    config: JobSpec,
+    classes: list[str],
+    model: nn.Module,
+    record: dict[str, Any],
+    extra: dict[str, Any],
+    phase: str,
+    epoch: int,
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """A resumable, self-describing snapshot. `record`: the history and best epoch (see
+    `EpochRecord.snapshot`); `training`: the fine-tuning phase's optimizer, schedule and
+    loader states."""
+    state: dict[str, Any] = {
+        "version": VERSION,
+        **model_card(config, classes),
+        "preprocessing": preprocessing(config),
+        "phase": phase,
+        "epoch": epoch,
+        "model": cpu_copy(model.state_dict()),
+        **record,
+        "extra": {k: v for k, v in extra.items() if k != "resumed_from"},
+        "torch_rng": torch.get_rng_state(),
+    }
+    # A snapshot: optimizer state_dicts hold the live tensors, which the next step mutates;
+    # copied straight to the CPU (a deepcopy would first clone them on the GPU).
+    state.update(cpu_copy(training))
+    return state
+
+
+def resumed_from(state: dict[str, Any]) -> dict[str, Any]:
+    """Where a resumed run picks up, as recorded with the job."""
+    where: dict[str, Any] = {"phase": state["phase"], "epoch": int(state["epoch"])}
+    if state.get("partial"):
+        where["step"] = int(state["partial"]["steps"])
+    return where

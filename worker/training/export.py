@@ -12,7 +12,6 @@ A trained model is written as:
 from __future__ import annotations
 
 import json
-import platform
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,45 +27,21 @@ from core.backbones import BACKBONES
 from core.jobspec import JobSpec
 from worker.training.backbones import build_architecture
 from worker.training.data import resize_center_crop
+from worker.training.provenance import model_card, preprocessing
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "metadata.json", "model.torchscript.pt")
 
 
-def library_versions() -> dict[str, str]:
-    import timm
-    import torchvision
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-    }
-
-
 def build_metadata(
     config: JobSpec, classes: list[str], metrics: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    spec = config.spec
     return {
         "format_version": FORMAT_VERSION,
         "task": "image-classification",
-        "backbone": spec.name,
-        "library": spec.library,
-        "architecture": spec.arch,
-        "num_classes": len(classes),
-        "class_names": classes,
-        "input_size": [3, config.input_size, config.input_size],
-        "resize_size": config.resize_size,
-        "crop": "center",
-        "interpolation": spec.interpolation,
-        "mean": list(config.mean or spec.mean),
-        "std": list(config.std or spec.std),
-        "color": "RGB",
+        **model_card(config, classes),
+        **preprocessing(config),
         "metrics": metrics,
-        "train_config": config.to_dict(),
-        "library_versions": library_versions(),
         **extra,
     }
 
@@ -101,6 +76,10 @@ def load_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = BACKBONES[metadata["backbone"]]
     model = build_architecture(spec, metadata["num_classes"])
     state = load_file(str(model_dir / "model.safetensors"))
+    if metadata.get("library") == "torchvision":
+        # Exported before ResNets were built with timm: torchvision's ResNet behind a
+        # wrapper, every key under `net.`; the names below it are timm's.
+        state = {k.removeprefix("net."): v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.eval(), metadata
 

@@ -82,8 +82,10 @@ def train_one_epoch(
     freeze_norm_stats: bool = False,
     resume_from: EpochStats | None = None,
 ) -> EpochStats:
-    """One pass over `loader`. `resume_from`: what a mid-epoch checkpoint recorded of this
-    epoch so far (its steps and sums); the loader then holds only the remaining batches."""
+    """One pass over `loader`: images through the whole network (fine-tuning), or cached
+    features through the head alone (the linear probe). `resume_from`: what a mid-epoch
+    checkpoint recorded of this epoch so far (its steps and sums); the loader then holds
+    only the remaining batches."""
     model.train()
     if freeze_norm_stats:
         # Keep BatchNorm on its running statistics: the batch statistics of a small,
@@ -109,7 +111,7 @@ def train_one_epoch(
         hard_targets = targets
         if mixing is not None:
             images, targets = mixing(images, targets)
-        if device.type == "cuda":
+        if device.type == "cuda" and images.ndim == 4:  # not for (N, C) features
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)

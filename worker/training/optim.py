@@ -76,6 +76,21 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def head_optimizer(head: nn.Module, config: JobSpec) -> torch.optim.Optimizer:
+    """The linear probe's: AdamW on the head alone, no weight decay on its bias."""
+    params = list(head.parameters())
+    return torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params if p.ndim > 1],
+                "weight_decay": config.effective_weight_decay,
+            },
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+    )
+
+
 def make_optimizer(config: JobSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, nesterov=True)

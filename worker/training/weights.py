@@ -95,14 +95,10 @@ def load_location(spec: BackboneSpec, location: WeightsLocation) -> StateDict:
     return state
 
 
-def download(spec: BackboneSpec, torch_hub_dir: Path, hf_cache: Path) -> Path:
-    """Fetch the weights into the standard cache (the online path); return the file."""
-    if spec.library == "torchvision":
-        from torchvision.models import get_model_weights
-
-        weights = get_model_weights(spec.arch).DEFAULT  # type: ignore[attr-defined]
-        weights.get_state_dict(progress=False, model_dir=str(torch_hub_dir / "checkpoints"))
-        return torch_hub_dir / "checkpoints" / str(spec.hub_file)
+def download(spec: BackboneSpec, hf_cache: Path) -> Path:
+    """Fetch the weights into the Hugging Face cache (the online path); return the file.
+    Every backbone is a timm model: a torchvision ResNet file already in the torch hub
+    cache is read, but timm's copy of the same weights is what gets downloaded."""
     if not spec.hub_id:
         raise WeightsUnavailable(f"{spec.name} has no hub weights to download")
     from huggingface_hub import hf_hub_download
@@ -139,7 +135,7 @@ def resolve_state_dict(
             f"{spec.name}` where there is internet, or place {spec.name}.safetensors in WEIGHTS_DIR"
         )
     try:
-        path = download(spec, torch_hub_dir, hf_cache)
+        path = download(spec, hf_cache)
     except Exception as exc:
         raise WeightsUnavailable(
             f"ImageNet weights for {spec.name} could not be downloaded ({exc}); "
@@ -182,7 +178,7 @@ def pull(spec: BackboneSpec, weights_dir: Path | None, torch_hub_dir: Path, hf_c
             f"already here ({location.kind}: {location.path})",
         )
     else:
-        path = download(spec, torch_hub_dir, hf_cache)
+        path = download(spec, hf_cache)
         state, where = load_state_file(path), f"downloaded to {path}"
     if weights_dir is None:
         return where

@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 
 from core.jobspec import Augmentation, EarlyStopping, JobSpec
-from tests.helpers import digits_samples, digits_zip, ingest_bytes
 from worker.training.callbacks import Callbacks
 from worker.training.data import prepare
 from worker.training.fit import fit
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("strategies")
-    train, _ = digits_samples(limit=500)
-    archive = tmp / "images.zip"
-    index = ingest_bytes(digits_zip(train), archive).index()
-    return archive, index, tmp
+# `digits` (500 digits, ingested): tests/training/conftest.py
 
 
 def run(digits, **overrides):

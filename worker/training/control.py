@@ -1,0 +1,55 @@
+"""When training stops: the caller's stop request and the time budget."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from worker.training.callbacks import Callbacks
+
+
+class Control(Callbacks):
+    """The caller's callbacks plus the time budget. `reason` says why training ended early:
+    "callback" (the caller asked), "time_budget" or "early_stopping" (set by the phase that
+    stops)."""
+
+    def __init__(self, inner: Callbacks, budget: float | None):
+        self.inner = inner
+        self.deadline = time.monotonic() + budget if budget else None
+        self.reason: str | None = None
+
+    @property
+    def keeps_checkpoints(self) -> bool:
+        # Benchmarks and plain `fit` calls keep none: then no snapshot is built at all.
+        return type(self.inner).on_checkpoint is not Callbacks.on_checkpoint
+
+    def on_phase(self, phase: str) -> None:
+        self.inner.on_phase(phase)
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        self.inner.on_step(epoch, step, steps_per_epoch)
+
+    def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
+        self.inner.on_epoch_end(metrics, best)
+
+    def on_checkpoint(self, state: dict[str, Any]) -> None:
+        self.inner.on_checkpoint(state)
+
+    def checkpoint_on_stop(self) -> bool:
+        return self.inner.checkpoint_on_stop()
+
+    def should_stop(self) -> bool:
+        if self.inner.should_stop():
+            self.reason = "callback"
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = "time_budget"
+        return self.reason is not None
+
+    def epochs_within_budget(self, epoch: int, planned: int, per_epoch: float) -> int:
+        """How many epochs in all fit before the deadline, after `epoch` epochs that took
+        `per_epoch` seconds each: at least `epoch` (this one was the last), at most
+        `planned`."""
+        if self.deadline is None:
+            return planned
+        left = max(0.0, self.deadline - time.monotonic())
+        return min(planned, epoch + int(left // per_epoch))

@@ -1,0 +1,165 @@
+"""Fine-tuning: the whole network trains on augmented images, epoch by epoch, with a
+checkpoint after each (and, on a shutdown, in the middle of one)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from worker.training.augment import batch_mixing
+from worker.training.loop import EpochSampler, EpochStats, predict, train_one_epoch
+from worker.training.metrics import classification_report
+from worker.training.optim import (
+    LrPlan,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    set_trainable,
+)
+from worker.training.run import Run
+from worker.training.selection import epoch_metrics
+
+log = logging.getLogger(__name__)
+
+
+def train_loader(run: Run) -> tuple[DataLoader, EpochSampler, torch.Generator]:
+    """The augmented training images in a seeded order (weighted with `balanced_sampler`)."""
+    config, data = run.config, run.data
+    train_set = data.train_set(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    weights = None
+    if run.extra["class_balance"] == "balanced_sampler":
+        labels = np.asarray(data.labels)[data.train_idx]
+        counts = np.bincount(labels, minlength=len(data.classes)).astype(float)
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    sampler = EpochSampler(len(train_set), generator, weights)
+    batch_size = min(config.batch_size, len(train_set))
+    loader = run.runtime.loader(
+        train_set,
+        batch_size,
+        sampler=sampler,
+        drop_last=len(train_set) > batch_size,  # no 1-image batch for BatchNorm
+        generator=generator,  # the workers' base seed: drawn from it each epoch
+    )
+    return loader, sampler, generator
+
+
+def unfreeze_from_the_top(stages: list[list[nn.Parameter]], epoch: int, planned: int) -> None:
+    """`gradual`: a stage more each epoch, spread so the whole backbone trains by the last."""
+    unfrozen = math.ceil(epoch * len(stages) / planned)
+    for i, params in enumerate(stages):
+        set_trainable(params, i >= len(stages) - unfrozen)
+
+
+def restore_training(
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator,
+) -> tuple[int, int, dict[str, Any] | None]:
+    """Load a fine-tuning checkpoint's training states; return (epochs done, epochs planned,
+    how far the next epoch got when the checkpoint was written mid-epoch)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["loader_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), int(state["planned"]), state.get("partial")
+
+
+def fine_tune(
+    run: Run, resume: dict[str, Any] | None, stages: list[list[nn.Parameter]] | None = None
+) -> None:
+    """Train the whole network; with `stages` (gradual), unfrozen from the top down."""
+    config, data, model, rt, control = run.config, run.data, run.model, run.runtime, run.control
+    loader, sampler, generator = train_loader(run)
+    val_loader = rt.loader(data.val_set(config), config.batch_size * 2)
+    mult = config.effective_backbone_lr_mult
+    optimizer = make_optimizer(
+        config, param_groups(model, config.learning_rate, mult, config.effective_weight_decay)
+    )
+    scheduler = make_scheduler(config, optimizer, len(loader), config.epochs)
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+    mixing = batch_mixing(config, len(data.classes))
+    train_model: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
+
+    def training_state(planned: int, loader_rng: torch.Tensor, **more: Any) -> dict[str, Any]:
+        return {
+            "planned": planned,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "loader_rng": loader_rng,
+            **more,
+        }
+
+    control.on_phase("training")
+    plan: LrPlan | None = getattr(scheduler, "lr_lambdas", [None])[0]
+    epoch, planned, partial = 0, config.epochs, None
+    if resume is not None and resume["phase"] == "fine_tune":
+        epoch, planned, partial = restore_training(resume, optimizer, scheduler, scaler, generator)
+    started, first_epoch = time.monotonic(), epoch
+    while epoch < planned:
+        epoch += 1
+        if stages:
+            unfreeze_from_the_top(stages, epoch, planned)
+        lr = optimizer.param_groups[-1]["lr"]
+        epoch_rng = generator.get_state()  # this epoch's order and worker seeds follow from it
+        done = None
+        if partial is not None:  # go on after the batches the checkpoint had trained on
+            done = EpochStats(**partial)
+            sampler.skip_next(done.steps * (loader.batch_size or 1))
+            partial = None
+        stats = train_one_epoch(
+            train_model,
+            loader,
+            optimizer,
+            scheduler,
+            run.loss_fn,
+            rt.device,
+            epoch,
+            control,
+            rt.amp_dtype,
+            scaler,
+            mixing,
+            config.grad_clip_norm,
+            freeze_norm_stats=config.effective_freeze_norm_stats,
+            resume_from=done,
+        )
+        if stats.stopped and control.reason == "callback":
+            if control.checkpoint_on_stop():
+                # Epochs complete so far; `partial` is how far this one got.
+                state = training_state(planned, epoch_rng, partial=asdict(stats))
+                run.checkpoint("fine_tune", epoch - 1, **state)
+            break
+        logits, targets = predict(train_model, val_loader, rt.device, rt.amp_dtype)
+        report = classification_report(logits, targets, data.classes) if len(targets) else {}
+        metrics = epoch_metrics(epoch, stats, report, lr, "fine_tune")
+        es = config.early_stopping
+        run.record.add(metrics, model, es.min_delta if es else 0.0)
+        log.info("epoch %d/%d %s", epoch, config.epochs, metrics)
+        run.checkpoint("fine_tune", epoch, **training_state(planned, generator.get_state()))
+        if stats.stopped:
+            break
+        if run.record.early_stop():
+            control.reason = "early_stopping"
+            break
+        if control.deadline is not None and isinstance(plan, LrPlan):
+            # Fit the schedule to the epochs the time budget leaves room for.
+            per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
+            fits = control.epochs_within_budget(epoch, planned, per_epoch)
+            if fits < planned:
+                planned = fits
+                plan.replan(planned)
+                run.extra["epochs_fitted_to_budget"] = planned
+    set_trainable(list(model.parameters()), True)
