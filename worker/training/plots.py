@@ -63,6 +63,10 @@ def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], title:
     ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), labels=class_names, rotation=90 if n > 8 else 0)
     ax.set_yticks(range(n), labels=class_names)
+    # Class names are the user's text, never markup: `$\undefined$` would otherwise be parsed
+    # as mathtext and fail the whole job after training.
+    for label in (*ax.get_xticklabels(), *ax.get_yticklabels()):
+        label.set_parse_math(False)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix (row-normalized)")
     if n <= 30:
         for i in range(n):
