@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install demo serve test lint bench clean
+BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path
+
+.PHONY: install demo serve test lint bench bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -26,9 +28,21 @@ demo: install
 serve: install
 	$(BIN)/finetune serve --port $(PORT)
 
+# The whole suite: every benchmark at its --smoke size (they must keep running), then every
+# test tier. A subset (PYTEST_ARGS=...) skips the benchmarks.
 test: install
 	bash .ci/services
+	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory bench-smoke)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-smoke: install
+	@mkdir -p var
+	@for b in $(BENCHMARKS); do \
+		echo "== benchmarks/$$b.py --smoke"; \
+		$(BIN)/python benchmarks/$$b.py --smoke > var/bench-smoke-$$b.log 2>&1 \
+			|| { tail -n 40 var/bench-smoke-$$b.log; exit 1; }; \
+		tail -n 3 var/bench-smoke-$$b.log; \
+	done
 
 lint: install
 	$(BIN)/ruff check .

@@ -92,7 +92,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--digits-budget", type=float, default=45)
     p.add_argument("--lfw-budget", type=float, default=20)
+    p.add_argument("--smoke", action="store_true", help="one seed, 5 s budgets: does it run")
     args = p.parse_args()
+    if args.smoke:
+        args.seeds, args.digits_budget, args.lfw_budget = [0], 5.0, 5.0
     table: dict[str, dict[str, list[float]]] = {}
     for name, budget, size, hflip in (
         ("digits", args.digits_budget, 64, False),

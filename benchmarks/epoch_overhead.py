@@ -59,6 +59,7 @@ def worker_epochs(
     data_dir: Path, zip_bytes: bytes, epochs: int, batch_size: int, image_size: int
 ) -> tuple[list[float], float]:
     os.environ["DATA_DIR"] = str(data_dir)
+    os.environ["AUTH_ENABLED"] = "false"  # the benchmark's own throwaway embedded service
     from fastapi.testclient import TestClient
     from sqlalchemy import select
 
@@ -101,13 +102,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=None, help="train on the first N digits")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it run")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.epochs, args.image_size, args.images = 1, 2, 32, 160
 
     from cli.demo import digits_split, imagefolder_zip
     from service.ingest import Limits, ingest_archive
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     train, _ = digits_split()
+    train = train[: args.images] if args.images else train
     archive = imagefolder_zip(train, tmp / "digits.zip")
     zip_bytes = archive.read_bytes()
     with open(archive, "rb") as f:

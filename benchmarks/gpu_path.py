@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from worker.training.backbones import create_model  # noqa: E402
 from worker.training.callbacks import Callbacks  # noqa: E402
-from worker.training.fit import amp_dtype_for  # noqa: E402
+from worker.training.runtime import amp_dtype_for  # noqa: E402
 from worker.training.loop import train_one_epoch  # noqa: E402
 
 
@@ -121,7 +121,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it run")
     args = parser.parse_args()
+    if args.smoke:
+        args.backbone, args.batch_size, args.image_size = "efficientnet_lite0", 4, 64
+        args.steps, args.warmup = 2, 1
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

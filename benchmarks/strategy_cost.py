@@ -25,9 +25,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: does it run")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cost-"))
     train, _ = digits_split()
+    if args.smoke:
+        args.epochs, args.image_size, train = 1, 32, train[:160]
     archive = imagefolder_zip(train, tmp / "digits.zip")
     with open(archive, "rb") as f:
         index = ingest_archive(f, tmp / "images.zip", Limits()).index()
