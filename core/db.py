@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,11 +28,29 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
+class PoolSize(NamedTuple):
+    """Connections kept open, extra ones opened under load, and how long a session waits for
+    one before `sqlalchemy.exc.TimeoutError` (which the API answers as a 503)."""
+
+    size: int
+    overflow: int
+    timeout: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> PoolSize:
+        return cls(
+            settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout_seconds
+        )
+
+
 @lru_cache(maxsize=8)
-def get_engine(url: str) -> Engine:
+def get_engine(url: str, pool: PoolSize) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    path = url.split("///", 1)[1] if "///" in url else ""
+    # An in-memory SQLite database lives in its one connection: no pool to size.
+    if not (url.startswith("sqlite") and path in ("", ":memory:")):
+        kwargs.update(pool_size=pool.size, max_overflow=pool.overflow, pool_timeout=pool.timeout)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # The API and the worker process write the same file: wait rather than fail.
@@ -52,13 +70,13 @@ def get_engine(url: str) -> Engine:
 
 
 @lru_cache(maxsize=8)
-def _session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+def _session_factory(url: str, pool: PoolSize) -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(url, pool), expire_on_commit=False)
 
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     settings = settings or get_settings()
-    return _session_factory(settings.resolved_database_url)
+    return _session_factory(settings.resolved_database_url, PoolSize.of(settings))
 
 
 @contextmanager
@@ -94,5 +112,5 @@ def migrate(settings: Settings | None = None) -> None:
 
     settings = settings or get_settings()
     url = settings.resolved_database_url
-    get_engine(url)  # creates the SQLite file's folder on a fresh machine
+    get_engine(url, PoolSize.of(settings))  # creates the SQLite file's folder on a fresh machine
     command.upgrade(alembic_config(url), "head")

@@ -44,13 +44,22 @@ def send_train(job_id: str, settings: Settings | None = None, countdown: float =
     )
 
 
+PREVIEW_SUFFIXES = (".png", ".pending", ".error.json")
+
+
+def previews_prefix(dataset_id: str) -> str:
+    """The dataset's previews folder (deleted with the dataset's own prefix)."""
+    return f"datasets/{dataset_id}/previews"
+
+
 def preview_key(
     dataset_id: str, augmentation: dict[str, Any], image_size: int, seed: int, samples: int
 ) -> str:
     """Where a preview lives in the store, without its suffix (`.png`, `.pending`,
     `.error.json`): the API and the worker both derive it from the parameters."""
     params = json.dumps([augmentation, image_size, seed, samples], sort_keys=True)
-    return f"datasets/{dataset_id}/previews/{hashlib.sha256(params.encode()).hexdigest()[:24]}"
+    digest = hashlib.sha256(params.encode()).hexdigest()[:24]
+    return f"{previews_prefix(dataset_id)}/{digest}"
 
 
 def send_preview(

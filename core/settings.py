@@ -7,14 +7,20 @@ same names, and a test checks that they agree.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("var")
+DATABASE_SCHEMES = ("sqlite://", "sqlite+", "postgresql://", "postgresql+", "postgres://")
+BROKER_SCHEMES = {"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "memory"}
+S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class Settings(BaseSettings):
@@ -53,6 +59,9 @@ class Settings(BaseSettings):
 
     # Worker side.
     worker_cache_dir: Path | None = None
+    # Past this, each worker evicts whole cached datasets, least recently used first (never
+    # one a job or preview on this host is reading).
+    worker_cache_max_bytes: int = Field(default=20 * 1024**3, gt=0)
     # Pretrained weights: an explicit folder of <backbone>.safetensors files, then the
     # torch hub and Hugging Face caches (the same variables torch and huggingface_hub read).
     weights_dir: Path | None = None
@@ -95,6 +104,22 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=1)
     # A job whose tenant is at its running-jobs limit waits this long before trying again.
     tenant_slot_retry_seconds: float = Field(default=15.0, gt=0)
+    # Heavy requests, per tenant and per API process: uploads and imports ingesting at once,
+    # and augmentation previews rendering at once; past either, 429 RATE_LIMITED.
+    tenant_max_concurrent_uploads: int = Field(default=2, ge=1)
+    tenant_max_rendering_previews: int = Field(default=4, ge=1)
+    # Rendered previews kept per dataset; past it the oldest are deleted (rendered again
+    # when asked for). Keep it above TENANT_MAX_RENDERING_PREVIEWS.
+    max_previews_per_dataset: int = Field(default=32, ge=1)
+    # Threads that decode uploads, apart from the ones that answer every other request
+    # (twice the per-tenant cap: one tenant's uploads cannot hold up every other's).
+    ingest_threads: int = Field(default=4, ge=1)
+    # Database connections per process. The API may do database work on 40 threads
+    # (anyio's pool) + INGEST_THREADS + 8 (previews) + 1 (reaper) at once: size + overflow
+    # should cover them. A request that waits DB_POOL_TIMEOUT_SECONDS for one answers 503.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=50, ge=0)
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
     # Request bodies other than dataset uploads (JSON) are refused past this.
     max_json_body_bytes: int = Field(default=1024**2, gt=0)
     # Model downloads from S3 are short-lived presigned GET URLs; PUBLIC_ENDPOINT is the
@@ -103,6 +128,19 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = None
     # Browser origins allowed to call the API (CORS); empty: no CORS headers at all.
     cors_allow_origins: list[str] = Field(default_factory=list)
+    # Proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses or
+    # networks (10.0.0.0/8), `*` for any peer. Empty: none, not even loopback, so the audit
+    # log records the peer that connected, never an address a client claims.
+    forwarded_allow_ips: str = ""
+
+    # `finetune serve`'s embedded worker children: one that dies is started again after a
+    # backoff (1 s, doubling, at most 30 s); more than WORKER_MAX_RESTARTS deaths within
+    # WORKER_RESTART_WINDOW_SECONDS is a crash loop, and that worker is given up on.
+    worker_max_restarts: int = Field(default=5, ge=0, le=1000)
+    worker_restart_window_seconds: float = Field(default=600.0, gt=0)
+    # How long a stopping `serve` waits for its open requests, and then for its worker
+    # children to hand their jobs back, before it kills them and everything they started.
+    stop_grace_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     log_level: str = "INFO"
 
@@ -117,7 +155,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, v: str) -> str:
-        if v and not v.startswith(("sqlite", "postgresql")):
+        if v and not v.startswith(DATABASE_SCHEMES):
             raise ValueError(
                 f"DATABASE_URL={v!r}: expected a sqlite:/// or postgresql+psycopg:// URL"
             )
@@ -125,6 +163,112 @@ class Settings(BaseSettings):
             # SQLAlchemy would pick psycopg2, which we do not install.
             v = "postgresql+psycopg://" + v.split("://", 1)[1]
         return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else None
+        if v and (scheme is None or not (scheme in BROKER_SCHEMES or scheme.startswith("sqla+"))):
+            raise ValueError(
+                f"BROKER_URL={v!r}: expected a redis://, rediss://, amqp:// or sqla+ URL "
+                "(empty: the embedded SQLite broker)"
+            )
+        return v
+
+    @field_validator("task_queue", "light_queue")
+    @classmethod
+    def _queue_name(cls, v: str, info: ValidationInfo) -> str:
+        # Workers get `-Q a,b`: a comma or a space would make two queues of one name.
+        if not re.fullmatch(r"[A-Za-z0-9._:@-]{1,200}", v):
+            raise ValueError(
+                f"{str(info.field_name).upper()}={v!r}: a queue name is 1-200 letters, "
+                "digits or . _ : @ - (no spaces or commas)"
+            )
+        return v
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        if not S3_BUCKET_NAME.fullmatch(v):
+            raise ValueError(
+                f"S3_BUCKET={v!r} is not a valid bucket name (3-63 lower-case letters, "
+                "digits, dots and hyphens, starting and ending with a letter or digit)"
+            )
+        return v
+
+    @field_validator("s3_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("S3_REGION is empty")
+        return v
+
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if not v:
+            return None  # an empty variable means "not set"
+        url = urlsplit(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                f"{str(info.field_name).upper()}={v!r}: expected http(s)://host[:port]"
+            )
+        return v
+
+    @field_validator("import_allowed_prefixes")
+    @classmethod
+    def _import_prefixes(cls, v: list[str]) -> list[str]:
+        for prefix in v:
+            bucket = prefix[len("s3://") :].split("/", 1)[0]
+            # `s3://` alone (or a bucket with a {tenant} in it) would open every bucket.
+            if not prefix.startswith("s3://") or not S3_BUCKET_NAME.fullmatch(bucket):
+                raise ValueError(
+                    f"IMPORT_ALLOWED_PREFIXES: {prefix!r} is not s3://BUCKET/[PREFIX] "
+                    "with a valid bucket name"
+                )
+        return v
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            url = urlsplit(origin)
+            exact = url.scheme in ("http", "https") and url.hostname and not url.path
+            # Browsers send the origin without a path: "https://a.example/" never matches.
+            if origin != "*" and not (exact and not url.query and not url.fragment):
+                raise ValueError(
+                    f"CORS_ALLOW_ORIGINS: {origin!r} is not an origin "
+                    "(scheme://host[:port], no path or trailing slash) or *"
+                )
+        return v
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, v: str) -> str:
+        items = [item.strip() for item in v.split(",") if item.strip()]
+        for item in items:
+            try:
+                if item != "*":
+                    ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"FORWARDED_ALLOW_IPS: {item!r} is not an IP address, a network "
+                    "(10.0.0.0/8) or *"
+                ) from None
+        return ",".join(items)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.task_queue == self.light_queue:
+            raise ValueError(
+                f"TASK_QUEUE and LIGHT_QUEUE are both {self.task_queue!r}: previews would "
+                "wait behind training jobs; give them different names"
+            )
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            raise ValueError(
+                "S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY are set together or not at all"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:

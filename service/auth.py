@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import anyio
+import sqlalchemy.exc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.db import session_scope
@@ -25,7 +26,7 @@ from core.tenancy import (
     storage_overrun,
     tenant_limits,
 )
-from service.errors import ErrorCode, ServiceError, send_error
+from service.errors import POOL_EXHAUSTED, ErrorCode, ServiceError, send_error
 
 MULTIPART_SLACK = 64 * 1024
 
@@ -109,6 +110,9 @@ class Authenticate:
             principal, limits, over = await anyio.to_thread.run_sync(
                 self._resolve, authorization, upload_bytes
             )
+        except sqlalchemy.exc.TimeoutError:
+            await send_error(send, POOL_EXHAUSTED)
+            return
         except AuthFailure as exc:
             await send_error(
                 send,

@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Annotated, Any
 
+from anyio import CapacityLimiter
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from core.db import session_factory
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
 from core.tenancy import Limits, Principal
+from service.concurrency import RenderSlots, TenantThreads
 from service.errors import ErrorCode, ServiceError
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+# How soon to ask again when every database connection was busy (DB_POOL_TIMEOUT_SECONDS).
+DB_BUSY_RETRY_AFTER_SECONDS = 5
+
+
 def _session(settings: SettingsDep) -> Iterator[Session]:
-    """One session per request, on the database of the settings in force."""
+    """One session per request, on the database of the settings in force. A request that
+    waited DB_POOL_TIMEOUT_SECONDS for a connection answers 503 with Retry-After: the
+    database is overloaded, not the request wrong. (The route's exceptions are raised here,
+    at the yield.)"""
     session = session_factory(settings)()
     try:
         yield session
+    except PoolTimeout as exc:
+        raise ServiceError(
+            ErrorCode.STORAGE_UNAVAILABLE,
+            "the database has no free connection right now (DB_POOL_TIMEOUT_SECONDS); "
+            "try again shortly",
+            headers={"Retry-After": str(DB_BUSY_RETRY_AFTER_SECONDS)},
+        ) from exc
     finally:
         session.close()
 
@@ -31,11 +48,33 @@ def _session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _store(settings: SettingsDep) -> ObjectStore:
-    return get_store(settings)
+# The dependencies below do no I/O, so they are `async def`: a sync one would wait for a
+# thread of the shared pool, which is exactly what is scarce under load.
+async def _store(settings: SettingsDep) -> ObjectStore:
+    return get_store(settings)  # built once per process, then a dict lookup
 
 
 StoreDep = Annotated[ObjectStore, Depends(_store)]
+
+
+async def _ingest_limiter(request: Request) -> CapacityLimiter:
+    return request.app.state.ingest_limiter  # type: ignore[no-any-return]
+
+
+async def _render_slots(request: Request) -> RenderSlots:
+    return request.app.state.render_slots  # type: ignore[no-any-return]
+
+
+async def _preview_threads(request: Request) -> TenantThreads:
+    return request.app.state.preview_threads  # type: ignore[no-any-return]
+
+
+# The INGEST_THREADS threads that uploads and imports decode on (service/concurrency.py).
+IngestLimiterDep = Annotated[CapacityLimiter, Depends(_ingest_limiter)]
+# The previews each tenant has rendering (service/concurrency.py).
+RenderSlotsDep = Annotated[RenderSlots, Depends(_render_slots)]
+# The threads each tenant's preview requests run on (service/concurrency.py).
+PreviewThreadsDep = Annotated[TenantThreads, Depends(_preview_threads)]
 
 
 _bearer = HTTPBearer(
@@ -45,7 +84,7 @@ _bearer = HTTPBearer(
 )
 
 
-def _principal(
+async def _principal(
     request: Request,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
@@ -56,10 +95,10 @@ def _principal(
     return principal  # type: ignore[no-any-return]
 
 
-def require(*scopes: str) -> Callable[[Principal], Principal]:
+def require(*scopes: str) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency passing a principal that holds at least one of `scopes`."""
 
-    def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
         if not any(principal.has(s) for s in scopes):
             raise ServiceError(
                 ErrorCode.INSUFFICIENT_SCOPE,
@@ -71,7 +110,7 @@ def require(*scopes: str) -> Callable[[Principal], Principal]:
     return check
 
 
-def _limits(request: Request, _: Annotated[Principal, Depends(_principal)]) -> Limits:
+async def _limits(request: Request, _: Annotated[Principal, Depends(_principal)]) -> Limits:
     """The caller's tenant limits, read once per request by the Authenticate middleware."""
     return request.state.limits  # type: ignore[no-any-return]
 

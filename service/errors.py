@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,7 +15,15 @@ from starlette.types import Send
 
 from core.errors import ErrorCode, ServiceError
 
+# Every database connection is in use (a burst): a retryable 503, never a 500.
+POOL_EXHAUSTED = ServiceError(
+    ErrorCode.STORAGE_UNAVAILABLE,
+    "the database has no free connection right now; try again shortly",
+    headers={"Retry-After": "5"},
+)
+
 __all__ = [
+    "POOL_EXHAUSTED",
     "ERROR_RESPONSES",
     "ErrorBody",
     "ErrorCode",
@@ -87,6 +96,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, sqlalchemy.exc.TimeoutError):
+            return JSONResponse(
+                POOL_EXHAUSTED.body(), status_code=503, headers=POOL_EXHAUSTED.headers
+            )
         # Starlette logs the exception with its traceback; the client gets the one body.
         return JSONResponse(
             {

@@ -12,6 +12,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from core.reaper import Reaper
 from core.settings import Settings, get_settings
 from service.auth import Authenticate
+from service.concurrency import (
+    PREVIEW_THREADS,
+    TENANT_PREVIEW_THREADS,
+    RenderSlots,
+    TenantThreads,
+    UploadSlots,
+    database_threads,
+    ingest_limiter,
+)
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
 from service.routes import admin, backbones, datasets, health, jobs, previews
@@ -25,8 +34,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        log = logging.getLogger("finetune")
         for warning in settings.warnings():
-            logging.getLogger("finetune").warning("%s", warning)
+            log.warning("%s", warning)
+        connections = settings.db_pool_size + settings.db_max_overflow
+        threads = database_threads(settings.ingest_threads)
+        if connections < threads:
+            log.warning(
+                "DB_POOL_SIZE + DB_MAX_OVERFLOW (%d) is less than the %d threads that may "
+                "use the database at once: under load, requests will wait for a connection, "
+                "then answer 503",
+                connections,
+                threads,
+            )
         reaper = Reaper(settings)
         reaper.start()
         yield
@@ -39,6 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Upload labeled images, fine-tune a pretrained backbone, download the model.",
     )
     install_error_handlers(app)
+    app.state.ingest_limiter = ingest_limiter(settings.ingest_threads)
+    app.state.render_slots = RenderSlots(lost_after=previews.PREVIEW_RESEND_SECONDS)
+    app.state.preview_threads = TenantThreads(TENANT_PREVIEW_THREADS, PREVIEW_THREADS)
     for router in (
         health.router,
         previews.router,
@@ -49,7 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin.me_router,
     ):
         app.include_router(router)
-    # The last added runs first: CORS (when configured), then the body limit, then auth.
+    # The last added runs first: CORS (when configured), then the body limit, then auth,
+    # then the tenant's upload slots (which need the tenant that auth found).
+    app.add_middleware(UploadSlots, per_tenant=settings.tenant_max_concurrent_uploads)
     app.add_middleware(Authenticate, settings=settings)
     app.add_middleware(
         BodySizeLimit,

@@ -39,6 +39,7 @@ def register_upload(
     size = src.seek(0, 2)
     # Before any decoding, like the Content-Length check in front of the route.
     check_storage_quota(session, principal, limits, size)
+    _release_connection(session)
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         images_zip = Path(tmp) / "images.zip"
         report = ingest_archive(src, images_zip, Limits.from_settings(settings))
@@ -61,12 +62,20 @@ def register_import(
 ) -> Dataset:
     """The objects under `source` (s3://bucket/prefix/), read in place, where allowed."""
     s3 = importable_store(session, settings, store, principal, source)
+    _release_connection(session)
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         images_zip = Path(tmp) / "images.zip"
         report = ingest_s3_prefix(s3.client, source, images_zip, Limits.from_settings(settings))
         size = images_zip.stat().st_size
         new = _checked(report, images_zip, name or source.rstrip("/").rsplit("/", 1)[-1], size)
         return store_dataset(session, store, principal, limits, new, client)
+
+
+def _release_connection(session: Session) -> None:
+    """End the session's read-only transaction, so that its connection goes back to the
+    pool for the seconds or minutes the images take to decode; `store_dataset` takes one
+    again to commit."""
+    session.rollback()
 
 
 def _checked(report: IngestReport, images_zip: Path, name: str, size: int) -> NewDataset:

@@ -1,17 +1,25 @@
 """Datasets: upload, import, list, read, samples, delete (the preview is in `previews.py`).
 Ingest and storage live in `service/ingest` and `core/datasets.py`; these handlers parse,
-call them, and answer."""
+call them, and answer.
+
+Upload and import are `async def` so that their ingest (every image decoded) runs on the
+INGEST_THREADS threads of its own, not on the pool every other request needs; the tenant's
+TENANT_MAX_CONCURRENT_UPLOADS slots were taken before the body was read
+(`service.concurrency`)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from core.datasets import delete_dataset as delete_owned_dataset
 from core.datasets import get_owned_dataset, read_samples
 from core.models import Dataset
 from service.deps import (
+    IngestLimiterDep,
     LimitsDep,
     Offset,
     PathId,
@@ -37,21 +45,24 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RES
 
 
 @router.post("", status_code=201, response_model=DatasetPublic)
-def create_dataset(
+async def create_dataset(
     request: Request,
     principal: WriteDep,
     limits: LimitsDep,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+    ingest: IngestLimiterDep,
     file: Annotated[
         UploadFile, File(description="zip, tar or tar.gz: ImageFolder, train/val/test, or manifest")
     ],
     name: Annotated[str | None, Form(max_length=200, pattern=NO_NUL)] = None,
 ) -> DatasetPublic:
     """Upload a labeled-image dataset. Every image is decoded and checked before anything
-    is stored; files that cannot be used are listed in `rejected` / `skipped`."""
-    ds = register_upload(
+    is stored; files that cannot be used are listed in `rejected` / `skipped`. 429 while
+    the tenant has TENANT_MAX_CONCURRENT_UPLOADS uploads or imports in progress."""
+    register = partial(
+        register_upload,
         session,
         store,
         settings,
@@ -62,11 +73,11 @@ def create_dataset(
         name,
         client_of(request),
     )
-    return dataset_public(ds)
+    return dataset_public(await anyio.to_thread.run_sync(register, limiter=ingest))
 
 
 @router.post("/import", status_code=201, response_model=DatasetPublic)
-def import_dataset(
+async def import_dataset(
     request: Request,
     principal: WriteDep,
     limits: LimitsDep,
@@ -74,14 +85,23 @@ def import_dataset(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+    ingest: IngestLimiterDep,
 ) -> DatasetPublic:
     """Register a dataset that already sits in the object store (`s3://bucket/prefix/` in
     any layout an upload may have), so that large datasets need not pass through the API.
     Allowed only under the prefixes listed in IMPORT_ALLOWED_PREFIXES."""
-    ds = register_import(
-        session, store, settings, principal, limits, body.source, body.name, client_of(request)
+    register = partial(
+        register_import,
+        session,
+        store,
+        settings,
+        principal,
+        limits,
+        body.source,
+        body.name,
+        client_of(request),
     )
-    return dataset_public(ds)
+    return dataset_public(await anyio.to_thread.run_sync(register, limiter=ingest))
 
 
 @router.get("", response_model=DatasetsPublic)

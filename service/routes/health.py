@@ -19,7 +19,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is up. Says nothing about its dependencies: see /readyz."""
     return {"status": "ok"}
 

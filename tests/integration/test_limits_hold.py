@@ -46,6 +46,7 @@ def stack(request, integration_env, tmp_path_factory):
         # A bucket of its own: other tests count what is in theirs.
         "s3_bucket": f"limits-{secrets.token_hex(4)}",
         "rate_limit_per_minute": 1_000_000,
+        "tenant_max_concurrent_uploads": 6,  # the race needs them all in flight at once
     }
     if request.param == "sqlite":
         data_dir = tmp_path_factory.mktemp("embedded")

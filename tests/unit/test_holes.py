@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from fastapi import Body, FastAPI
 from fastapi.testclient import TestClient
 
@@ -54,6 +55,10 @@ def _app() -> FastAPI:
     def boom() -> None:
         raise RuntimeError("secret internals")
 
+    @app.get("/pool")
+    def pool() -> None:
+        raise sqlalchemy.exc.TimeoutError("QueuePool limit of size 1 overflow 0 reached")
+
     app.add_middleware(BodySizeLimit, upload_max=10_000, other_max=100)
     return app
 
@@ -88,6 +93,13 @@ def test_an_unexpected_error_answers_the_json_error_body_without_internals():
     assert answer.headers["content-type"] == "application/json"
     assert answer.json()["error_code"] == "INTERNAL_ERROR"
     assert "secret" not in answer.text
+
+
+def test_an_exhausted_database_pool_is_a_retryable_503_not_a_500():
+    answer = TestClient(_app(), raise_server_exceptions=False).get("/pool")
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["error_code"] == "STORAGE_UNAVAILABLE"
+    assert "QueuePool" not in answer.text
 
 
 def test_concurrent_readiness_probes_of_the_local_store_all_pass(tmp_path: Path):
