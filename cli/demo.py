@@ -9,6 +9,7 @@ held-out digits the service never saw, using only the downloaded files.
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli.admin import announce_auth
-from cli.processes import stop_process
+from cli.supervisor import exit_on_signal, stop_process
 from core.settings import Settings, get_settings
 
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -158,6 +159,8 @@ def run_demo(
     base = f"http://{host}:{port}"
     headers = demo_auth(settings)
     print(f"starting the service at {base} (logs: {log_path})")
+    # SIGTERM must reach `finally`, which stops the service and, through it, its workers.
+    signal.signal(signal.SIGTERM, exit_on_signal)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--host", host, "--port", str(port)],
@@ -241,4 +244,6 @@ def run_demo(
         print("\nstopping")
         return 0
     finally:
-        stop_process(proc)
+        # The service stops its API, then its workers, each within STOP_GRACE_SECONDS, and
+        # kills what is left; killing it first would orphan its worker children.
+        stop_process(proc, timeout=2 * settings.stop_grace_seconds + 15)

@@ -27,13 +27,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="migrate, start worker child processes and the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
     p.set_defaults(func=cmd_serve)
 
@@ -80,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="start the service, fine-tune on scikit-learn digits, report accuracy"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--backbone", default="efficientnet_lite0")

@@ -7,12 +7,12 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
+from typing import Any
 
 from cli.admin import announce_auth
+from cli.supervisor import WorkerSupervisor, exit_on_signal, stop_all
 from core.settings import Settings, get_settings
 
 log = logging.getLogger("finetune")
@@ -59,67 +59,38 @@ def worker_command(
     ]
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-class WorkerSupervisor(threading.Thread):
-    """Keeps an embedded worker child alive: restarts it if it dies, with backoff."""
-
-    def __init__(self, command: list[str], max_restarts: int = 20, name: str = "worker-supervisor"):
-        super().__init__(name=name, daemon=True)
-        self.command = command
-        self.max_restarts = max_restarts
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        restarts = 0
-        while not self.stopping.is_set():
-            self.proc = subprocess.Popen(self.command)
-            log.info("%s: worker child process started (pid %d)", self.name, self.proc.pid)
-            code = self.proc.wait()
-            if self.stopping.is_set():
-                return
-            restarts += 1
-            if restarts > self.max_restarts:
-                log.error(
-                    "%s: worker exited %d times; giving up (last code %d)",
-                    self.name,
-                    restarts,
-                    code,
-                )
-                return
-            delay = min(30.0, 2.0**restarts)
-            log.error("%s: worker exited with code %d; restarting in %.0fs", self.name, code, delay)
-            self.stopping.wait(delay)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.proc is not None:
-            stop_process(self.proc)
-
-
 def embedded_workers(settings: Settings) -> list[WorkerSupervisor]:
     """Two children, so that a preview never waits behind a long training job: one on the
     training queue, one on the light queue."""
+
+    def supervisor(command: list[str], name: str) -> WorkerSupervisor:
+        return WorkerSupervisor(
+            command,
+            name=name,
+            max_restarts=settings.worker_max_restarts,
+            window_seconds=settings.worker_restart_window_seconds,
+            stop_grace_seconds=settings.stop_grace_seconds,
+        )
+
     return [
-        WorkerSupervisor(
+        supervisor(
             worker_command(settings, queues=queues_for(settings, "training")),
-            name="worker-supervisor",
+            "worker-supervisor",
         ),
-        WorkerSupervisor(
+        supervisor(
             worker_command(settings, queues=queues_for(settings, "light"), name="finetune-light"),
-            name="light-worker-supervisor",
+            "light-worker-supervisor",
         ),
     ]
+
+
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's forwarded-header options. Its defaults believe X-Forwarded-For from any
+    peer on loopback, so a local client (or anything relaying through one) could write any
+    address into the audit log; here they are believed only from FORWARDED_ALLOW_IPS."""
+    if not settings.forwarded_allow_ips:
+        return {"proxy_headers": False, "forwarded_allow_ips": ""}
+    return {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
@@ -146,28 +117,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     migrate(settings)
     announce_auth(settings)
     supervisors = [] if args.no_worker else embedded_workers(settings)
+    # uvicorn re-raises the signal it handled once it has shut down; with the default
+    # actions that ends this process before `finally` (SIGTERM), orphaning the worker
+    # children, or with a traceback (SIGINT).
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGINT, exit_on_signal)
     try:
-        if supervisors:
-            # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default
-            # action that kills this process before `finally`, orphaning the worker children.
-            signal.signal(signal.SIGTERM, _exit_on_signal)
         for supervisor in supervisors:
             supervisor.start()
-        uvicorn.run("service.main:app", host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            "service.main:app",
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            # A long download must not hold a stopping service (and its workers) forever.
+            timeout_graceful_shutdown=max(1, round(settings.stop_grace_seconds)),
+            **proxy_options(settings),
+        )
     finally:
         stop_all(supervisors)
     return 0
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def stop_all(supervisors: Sequence[WorkerSupervisor]) -> None:
-    """Stop the children at the same time, so that stopping takes one child's grace period,
-    not the sum of them."""
-    threads = [threading.Thread(target=s.stop, name=f"stop-{s.name}") for s in supervisors]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()

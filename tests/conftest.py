@@ -174,4 +174,8 @@ def server_url(stack_env, tmp_path_factory) -> Iterator[str]:
     wait_for(ready, 60, "API ready")
     yield url
     proc.terminate()
-    proc.wait(20)
+    try:
+        proc.wait(45)  # uvicorn's graceful stop is capped at STOP_GRACE_SECONDS (30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
