@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,12 @@ def default_num_workers() -> int:
     return 0 if cpus <= 4 else min(8, cpus // 2)
 
 
+def _ignore_interrupts(_: int) -> None:
+    # Ctrl-C in a terminal signals the whole foreground group, loader workers included; the
+    # main process decides how the job stops (hand it back), the loaders must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The device, its autocast dtype (None: full precision) and the loader settings."""
@@ -51,6 +58,8 @@ class Runtime:
         loader_kwargs: dict[str, Any] = dict(
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0
         )
+        if workers > 0:
+            loader_kwargs["worker_init_fn"] = _ignore_interrupts
         return cls(device, amp_dtype_for(device), loader_kwargs)
 
     def loader(self, dataset: Dataset[Any], batch_size: int, **kwargs: Any) -> DataLoader:
