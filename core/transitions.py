@@ -19,6 +19,7 @@ from core.settings import Settings
 from core.tenancy import count_jobs, tenant_limits
 
 CLAIMABLE = (JobStatus.QUEUED.value, JobStatus.INTERRUPTED.value)
+ENDED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELED.value)
 WAITING_FOR_SLOT = "waiting_for_slot"  # phase of a job whose tenant is at its running limit
 
 
@@ -140,6 +141,23 @@ def release(
         error_message=reason,
         run_seconds=Job.run_seconds + max(0.0, ran_seconds),
     )
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    """Where a job's checkpoints are stored, one key per attempt; gone once the job ends."""
+    return f"jobs/{job_id}/checkpoints/"
+
+
+def ended_with_checkpoints(session: Session, limit: int = 100) -> list[str]:
+    """Ended jobs whose row still points at checkpoints: ended away from their worker (the
+    reaper, the hard limit, a cancel while interrupted) or their worker's delete failed."""
+    found = select(Job.id).where(Job.status.in_(ENDED), Job.checkpoint_key.is_not(None))
+    return list(session.scalars(found.limit(limit)).all())
+
+
+def forget_checkpoints(session: Session, job_id: str) -> bool:
+    """An ended job's checkpoints are deleted from the store: the row stops pointing there."""
+    return _guarded(session, job_id, ENDED, checkpoint_key=None)
 
 
 def resend_long_queued(session: Session, older_than_seconds: float) -> list[str]:
@@ -343,7 +361,6 @@ def _finish(
         finished_at=now,
         heartbeat_at=now,
         phase="done" if status == JobStatus.SUCCEEDED else status.value,
-        checkpoint_key=None,  # the worker deletes it next: the model is what remains
         eta_seconds=0.0 if status == JobStatus.SUCCEEDED else None,
         **error,
     )

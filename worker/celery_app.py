@@ -64,9 +64,11 @@ def _on_shutdown(**_: object) -> None:
 
 @signals.worker_ready.connect
 def _start_reaper(**_: object) -> None:
-    """Each worker also looks for jobs whose worker died (see service/reaper.py)."""
+    """Each worker also looks for jobs whose worker died (see core/reaper.py), and keeps
+    its host's dataset cache tidy (see worker/cache.py)."""
     from core.reaper import Reaper
+    from worker.cache import tidy
 
     for warning in settings.warnings():
         logging.getLogger(__name__).warning("%s", warning)
-    Reaper(settings).start()
+    Reaper(settings, also=[tidy]).start()

@@ -1,5 +1,5 @@
 """The worker's copy of a dataset: the canonical images zip, cached on local disk per
-dataset (datasets are immutable), and its index."""
+dataset (datasets are immutable, see worker/cache.py), and its index."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from core.settings import Settings
 from core.storage import ObjectStore, StorageNotFound
+from worker.cache import dataset_dir
 
 
 class DatasetFilesMissing(RuntimeError):
@@ -20,8 +21,9 @@ def fetch_dataset(
     settings: Settings, store: ObjectStore, dataset_id: str, archive_key: str, index_key: str
 ) -> tuple[Path, dict[str, Any]]:
     """(local images.zip, index). The zip is downloaded once per worker host; its folder also
-    holds the decoded image caches `prepare` builds beside it."""
-    archive = settings.resolved_worker_cache_dir / "datasets" / dataset_id / "images.zip"
+    holds the decoded image caches `prepare` builds beside it. Call it inside
+    `worker.cache.in_use`, so the folder is not evicted while it is read."""
+    archive = dataset_dir(settings, dataset_id) / "images.zip"
     try:
         if not archive.is_file():
             store.get_file(archive_key, archive)

@@ -27,12 +27,13 @@ from core.jobspec import ConfigInvalid, JobConfig, parse_job_config
 from core.models import Dataset, Job
 from core.queue import send_train
 from core.settings import Settings, get_settings
+from core.transitions import checkpoint_prefix
+from worker import cache
 from worker.attempt import Attempt, Claim, Trained, begin
 from worker.celery_app import SHUTTING_DOWN
 from worker.datasets import fetch_dataset
 from worker.ending import EndReason, Observed, decide_end
 from worker.failures import JobLost, error_code, is_transient
-from worker.reporting import checkpoint_prefix
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.data import prepare
 from worker.training.export import build_metadata, export_model
@@ -54,7 +55,8 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         return claimed
     run = begin(claimed, worker_id, settings)
     try:
-        return run_attempt(run)
+        with cache.in_use(settings, claimed.dataset_id):  # not evicted while the job reads it
+            return run_attempt(run)
     finally:
         run.heartbeat.stopped.set()
         shutil.rmtree(run.workdir, ignore_errors=True)
@@ -122,6 +124,10 @@ def train(run: Attempt, config: JobConfig) -> Trained:
         run.settings, run.store, c.dataset_id, c.archive_key, c.index_key
     )
     data = prepare(archive, index, config, archive.parent)
+    try:  # room for what this job just cached; never a reason to fail it
+        cache.trim(run.settings)
+    except Exception:  # noqa: BLE001
+        log.warning("job %s: could not trim the dataset cache", run.job_id, exc_info=True)
     resume = fetch_checkpoint(run)
     s = run.settings
     weights = WeightsSource(
@@ -180,6 +186,7 @@ def finish(run: Attempt, reason: EndReason, seen: Observed, trained: Trained | N
     """Record `reason` on the job row (and the object store); return the job's status."""
     if reason is EndReason.LOST:
         log.warning("job %s: lost ownership, stopping without recording", run.job_id)
+        drop_checkpoints_if_ended(run)
     elif reason is EndReason.HANDED_BACK:
         hand_back(run)
     elif reason is EndReason.TRANSIENT_RETRY:
@@ -227,7 +234,7 @@ def record_failure(run: Attempt, exc: BaseException) -> str:
     if is_transient(exc):  # out of attempts
         message += f" (after {run.claim.attempt} attempts)"
     with session_scope(run.settings) as s:
-        transitions.fail(
+        failed = transitions.fail(
             s,
             run.job_id,
             code=error_code(exc),
@@ -235,7 +242,34 @@ def record_failure(run: Attempt, exc: BaseException) -> str:
             traceback="".join(traceback.format_exception(exc)),
             worker_id=run.worker_id,
         )
+    if failed:
+        drop_checkpoints(run)
     return "failed"
+
+
+def drop_checkpoints(run: Attempt) -> None:
+    """The job has ended: nothing resumes it, so its checkpoints go. When the store (or the
+    database) is down, perhaps the very failure being recorded, the row still points at
+    them and the reaper deletes them later (`core.reaper.sweep_checkpoints`)."""
+    try:
+        run.store.delete_prefix(checkpoint_prefix(run.job_id))
+        with session_scope(run.settings) as s:
+            transitions.forget_checkpoints(s, run.job_id)
+    except Exception:  # noqa: BLE001
+        log.warning("job %s: checkpoints left to the reaper", run.job_id, exc_info=True)
+
+
+def drop_checkpoints_if_ended(run: Attempt) -> None:
+    """A checkpoint this attempt wrote after the job ended elsewhere (failed by the reaper,
+    say) would outlive the job: the row never pointed at it, so no sweep would find it."""
+    try:
+        with session_scope(run.settings) as s:
+            status = s.scalar(select(Job.status).where(Job.id == run.job_id))
+    except Exception:  # noqa: BLE001
+        log.warning("job %s: could not read its status", run.job_id, exc_info=True)
+        return
+    if status in transitions.ENDED:
+        drop_checkpoints(run)
 
 
 def time_limit_message(run: Attempt, has_model: bool) -> str:
@@ -255,6 +289,7 @@ def discard(run: Attempt, reason: EndReason) -> None:
         else:
             message = time_limit_message(run, has_model=False)
             transitions.finish_time_limited(s, run.job_id, run.worker_id, None, message)
+    drop_checkpoints(run)
     log.info("job %s %s; nothing kept", run.job_id, reason.value)
 
 
@@ -318,6 +353,6 @@ def record_model(
             done = transitions.succeed(s, job_id, worker_id, outcome)
         if not done:
             raise JobLost(f"job {job_id} could not be recorded by {worker_id}")
-    run.store.delete_prefix(checkpoint_prefix(job_id))  # one final model, not two
+    drop_checkpoints(run)  # one final model, not two
     said = message if reason is EndReason.TIME_LIMITED_KEPT else reason.status
     log.info("job %s: %s: %s", job_id, said, trained.result.best)

@@ -26,6 +26,7 @@ from core.models import Dataset
 from core.queue import preview_key
 from core.settings import Settings, get_settings
 from core.storage import get_store
+from worker.cache import in_use
 from worker.datasets import fetch_dataset
 from worker.failures import is_transient
 from worker.training.augment import batch_mixing, train_transform
@@ -118,8 +119,9 @@ def render_to_store(
             return "gone"
         archive_key, index_key, classes = ds.archive_key, ds.index_key, list(ds.classes)
     try:
-        archive, index = fetch_dataset(settings, store, dataset_id, archive_key, index_key)
-        png = render(archive, index, classes, augmentation, image_size, seed, samples)
+        with in_use(settings, dataset_id):
+            archive, index = fetch_dataset(settings, store, dataset_id, archive_key, index_key)
+            png = render(archive, index, classes, augmentation, image_size, seed, samples)
     except Exception as exc:
         if is_transient(exc):
             # The pending marker stays: the API sends the task again once it is stale.

@@ -17,15 +17,12 @@ from core import transitions
 from core.db import session_scope
 from core.settings import Settings
 from core.storage import StorageError, get_store
+from core.transitions import checkpoint_prefix
 from worker.celery_app import SHUTTING_DOWN
 from worker.training.callbacks import Callbacks
 from worker.training.plots import curves_png
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoints/"
 
 
 class DbReporter(Callbacks):

@@ -3,18 +3,30 @@ worker's glue: worker/lifecycle.py trains a job, worker/preview.py renders a pre
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from celery.exceptions import Reject
+
 from core.queue import PREVIEW_TASK, TRAIN_TASK
-from worker.celery_app import app
+from worker.celery_app import SHUTTING_DOWN, app
 from worker.lifecycle import run_job
 from worker.preview import render_to_store
 
 __all__ = ["render_preview", "run_job", "train_job"]
 
+log = logging.getLogger(__name__)
+
 
 @app.task(name=TRAIN_TASK)
 def train_job(job_id: str) -> None:
+    if SHUTTING_DOWN.is_set():
+        # A worker that is stopping may still be handed a task (the one it just re-sent for
+        # the job it handed back, most often). Claiming it would cost the job an attempt
+        # only to hand it back again: the message goes back to the queue, untouched, for a
+        # worker that stays.
+        log.info("job %s left on the queue: this worker is shutting down", job_id)
+        raise Reject("worker shutting down", requeue=True)
     run_job(job_id)
 
 

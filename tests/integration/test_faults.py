@@ -233,6 +233,10 @@ def test_sigterm_hands_the_job_back_and_another_worker_finishes_it(client, worke
     assert handed_back["status"] in ("interrupted", "running")  # running: already picked up again
     assert handed_back["status"] != "succeeded"
     assert "handed back on shutdown" in first.log.read_text()
+    # The stopping worker leaves the job to the next one: it does not take it again itself
+    # (which would cost an attempt and hand it back a second time).
+    assert handed_back["status"] == "interrupted" and handed_back["attempts"] == 1, handed_back
+    assert first.log.read_text().count("handed back on shutdown") == 1
     workers.start()
     final = wait_job(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 300, "done")
     assert final["status"] == "succeeded" and final["attempts"] == 2
