@@ -1,0 +1,219 @@
+"""Model quality at equal wall-clock budgets: the service's default job against two
+hand-written baselines, on proxy datasets built from packaged data (`benchmarks/proxies.py`).
+
+Per proxy x seed x budget, three methods, each scored on the proxy's held-out test split:
+
+- `service (default job)`: what a user gets by uploading the data and submitting a job with
+  only `time_budget_seconds` set: the upload is ingested (`service.ingest`), then the job's
+  training path runs as the worker runs it: `worker.training.data.prepare` (image cache)
+  and `worker.training.fit.fit` with `JobSpec(seed=..., time_budget_seconds=...)`, every
+  other field at its default. The clock starts at `prepare`; with `--service-budget total`
+  (default) the job's `time_budget_seconds` is what is left of the budget after `prepare`
+  (at least 5 s, the spec's minimum), so all three methods get the same wall clock; with
+  `fit`, the whole budget goes to `fit`, as a user's number would. Not measured: the
+  worker's DB writes, checkpoint uploads and export (see epoch_overhead.py for those).
+- `(a) full fine-tune`, `(b) logreg on features`: `benchmarks/baselines.py`, reading the
+  same upload's `train/` images.
+
+The reported wall time is what each method actually used before its model was ready (the
+service's includes its own final validation/test pass; test scoring is outside it for the
+baselines). On a multi-label proxy the service (single-label only) is skipped and the
+baselines are scored by macro mean average precision instead of accuracy.
+
+    .venv/bin/python benchmarks/quality.py [--proxies digits digits-degraded lfw]
+        [--seeds 0 1 2] [--budgets 30 60] [--label-noise 0.0] [--per-class N]
+        [--threads N] [--service-budget total|fit] [--json out.json]
+    .venv/bin/python benchmarks/quality.py --smoke   # one tiny proxy, one seed, 5 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.baselines import Trained, full_finetune, logreg_on_features  # noqa: E402
+from benchmarks.proxies import PROXIES, Proxy, build, read_split_zip  # noqa: E402
+
+SERVICE, FULL_FT, LOGREG = "service (default job)", "(a) full fine-tune 128px", "(b) logreg 224px"
+METHODS = (SERVICE, FULL_FT, LOGREG)
+
+
+def load_avg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def score(proxy: Proxy, scores: np.ndarray, targets: np.ndarray) -> float:
+    if proxy.multilabel:
+        from sklearn.metrics import average_precision_score
+
+        return float(average_precision_score(targets, scores, average="macro"))
+    return float(np.mean(scores.argmax(1) == targets))
+
+
+def run_service(proxy: Proxy, upload: Path, budget: float, mode: str, work: Path) -> dict:
+    from core.jobspec import JobSpec
+    from service.ingest import Limits, ingest_archive
+    from worker.training.data import prepare
+    from worker.training.fit import fit
+
+    with open(upload, "rb") as f:  # the upload: the API's work, before any job runs
+        index = ingest_archive(f, work / "images.zip", Limits()).index()
+    t0 = time.perf_counter()
+    spec = JobSpec(seed=proxy.seed)
+    data = prepare(work / "images.zip", index, spec, work / "cache")
+    prepare_s = time.perf_counter() - t0
+    fit_budget = budget if mode == "fit" else max(5.0, budget - prepare_s)
+    spec = JobSpec(seed=proxy.seed, time_budget_seconds=fit_budget)
+    result = fit(spec, data)
+    wall = time.perf_counter() - t0
+    finetune_epochs = [h for h in result.history if h.get("phase") == "fine_tune"]
+    return {
+        "score": float(result.report["test"]["top1_accuracy"]),
+        "wall": wall,
+        "info": {
+            "prepare_s": round(prepare_s, 1),
+            "fit_budget": round(fit_budget, 1),
+            "ft_epochs": len(finetune_epochs),
+            "best_epoch": result.best.get("epoch"),
+            "stopped": result.stopped_reason,
+        },
+    }
+
+
+def run_baseline(method: str, proxy: Proxy, upload: Path | None, budget: float) -> dict:
+    if upload is not None:
+
+        def load() -> tuple[list, np.ndarray]:
+            images, names = read_split_zip(upload, "train")
+            return images, np.array([proxy.classes.index(n) for n in names])
+
+        test_images, test_names = read_split_zip(upload, "test")
+        targets = np.array([proxy.classes.index(n) for n in test_names])
+    else:  # multi-label: no folder layout, the arrays as images
+        from PIL import Image
+
+        def load() -> tuple[list, np.ndarray]:
+            imgs = [Image.fromarray(proxy.images[i]) for i in proxy.train_idx]
+            return imgs, proxy.labels[proxy.train_idx]
+
+        test_images = [Image.fromarray(proxy.images[i]) for i in proxy.test_idx]
+        targets = proxy.labels[proxy.test_idx]
+    train = full_finetune if method == FULL_FT else logreg_on_features
+    trained: Trained = train(load, len(proxy.classes), budget, proxy.seed)
+    return {
+        "score": score(proxy, trained.predict(test_images), targets),
+        "wall": trained.seconds,
+        "info": trained.info,
+    }
+
+
+def run_one(proxy: Proxy, budget: float, mode: str) -> dict[str, dict]:
+    work = Path(tempfile.mkdtemp(prefix="quality-"))
+    try:
+        upload = None if proxy.multilabel else proxy.write_splits_zip(work / "upload.zip")
+        out: dict[str, dict] = {}
+        for method in METHODS:
+            if method == SERVICE:
+                if upload is None:
+                    continue  # the service trains single-label classifiers only
+                out[method] = run_service(proxy, upload, budget, mode, work)
+            else:
+                out[method] = run_baseline(method, proxy, upload, budget)
+            r = out[method]
+            print(
+                f"  {proxy.name} seed {proxy.seed} budget {budget:g}s {method}: "
+                f"{r['score']:.4f} in {r['wall']:.1f}s {r['info']}",
+                flush=True,
+            )
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def table(results: list[dict[str, Any]], metric_of: dict[str, str]) -> str:
+    rows = [
+        "| proxy | budget | method | test score (mean) | per seed | wall s (mean / max) | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys: dict[tuple[str, float, str], list[dict]] = {}
+    for r in results:
+        keys.setdefault((r["proxy"], r["budget"], r["method"]), []).append(r)
+    for (proxy, budget, method), rs in keys.items():
+        scores = [r["score"] for r in rs]
+        walls = [r["wall"] for r in rs]
+        info = rs[0]["info"]
+        note = ", ".join(
+            f"{k} {'/'.join(str(r['info'].get(k)) for r in rs)}"
+            for k in info
+            if k in ("ft_epochs", "stopped", "epochs", "images_used", "prepare_s")
+        )
+        rows.append(
+            f"| {proxy} ({metric_of[proxy]}) | {budget:g} s | {method} | "
+            f"{statistics.mean(scores):.4f} | {', '.join(f'{s:.4f}' for s in scores)} | "
+            f"{statistics.mean(walls):.1f} / {max(walls):.1f} | {note} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--proxies", nargs="+", default=["digits", "digits-degraded", "lfw"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budgets", type=float, nargs="+", default=[30.0, 60.0])
+    p.add_argument("--label-noise", type=float, default=0.0)
+    p.add_argument("--service-budget", choices=["total", "fit"], default="total")
+    p.add_argument("--per-class", type=int, help="keep this many images of each class")
+    p.add_argument("--threads", type=int, help="torch threads for every method (default: torch's)")
+    p.add_argument("--json", type=Path, help="also write every run's numbers here")
+    p.add_argument("--smoke", action="store_true", help="digits, 10 per class, seed 0, 5 s")
+    args = p.parse_args()
+    for name in args.proxies:
+        if name not in PROXIES:
+            p.error(f"unknown proxy {name!r}; available: {', '.join(PROXIES)}")
+    per_class = args.per_class
+    if args.smoke:
+        args.proxies, args.seeds, args.budgets, per_class = ["digits"], [0], [5.0], 10
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"start: {load_avg()}, torch threads {torch.get_num_threads()}", flush=True)
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    metric_of: dict[str, str] = {}
+    for name in args.proxies:
+        for seed in args.seeds:
+            proxy = build(name, seed, label_noise=args.label_noise, per_class=per_class)
+            metric_of[proxy.name] = "mAP" if proxy.multilabel else "accuracy"
+            print(proxy.describe(), flush=True)
+            for budget in args.budgets:
+                for method, r in run_one(proxy, budget, args.service_budget).items():
+                    results.append(
+                        {"proxy": proxy.name, "seed": seed, "budget": budget, "method": method} | r
+                    )
+    print(
+        f"\nend: {load_avg()}; benchmark took {time.perf_counter() - started:.0f} s; "
+        f"service budget mode: {args.service_budget}; label noise {args.label_noise:g}\n"
+    )
+    results.sort(key=lambda r: (args.proxies.index(r["proxy"].split("[")[0]), r["budget"]))
+    print(table(results, metric_of))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
