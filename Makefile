@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path
+BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality
 
 .PHONY: install demo serve test lint bench bench-smoke clean
 
