@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from worker.training.backbones import create_model  # noqa: E402
 from worker.training.callbacks import Callbacks  # noqa: E402
-from worker.training.runtime import amp_dtype_for  # noqa: E402
 from worker.training.loop import train_one_epoch  # noqa: E402
+from worker.training.runtime import amp_dtype_for  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

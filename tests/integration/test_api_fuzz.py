@@ -36,7 +36,9 @@ def fuzz_target(integration_env):
     app = create_app(settings)
     app.dependency_overrides[get_settings] = lambda: settings
     with session_scope() as s:
-        _, token = create_key(s, s.get(Tenant, DEFAULT_TENANT), ["read", "write", "admin", "operator"], "fuzz")
+        _, token = create_key(
+            s, s.get(Tenant, DEFAULT_TENANT), ["read", "write", "admin", "operator"], "fuzz"
+        )
         s.commit()
     with TestClient(app):  # runs the lifespan (reaper) like a real server
         yield app, token
