@@ -12,6 +12,14 @@ from core.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    """Each test sees only the variables it sets: the integration tier (run earlier in the
+    same session) leaves its DATABASE_URL, S3 keys and queues in the environment."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 def compose_env_names() -> set[str]:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     names: set[str] = set()
