@@ -134,8 +134,11 @@ def full_finetune(
         total = max(done, (total // steps_per_epoch) * steps_per_epoch)
     planned = total - done
     if planned > 1:
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=planned, pct_start=0.25
+        # OneCycleLR divides by its phase lengths: too few steps for phases, keep the LR flat.
+        schedule: Any = (
+            torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=planned, pct_start=0.25)
+            if planned >= 8
+            else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
         )
         for _ in range(planned):
             if time.perf_counter() > deadline:
