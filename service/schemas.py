@@ -37,11 +37,15 @@ class DatasetPublic(BaseModel):
     sha256: str = Field(description="content hash: images, labels and splits")
     format: str
     layout: str = Field(description="imagefolder, splits (train/val/test folders) or manifest")
+    task: Literal["single-label", "multi-label"] = Field(
+        "single-label", description="multi-label: several classes per image (a labels column)"
+    )
     num_images: int
     num_classes: int
     classes: list[ClassCount]
     splits: dict[str, dict[str, int]] = Field(description="split -> class -> count")
     imbalance_ratio: float | None
+    label_cardinality: float | None = Field(None, description="mean classes per image")
     image_sizes: dict[str, Any] | None
     duplicates: dict[str, Any] | None
     leakage: dict[str, Any] | None
@@ -63,11 +67,13 @@ def dataset_public(ds: Dataset) -> DatasetPublic:
         sha256=ds.sha256,
         format=report.get("format", "zip"),
         layout=report.get("layout", "imagefolder"),
+        task=report.get("task", "single-label"),
         num_images=ds.num_images,
         num_classes=len(ds.classes),
         classes=[ClassCount(name=c, count=int(ds.class_counts.get(c, 0))) for c in ds.classes],
         splits=details.get("counts", {}),
         imbalance_ratio=details.get("imbalance_ratio"),
+        label_cardinality=details.get("label_cardinality"),
         image_sizes=details.get("image_sizes"),
         duplicates=details.get("duplicates"),
         leakage=details.get("leakage"),

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from service.ingest.manifest import Labels
 from service.ingest.sources import RawEntry
 
 SYSTEM_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
-# A parsed manifest: its archive path, and image path (relative to it) -> (label, split).
-Manifest = tuple[str, dict[str, tuple[str, str | None]]]
+# A parsed manifest: its archive path, and image path (relative to it) -> (label, split);
+# the label is a tuple of class names in a multi-label manifest.
+Manifest = tuple[str, dict[str, tuple[Labels, str | None]]]
 
 
 def is_hidden(parts: tuple[str, ...]) -> bool:
@@ -69,8 +71,8 @@ class Layout:
     def relative(self, name: str) -> str:
         return name[len(self.top) + 1 :] if self.top and name.startswith(self.top + "/") else name
 
-    def locate(self, name: str) -> tuple[str, str | None] | str:
-        """(class, split), or the reason the image has no place."""
+    def locate(self, name: str) -> tuple[Labels, str | None] | str:
+        """(class or classes, split), or the reason the image has no place."""
         if self.manifest is not None:
             found = self.manifest.get(name)
             return found if found else "not listed in the manifest"

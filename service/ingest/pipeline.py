@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 from service.errors import ErrorCode, ServiceError
 from service.ingest.images import IMAGE_EXTENSIONS, inspect_image
 from service.ingest.layout import Layout, Manifest, is_hidden, unsafe_reason
-from service.ingest.manifest import MANIFEST_SUFFIXES
+from service.ingest.manifest import MANIFEST_SUFFIXES, MULTI_LABEL, SINGLE_LABEL, Labels
 from service.ingest.manifest_stream import read_manifest
 from service.ingest.model import MAX_LISTED, IngestReport, Limits
 from service.ingest.report import build_report
@@ -53,7 +53,7 @@ class _Found:
     rejected: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     accepted: list[dict[str, Any]] = field(default_factory=list)
-    class_of: list[str] = field(default_factory=list)  # accepted[i]'s class name
+    class_of: list[Labels] = field(default_factory=list)  # accepted[i]'s class name(s)
 
 
 def _ingest(archive: Archive | S3Prefix, out_zip: Path, limits: Limits) -> IngestReport:
@@ -215,7 +215,10 @@ def _finish(found: _Found, layout: str, fmt: str, limits: Limits) -> IngestRepor
             f"(first: {first['path']}: {first['reason']})",
             extra,
         )
-    classes = sorted(set(class_of))
+    # A multi-label manifest gives each image a tuple of names; a single label is one name.
+    task = MULTI_LABEL if any(isinstance(c, tuple) for c in class_of) else SINGLE_LABEL
+    names_of = [c if isinstance(c, tuple) else (c,) for c in class_of]
+    classes = sorted({n for names in names_of for n in names})
     if len(classes) < 2:
         raise ServiceError(
             ErrorCode.DATASET_TOO_FEW_CLASSES,
@@ -224,12 +227,19 @@ def _finish(found: _Found, layout: str, fmt: str, limits: Limits) -> IngestRepor
             extra,
         )
     label = {c: i for i, c in enumerate(classes)}
-    for entry, cls in zip(accepted, class_of, strict=True):
-        entry["label"] = label[cls]
-    # With given splits, the training split is what must be large enough.
+    for entry, names in zip(accepted, names_of, strict=True):
+        ids = sorted(label[n] for n in names)
+        entry["label"] = ids[0]  # what single-label code reads
+        if task == MULTI_LABEL:
+            entry["labels"] = ids
+    # With given splits, the training split is what must be large enough; a multi-label
+    # image counts for each of its classes.
     has_train = any(e["split"] == "train" for e in accepted)
     counted = Counter(
-        class_of[i] for i, e in enumerate(accepted) if not has_train or e["split"] == "train"
+        n
+        for names, e in zip(names_of, accepted, strict=True)
+        if not has_train or e["split"] == "train"
+        for n in names
     )
     small = {c: counted.get(c, 0) for c in classes if counted.get(c, 0) < limits.min_per_class}
     if small:
@@ -250,4 +260,4 @@ def _finish(found: _Found, layout: str, fmt: str, limits: Limits) -> IngestRepor
         len(rejected),
         len(skipped),
     )
-    return IngestReport(classes, accepted, rejected, skipped, layout, fmt, details)
+    return IngestReport(classes, accepted, rejected, skipped, layout, fmt, details, task)

@@ -6,61 +6,14 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
+from core.duplicates import duplicate_groups, near_duplicate_groups
 
-NEAR_DUPLICATE_BITS = 3  # dHash Hamming distance that counts as "the same picture"
 MAX_GROUPS = 100
 
 
-def duplicate_groups(entries: list[dict[str, Any]]) -> list[list[int]]:
-    """Indices of entries with identical bytes, groups of two or more."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(entries):
-        by_hash[e["sha256"]].append(i)
-    return [g for g in by_hash.values() if len(g) > 1]
-
-
-def near_duplicate_groups(
-    hashes: list[int], max_bits: int = NEAR_DUPLICATE_BITS
-) -> list[list[int]]:
-    """Groups of indices whose dHashes are within `max_bits` of each other (transitively).
-
-    Pigeonhole: split the 64 bits into max_bits+1 chunks; two hashes that close agree
-    exactly on at least one chunk, so only bucket-mates are compared, a block of rows at a
-    time (memory stays bounded even when thousands of images look alike)."""
-    if len(hashes) < 2:
-        return []
-    values, inverse = np.unique(np.array(hashes, dtype=np.uint64), return_inverse=True)
-    parent = list(range(len(values)))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    chunks = max_bits + 1
-    width = 64 // chunks
-    for c in range(chunks):
-        bits = width if c < chunks - 1 else 64 - c * width
-        keys = (values >> np.uint64(c * width)) & np.uint64((1 << bits) - 1)
-        order = np.argsort(keys, kind="stable")
-        bounds = np.flatnonzero(np.diff(keys[order])) + 1
-        for bucket in np.split(order, bounds):
-            if len(bucket) < 2:
-                continue
-            sub = values[bucket]
-            for start in range(0, len(bucket), 512):
-                xor = sub[start : start + 512, None] ^ sub[None, :]
-                dist = np.unpackbits(xor.view(np.uint8), axis=-1).reshape(*xor.shape, 64).sum(-1)
-                ii, jj = np.nonzero(dist <= max_bits)
-                for a, b in zip(bucket[ii + start].tolist(), bucket[jj].tolist(), strict=True):
-                    if a != b:
-                        parent[find(a)] = find(b)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, u in enumerate(inverse.tolist()):
-        groups[find(u)].append(i)
-    return [g for g in groups.values() if len(g) > 1]
+def labels_of(entry: dict[str, Any]) -> list[int]:
+    """An entry's class indices: its `labels` (multi-label), else its one `label`."""
+    return entry.get("labels") or [entry["label"]]
 
 
 def build_report(entries: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
@@ -68,7 +21,8 @@ def build_report(entries: list[dict[str, Any]], classes: list[str]) -> dict[str,
         return [
             {
                 "path": entries[i]["source"],
-                "class": classes[entries[i]["label"]],
+                # A multi-label image's classes, written as its manifest writes them.
+                "class": "|".join(classes[c] for c in labels_of(entries[i])),
                 "split": entries[i]["split"],
             }
             for i in group
@@ -83,11 +37,15 @@ def build_report(entries: list[dict[str, Any]], classes: list[str]) -> dict[str,
     ]
 
     leakage = [g for g in exact + near_groups if len({entries[i]["split"] for i in g}) > 1]
-    conflicting = [g for g in exact if len({entries[i]["label"] for i in g}) > 1]
+    conflicting = [g for g in exact if len({tuple(labels_of(entries[i])) for i in g}) > 1]
 
+    # A multi-label image counts once for each of its classes.
     per_split: dict[str, dict[str, int]] = defaultdict(lambda: {c: 0 for c in classes})
+    labelled = 0
     for e in entries:
-        per_split[e["split"] or "unsplit"][classes[e["label"]]] += 1
+        for c in labels_of(e):
+            per_split[e["split"] or "unsplit"][classes[c]] += 1
+            labelled += 1
     totals = [sum(per_split[s][c] for s in per_split) for c in classes]
     widths = [e["w"] for e in entries]
     heights = [e["h"] for e in entries]
@@ -102,6 +60,7 @@ def build_report(entries: list[dict[str, Any]], classes: list[str]) -> dict[str,
     return {
         "counts": {split: dict(counts) for split, counts in sorted(per_split.items())},
         "imbalance_ratio": round(max(totals) / max(1, min(totals)), 3),
+        "label_cardinality": round(labelled / max(1, len(entries)), 3),  # labels per image
         "image_sizes": {"width": dist(widths), "height": dist(heights)},
         "duplicates": {
             "exact_groups": len(exact),

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from core.duplicates import duplicate_group_ids
 from core.jobspec import JobSpec
 from worker.training.augment import eval_transform, train_transform
 
@@ -91,20 +92,67 @@ def open_image_cache(path: Path, n: int, size: int) -> np.memmap:
 
 
 def stratified_split(
-    labels: Sequence[int], val_fraction: float, seed: int
+    labels: Sequence[int],
+    val_fraction: float,
+    seed: int,
+    groups: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, hold out round(val_fraction * n) images (at least one when n >= 2)."""
+    """Per class, hold out about round(val_fraction * n) images (at least one when n >= 2 and
+    the class has two groups or more), never splitting a group.
+
+    Images sharing a `groups` id (exact or near copies) move as one unit, stratified by the
+    unit's majority label. A unit goes to validation when that brings the class's count
+    closer to its target, so with no groups (all units of one image) this is exactly a
+    per-class seeded shuffle-and-cut, the same split as before groups were considered."""
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
-    train, val = [], []
-    for cls in np.unique(labels_arr):
-        idx = np.flatnonzero(labels_arr == cls)
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    if len(labels_arr) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    unit_of, unit_label, sizes = _units(labels_arr, groups)
+    in_val = np.zeros(len(sizes), dtype=bool)
+    for cls in np.unique(unit_label):
+        units = np.flatnonzero(unit_label == cls)
+        rng.shuffle(units)
+        n = int(sizes[units].sum())
+        target = int(round(val_fraction * n))
+        target = min(max(target, 1 if n >= 2 else 0), n - 1)
+        taken = 0
+        for u in units[:-1]:  # the last unit of the shuffle always stays in training
+            if sizes[u] < 2 * (target - taken):
+                in_val[u] = True
+                taken += int(sizes[u])
+        if taken == 0 and target > 0 and len(units) >= 2:
+            # Every unit was larger than the target: hold out the smallest one.
+            in_val[units[np.argmin(sizes[units])]] = True
+    val_mask = in_val[unit_of]
+    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+
+
+def _units(
+    labels: np.ndarray, groups: Sequence[int] | np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit of each image, each unit's majority label, each unit's size). Without groups,
+    every image is its own unit. A tie in the majority goes to the smallest label."""
+    if groups is None:
+        return np.arange(len(labels)), labels, np.ones(len(labels), dtype=np.int64)
+    _, unit_of = np.unique(np.asarray(groups), return_inverse=True)
+    classes, cls_of = np.unique(labels, return_inverse=True)
+    pairs, counts = np.unique(unit_of * len(classes) + cls_of, return_counts=True)
+    pair_unit, pair_cls = np.divmod(pairs, len(classes))
+    order = np.lexsort((pair_cls, -counts, pair_unit))
+    first = order[np.r_[True, pair_unit[order][1:] != pair_unit[order][:-1]]]
+    return unit_of, classes[pair_cls[first]], np.bincount(unit_of)
+
+
+def _straddling_images(groups: np.ndarray, parts: Sequence[np.ndarray]) -> int:
+    """How many images of `parts` (disjoint index arrays: train, val, test) belong to a group
+    that has members in more than one part."""
+    idx = np.concatenate(parts)
+    side = np.concatenate([np.full(len(p), k) for k, p in enumerate(parts)])
+    g = groups[idx]
+    pairs = np.unique(np.stack([g, side], axis=1), axis=0)
+    spread, n_sides = np.unique(pairs[:, 0], return_counts=True)
+    return int(np.isin(g, spread[n_sides > 1]).sum())
 
 
 class CachedImages(Dataset[tuple[torch.Tensor, int]]):
@@ -191,20 +239,35 @@ def split_indices(
     entries: list[dict[str, Any]], labels: list[int], config: JobSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The dataset's own train/val/test split when it has one; otherwise a stratified,
-    seeded validation split out of the training images (recorded with the job)."""
+    seeded validation split out of the training images that keeps every group of exact or
+    near duplicates on one side (recorded with the job, with the number of groups kept
+    together and of images whose group still spans two of the final splits)."""
     splits = np.array([e.get("split") or "train" for e in entries])
     test_idx = np.flatnonzero(splits == "test")
     given_val = np.flatnonzero(splits == "val")
     pool = np.flatnonzero(splits == "train")
+    groups = duplicate_group_ids(entries)
     record: dict[str, Any]
     if len(given_val):
         record = {"source": "given"}
         train_idx, val_idx = pool, given_val
     else:
         sub_train, sub_val = stratified_split(
-            [labels[i] for i in pool], config.val_fraction, config.seed
+            [labels[i] for i in pool], config.val_fraction, config.seed, groups[pool]
         )
         train_idx, val_idx = pool[sub_train], pool[sub_val]
-        record = {"source": "auto", "val_fraction": config.val_fraction, "seed": config.seed}
-    record.update(train=int(len(train_idx)), val=int(len(val_idx)), test=int(len(test_idx)))
+        _, sizes = np.unique(groups[pool], return_counts=True)
+        record = {
+            "source": "auto",
+            "val_fraction": config.val_fraction,
+            "seed": config.seed,
+            "duplicate_groups": int((sizes > 1).sum()),
+            "grouped_images": int(sizes[sizes > 1].sum()),
+        }
+    record.update(
+        train=int(len(train_idx)),
+        val=int(len(val_idx)),
+        test=int(len(test_idx)),
+        cross_split_duplicates=_straddling_images(groups, [train_idx, val_idx, test_idx]),
+    )
     return train_idx, val_idx, test_idx, record
