@@ -46,8 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.baselines import Trained, full_finetune, logreg_on_features  # noqa: E402
 from benchmarks.proxies import PROXIES, Proxy, build, read_split_zip  # noqa: E402
 
-SERVICE, FULL_FT, LOGREG = "service (default job)", "(a) full fine-tune 128px", "(b) logreg 224px"
-METHODS = (SERVICE, FULL_FT, LOGREG)
+AUTO = "service auto recipe"
+SERVICE = "service manual (lp_ft 224px)"
+FULL_FT, LOGREG = "(a) full fine-tune 128px", "(b) logreg 224px"
+METHODS = (AUTO, SERVICE, FULL_FT, LOGREG)
+METHOD_KEYS = {"auto": AUTO, "manual": SERVICE, "full_ft": FULL_FT, "logreg": LOGREG}
 
 
 def load_avg() -> str:
@@ -72,11 +75,11 @@ def run_service(proxy: Proxy, upload: Path, budget: float, mode: str, work: Path
     with open(upload, "rb") as f:  # the upload: the API's work, before any job runs
         index = ingest_archive(f, work / "images.zip", Limits()).index()
     t0 = time.perf_counter()
-    spec = JobSpec(seed=proxy.seed)
+    spec = JobSpec(recipe="manual", seed=proxy.seed)
     data = prepare(work / "images.zip", index, spec, work / "cache")
     prepare_s = time.perf_counter() - t0
     fit_budget = budget if mode == "fit" else max(5.0, budget - prepare_s)
-    spec = JobSpec(seed=proxy.seed, time_budget_seconds=fit_budget)
+    spec = JobSpec(recipe="manual", seed=proxy.seed, time_budget_seconds=fit_budget)
     result = fit(spec, data)
     wall = time.perf_counter() - t0
     finetune_epochs = [h for h in result.history if h.get("phase") == "fine_tune"]
@@ -88,6 +91,58 @@ def run_service(proxy: Proxy, upload: Path, budget: float, mode: str, work: Path
             "fit_budget": round(fit_budget, 1),
             "ft_epochs": len(finetune_epochs),
             "best_epoch": result.best.get("epoch"),
+            "stopped": result.stopped_reason,
+        },
+    }
+
+
+def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> dict:
+    """The job a user gets from `{"time_budget_seconds": budget}` (or `{}` when budget is
+    None: the recipe picks the budget): ingest, then the worker's path: the auto recipe
+    (`worker.training.recipe.plan`), the image cache, `fit` with the deadline counted from
+    the start of planning, as the worker counts it from the job's start."""
+    import torch
+
+    from core.jobspec import JobSpec
+    from service.ingest import Limits, ingest_archive
+    from worker.training import recipe
+    from worker.training.data import prepare
+    from worker.training.fit import fit
+
+    with open(upload, "rb") as f:
+        index = ingest_archive(f, work / "images.zip", Limits()).index()
+    t0 = time.monotonic()
+    fields: dict[str, Any] = {"seed": proxy.seed}
+    if budget is not None:
+        fields["time_budget_seconds"] = budget
+    spec = JobSpec(**fields)
+    deadline = t0 + budget if budget is not None else None
+    device = torch.device("cpu")
+    planned = recipe.plan(
+        spec, sorted(fields), work / "images.zip", index, device=device, deadline=deadline
+    )
+    plan_s = time.monotonic() - t0
+    chosen = planned.spec
+    if deadline is None:
+        deadline = t0 + float(chosen.time_budget_seconds or 0)
+    data = prepare(work / "images.zip", index, chosen, work / "cache")
+    result = fit(chosen, data, deadline=deadline)
+    wall = time.monotonic() - t0
+    ft = [h for h in result.history if h.get("phase") == "fine_tune"]
+    probe = [h for h in result.history if h.get("phase") == "probe"]
+    return {
+        "score": float(result.report["test"]["top1_accuracy"]),
+        "wall": wall,
+        "info": {
+            "plan_s": round(plan_s, 1),
+            "budget": chosen.time_budget_seconds,
+            "size": chosen.input_size,
+            "strategy": chosen.strategy,
+            "ft_epochs": len(ft),
+            "best_epoch": result.best.get("epoch"),
+            "probe_val": probe[0]["val_accuracy"] if probe else None,
+            "ft1_val": ft[0]["val_accuracy"] if ft else None,
+            "hflip": chosen.augmentation.hflip,
             "stopped": result.stopped_reason,
         },
     }
@@ -120,27 +175,36 @@ def run_baseline(method: str, proxy: Proxy, upload: Path | None, budget: float) 
     }
 
 
-def run_one(proxy: Proxy, budget: float, mode: str) -> dict[str, dict]:
-    work = Path(tempfile.mkdtemp(prefix="quality-"))
-    try:
-        upload = None if proxy.multilabel else proxy.write_splits_zip(work / "upload.zip")
-        out: dict[str, dict] = {}
-        for method in METHODS:
-            if method == SERVICE:
+def same_wall(budget: float, done: dict[str, dict]) -> float:
+    """The budget; with 0 (auto chose its own), the wall time the auto job took."""
+    return budget or float(done.get(AUTO, {}).get("wall") or 60.0)
+
+
+def run_one(proxy: Proxy, budget: float, mode: str, methods: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for method in methods:
+        # Each method in its own folder: no cache is shared between them.
+        work = Path(tempfile.mkdtemp(prefix="quality-"))
+        try:
+            upload = None if proxy.multilabel else proxy.write_splits_zip(work / "upload.zip")
+            if method in (SERVICE, AUTO):
                 if upload is None:
-                    continue  # the service trains single-label classifiers only
-                out[method] = run_service(proxy, upload, budget, mode, work)
+                    continue  # the service's multi-label path is measured elsewhere
+                if method == AUTO:
+                    out[method] = run_auto(proxy, upload, budget or None, work)
+                else:
+                    out[method] = run_service(proxy, upload, same_wall(budget, out), mode, work)
             else:
-                out[method] = run_baseline(method, proxy, upload, budget)
+                out[method] = run_baseline(method, proxy, upload, same_wall(budget, out))
             r = out[method]
             print(
                 f"  {proxy.name} seed {proxy.seed} budget {budget:g}s {method}: "
                 f"{r['score']:.4f} in {r['wall']:.1f}s {r['info']}",
                 flush=True,
             )
-        return out
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def table(results: list[dict[str, Any]], metric_of: dict[str, str]) -> str:
@@ -158,7 +222,8 @@ def table(results: list[dict[str, Any]], metric_of: dict[str, str]) -> str:
         note = ", ".join(
             f"{k} {'/'.join(str(r['info'].get(k)) for r in rs)}"
             for k in info
-            if k in ("ft_epochs", "stopped", "epochs", "images_used", "prepare_s")
+            if k
+            in ("ft_epochs", "stopped", "epochs", "images_used", "size", "budget", "best_epoch")
         )
         rows.append(
             f"| {proxy} ({metric_of[proxy]}) | {budget:g} s | {method} | "
@@ -178,6 +243,15 @@ def main() -> None:
     p.add_argument("--per-class", type=int, help="keep this many images of each class")
     p.add_argument("--threads", type=int, help="torch threads for every method (default: torch's)")
     p.add_argument("--json", type=Path, help="also write every run's numbers here")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHOD_KEYS),
+        default=list(METHOD_KEYS),
+        help="auto: the service's default (auto recipe); manual: lp_ft at 224 px as before "
+        "the recipe; full_ft, logreg: the hand-written baselines. Budget 0 runs auto with "
+        "the budget it chooses itself (the others then get that wall time)",
+    )
     p.add_argument("--smoke", action="store_true", help="digits, 10 per class, seed 0, 5 s")
     args = p.parse_args()
     for name in args.proxies:
@@ -201,7 +275,8 @@ def main() -> None:
             metric_of[proxy.name] = "mAP" if proxy.multilabel else "accuracy"
             print(proxy.describe(), flush=True)
             for budget in args.budgets:
-                for method, r in run_one(proxy, budget, args.service_budget).items():
+                methods = [METHOD_KEYS[m] for m in args.methods]
+                for method, r in run_one(proxy, budget, args.service_budget, methods).items():
                     results.append(
                         {"proxy": proxy.name, "seed": seed, "budget": budget, "method": method} | r
                     )

@@ -20,7 +20,7 @@ from core import queue, transitions
 from core.backbones import BACKBONES
 from core.datasets import get_owned_dataset, locked
 from core.errors import ErrorCode, ServiceError
-from core.jobspec import JobCreate
+from core.jobspec import JobCreate, pinned_fields
 from core.models import Dataset, Job, JobMetric, JobStatus, new_id
 from core.settings import Settings
 from core.storage import ObjectStore
@@ -105,6 +105,7 @@ def submit_job(
         )
     config = spec.model_dump(mode="json")
     config["dataset_sha256"] = ds.sha256
+    config["pinned"] = pinned_fields(spec)
     config["max_duration_seconds"] = spec.max_duration_seconds or limit
     job = Job(
         id=new_id("job"),

@@ -22,6 +22,7 @@ from pydantic import (
 
 from core.augmentations import AUG_OPS
 from core.backbones import BACKBONES, DEFAULT_BACKBONE, BackboneSpec
+from core.search import SearchSpec
 
 # Default backbone LR multiplier per strategy (head LR x this).
 DEFAULT_BACKBONE_LR_MULT = {"full": 1.0, "lp_ft": 0.5, "gradual": 0.5, "linear_probe": 0.0}
@@ -118,13 +119,25 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    recipe: Literal["auto", "manual"] = Field(
+        "auto",
+        description="auto (default): the worker measures the data and the device, then picks "
+        "the backbone, input size, strategy, epochs, learning rate and (when you set none) the "
+        "time budget; every field you set yourself is kept as you set it. manual: the fields "
+        "as given, their defaults for the rest",
+    )
     backbone: str = Field(
         DEFAULT_BACKBONE, json_schema_extra={"enum": _BACKBONE_NAMES}
     )  # a plain str with an enum in the schema: the error below lists what is available
     strategy: Strategy = "lp_ft"
     epochs: int = Field(5, ge=1, le=500)
     probe_epochs: int = Field(
-        30, ge=1, le=1000, description="head-only epochs on cached features (linear_probe, lp_ft)"
+        100,
+        ge=1,
+        le=1000,
+        description="iterations of the probe's L-BFGS solver per fit on the cached features "
+        "(linear_probe, lp_ft; the probe is a logistic regression, its penalty chosen by "
+        "cross-validation)",
     )
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
@@ -136,9 +149,26 @@ class JobSpec(BaseModel):
         description="keep BatchNorm on its running statistics while fine-tuning (default: on "
         "for lp_ft, whose probed head was fitted to features computed that way)",
     )
+    ema: bool | None = Field(
+        None,
+        description="evaluate and keep an exponential moving average of the weights while "
+        "fine-tuning (smoother on small validation sets; default: on)",
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="layer-wise learning-rate decay while fine-tuning: each block down from "
+        "the head trains at this factor of the one above (default: none, 1.0)",
+    )
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["cosine", "onecycle", "step", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.5, ge=0.0, le=50.0)
+    warmup_epochs: float = Field(
+        0.5,
+        ge=0.0,
+        le=50.0,
+        description="epochs over which the learning rate rises (quadratically) from zero",
+    )
     weight_decay: float | None = Field(
         None, ge=0.0, le=1.0, description="default: 0.05 with AdamW, 1e-4 with SGD"
     )
@@ -161,6 +191,11 @@ class JobSpec(BaseModel):
     time_budget_seconds: float | None = Field(None, ge=5.0, le=7 * 24 * 3600.0)
     compile: bool = False
     augmentation: Augmentation = Field(default_factory=Augmentation)
+    search: SearchSpec | None = Field(
+        None,
+        description="hyper-parameter search: `trials` runs within `budget_seconds` in all; "
+        "the best trial's model is the job's",
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -172,13 +207,15 @@ class JobSpec(BaseModel):
     @model_validator(mode="after")
     def _resolve_backbone_defaults(self) -> JobSpec:
         # The one place backbone-dependent defaults are filled in.
+        # Through __dict__: a filled-in default is not a field the caller set
+        # (`model_fields_set`, which the auto recipe reads as "pinned").
         spec = BACKBONES[self.backbone]
         if self.image_size is None:
-            self.image_size = spec.input_size
+            self.__dict__["image_size"] = spec.input_size
         if self.mean is None:
-            self.mean = spec.mean
+            self.__dict__["mean"] = spec.mean
         if self.std is None:
-            self.std = spec.std
+            self.__dict__["std"] = spec.std
         return self
 
     # Derived values (not fields: they follow from the fields above).
@@ -233,9 +270,21 @@ class JobCreate(JobSpec):
 
 
 class JobConfig(JobCreate):
-    """What is stored on the job row (`jobs.config`) and what the worker reads back."""
+    """What is stored on the job row (`jobs.config`) and what the worker reads back.
+
+    `pinned`: the fields the user set in the request (the auto recipe leaves them alone).
+    `plan`: the auto recipe's record, written by the worker once it has chosen (its choices,
+    the candidates it scored and the measured speeds); the config's fields then hold what
+    actually runs."""
 
     dataset_sha256: str | None = None
+    pinned: list[str] | None = None
+    plan: dict[str, Any] | None = None
+
+
+def pinned_fields(spec: JobSpec) -> list[str]:
+    """The training fields the caller set explicitly (pydantic's `model_fields_set`)."""
+    return sorted(set(spec.model_fields_set) & set(JobSpec.model_fields))
 
 
 class ConfigInvalid(ValueError):

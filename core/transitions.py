@@ -90,6 +90,11 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     return _owned(session, job_id, worker_id, heartbeat_at=utcnow())
 
 
+def record_plan(session: Session, job_id: str, worker_id: str, config: dict[str, Any]) -> bool:
+    """The auto recipe's resolved config (with its `plan`), and the epochs it plans."""
+    return _owned(session, job_id, worker_id, config=config, total_epochs=config["epochs"])
+
+
 def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 

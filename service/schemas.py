@@ -139,6 +139,11 @@ class JobPublic(BaseModel):
     best_metrics: dict[str, Any] | None
     error: JobError | None
     model_available: bool
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what to know about the delivered model, e.g. that the time budget cut "
+        "training short",
+    )
 
 
 def job_public(job: Job) -> JobPublic:
@@ -179,6 +184,7 @@ def job_public(job: Job) -> JobPublic:
         best_metrics=job.best_metrics,
         error=error,
         model_available=model_ready(job),
+        warnings=list((job.result or {}).get("warnings") or []),
     )
 
 

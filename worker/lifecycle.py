@@ -34,11 +34,13 @@ from worker.celery_app import SHUTTING_DOWN
 from worker.datasets import fetch_dataset
 from worker.ending import EndReason, Observed, decide_end
 from worker.failures import JobLost, error_code, is_transient
+from worker.planning import budget_deadline, budget_warnings, choose_recipe
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.data import prepare
 from worker.training.export import build_metadata, export_model
 from worker.training.fit import fit
 from worker.training.plots import confusion_matrix_png
+from worker.training.search import run_search, searched_config
 from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
@@ -123,16 +125,30 @@ def train(run: Attempt, config: JobConfig) -> Trained:
     archive, index = fetch_dataset(
         run.settings, run.store, c.dataset_id, c.archive_key, c.index_key
     )
+    s = run.settings
+    weights = WeightsSource(
+        s.weights_dir, s.allow_weight_downloads, s.resolved_torch_hub_dir, s.resolved_hf_cache
+    )
+    if config.recipe == "auto" and config.plan is None:
+        config = choose_recipe(run, config, archive, index, weights)
+    if config.search is not None:  # trials share the image caches; the best one is the job's
+        result = run_search(
+            config,
+            lambda spec: prepare(archive, index, spec, archive.parent),
+            run.reporter,
+            weights=weights,
+            num_workers=s.dataloader_workers,
+        )
+        config = searched_config(config, result)
+        if config.plan is not None:
+            result.extra["recipe"] = config.plan
+        return Trained(config, prepare(archive, index, config, archive.parent), result)
     data = prepare(archive, index, config, archive.parent)
     try:  # room for what this job just cached; never a reason to fail it
         cache.trim(run.settings)
     except Exception:  # noqa: BLE001
         log.warning("job %s: could not trim the dataset cache", run.job_id, exc_info=True)
     resume = fetch_checkpoint(run)
-    s = run.settings
-    weights = WeightsSource(
-        s.weights_dir, s.allow_weight_downloads, s.resolved_torch_hub_dir, s.resolved_hf_cache
-    )
     result = fit(
         config,
         data,
@@ -140,7 +156,10 @@ def train(run: Attempt, config: JobConfig) -> Trained:
         weights=weights,
         num_workers=s.dataloader_workers,
         resume=resume,
+        deadline=budget_deadline(run, config),
     )
+    if config.plan is not None:
+        result.extra["recipe"] = config.plan
     return Trained(config, data, result)
 
 
@@ -335,6 +354,7 @@ def publish(run: Attempt, trained: Trained, files: dict[str, Path]) -> dict[str,
         "classes": result.classes,
         "device": result.device,
         "split": trained.data.split,
+        "warnings": budget_warnings(trained),
     }
 
 

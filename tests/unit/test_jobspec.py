@@ -3,7 +3,14 @@
 import pytest
 
 from core.backbones import BACKBONES
-from core.jobspec import ConfigInvalid, JobConfig, JobCreate, JobSpec, parse_job_config
+from core.jobspec import (
+    ConfigInvalid,
+    JobConfig,
+    JobCreate,
+    JobSpec,
+    parse_job_config,
+    pinned_fields,
+)
 
 
 def test_the_request_body_is_the_spec_plus_the_job_envelope():
@@ -11,7 +18,11 @@ def test_the_request_body_is_the_spec_plus_the_job_envelope():
         "dataset_id",
         "max_duration_seconds",
     }
-    assert set(JobConfig.model_fields) - set(JobCreate.model_fields) == {"dataset_sha256"}
+    assert set(JobConfig.model_fields) - set(JobCreate.model_fields) == {
+        "dataset_sha256",
+        "pinned",
+        "plan",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -24,7 +35,16 @@ def test_each_backbone_gets_its_own_input_size_and_normalization(name):
 
 def test_a_stored_config_round_trips_unchanged():
     stored = JobCreate(dataset_id="ds_1", backbone="efficientnet_lite1").model_dump(mode="json")
-    assert parse_job_config(stored).model_dump(mode="json") == {**stored, "dataset_sha256": None}
+    envelope = {"dataset_sha256": None, "pinned": None, "plan": None}
+    assert parse_job_config(stored).model_dump(mode="json") == {**stored, **envelope}
+
+
+def test_pinned_fields_are_what_the_caller_set_not_the_filled_in_defaults():
+    spec = JobCreate(dataset_id="ds_1", epochs=3, augmentation={"hflip": False})
+    # image_size, mean and std are filled in from the backbone: not the caller's.
+    assert pinned_fields(spec) == ["augmentation", "epochs"]
+    assert spec.image_size == 224
+    assert pinned_fields(JobCreate(dataset_id="ds_1", image_size=96)) == ["image_size"]
 
 
 def test_unknown_keys_are_refused_with_their_names_not_dropped():

@@ -13,9 +13,16 @@ class Control(Callbacks):
     "callback" (the caller asked), "time_budget" or "early_stopping" (set by the phase that
     stops)."""
 
-    def __init__(self, inner: Callbacks, budget: float | None):
+    def __init__(self, inner: Callbacks, budget: float | None, deadline: float | None = None):
         self.inner = inner
-        self.deadline = time.monotonic() + budget if budget else None
+        # `deadline` (time.monotonic) when the caller counts the budget from earlier (the
+        # job's start: the budget covers its whole running time); else from now.
+        if deadline is None and budget:
+            deadline = time.monotonic() + budget
+        self.deadline = deadline
+        # Seconds kept back at the end for what runs after training (final evaluation,
+        # export): `epochs_within_budget` plans epochs only up to `deadline - reserve`.
+        self.reserve = 0.0
         self.reason: str | None = None
 
     @property
@@ -51,5 +58,5 @@ class Control(Callbacks):
         `planned`."""
         if self.deadline is None:
             return planned
-        left = max(0.0, self.deadline - time.monotonic())
+        left = max(0.0, self.deadline - self.reserve - time.monotonic())
         return min(planned, epoch + int(left // per_epoch))

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from core.jobspec import JobSpec
 from worker.training.augment import batch_mixing
 from worker.training.loop import EpochSampler, EpochStats, predict, train_one_epoch
 from worker.training.metrics import classification_report
 from worker.training.optim import (
     LrPlan,
+    layer_decayed_groups,
     make_optimizer,
     make_scheduler,
     param_groups,
@@ -28,6 +30,7 @@ from worker.training.run import Run
 from worker.training.selection import epoch_metrics
 
 log = logging.getLogger(__name__)
+EXPORT_RESERVE = 3.0  # seconds: writing the model files after training
 
 
 def train_loader(run: Run) -> tuple[DataLoader, EpochSampler, torch.Generator]:
@@ -77,6 +80,18 @@ def restore_training(
     return int(state["epoch"]), int(state["planned"]), state.get("partial")
 
 
+def weight_average(config: JobSpec, model: nn.Module, steps_per_epoch: int) -> Any:
+    """timm's ModelEmaV3 of `model`, or None (`ema: false`). Its horizon is about half an
+    epoch, so the averaged model is never far behind on the short runs a time budget
+    allows, and it starts from the probed model."""
+    if config.ema is False:
+        return None
+    from timm.utils import ModelEmaV3
+
+    horizon = max(2.0, steps_per_epoch / 2)
+    return ModelEmaV3(model, decay=1.0 - 1.0 / horizon)
+
+
 def fine_tune(
     run: Run, resume: dict[str, Any] | None, stages: list[list[nn.Parameter]] | None = None
 ) -> None:
@@ -84,14 +99,20 @@ def fine_tune(
     config, data, model, rt, control = run.config, run.data, run.model, run.runtime, run.control
     loader, sampler, generator = train_loader(run)
     val_loader = rt.loader(data.val_set(config), config.batch_size * 2)
-    mult = config.effective_backbone_lr_mult
-    optimizer = make_optimizer(
-        config, param_groups(model, config.learning_rate, mult, config.effective_weight_decay)
+    mult, wd = config.effective_backbone_lr_mult, config.effective_weight_decay
+    groups = (
+        layer_decayed_groups(model, config.learning_rate, mult, wd, config.layer_decay)
+        if config.layer_decay is not None and config.layer_decay < 1.0
+        else param_groups(model, config.learning_rate, mult, wd)
     )
+    optimizer = make_optimizer(config, groups)
     scheduler = make_scheduler(config, optimizer, len(loader), config.epochs)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     mixing = batch_mixing(config, len(data.classes))
     train_model: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
+    ema = weight_average(config, model, len(loader))
+    # What is validated, selected and kept: the weights' moving average when there is one.
+    eval_model: nn.Module = ema.module if ema is not None else train_model
 
     def training_state(planned: int, loader_rng: torch.Tensor, **more: Any) -> dict[str, Any]:
         return {
@@ -100,14 +121,20 @@ def fine_tune(
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
             "loader_rng": loader_rng,
+            "ema": ema.module.state_dict() if ema is not None else None,
             **more,
         }
 
+    n_val = max(1, len(data.val_idx))
+    n_test = 0 if data.test_idx is None else len(data.test_idx)
+    eval_share = (n_val + n_test) / n_val
     control.on_phase("training")
     plan: LrPlan | None = getattr(scheduler, "lr_lambdas", [None])[0]
     epoch, planned, partial = 0, config.epochs, None
     if resume is not None and resume["phase"] == "fine_tune":
         epoch, planned, partial = restore_training(resume, optimizer, scheduler, scaler, generator)
+        if ema is not None and resume.get("ema") is not None:
+            ema.module.load_state_dict(resume["ema"])
     started, first_epoch = time.monotonic(), epoch
     while epoch < planned:
         epoch += 1
@@ -135,6 +162,7 @@ def fine_tune(
             config.grad_clip_norm,
             freeze_norm_stats=config.effective_freeze_norm_stats,
             resume_from=done,
+            after_step=(lambda: ema.update(model)) if ema is not None else None,
         )
         if stats.stopped and control.reason == "callback":
             if control.checkpoint_on_stop():
@@ -142,11 +170,16 @@ def fine_tune(
                 state = training_state(planned, epoch_rng, partial=asdict(stats))
                 run.checkpoint("fine_tune", epoch - 1, **state)
             break
-        logits, targets = predict(train_model, val_loader, rt.device, rt.amp_dtype)
+        val_start = time.monotonic()
+        logits, targets = predict(eval_model, val_loader, rt.device, rt.amp_dtype)
+        # The final evaluation (validation + test) and export come after the last epoch.
+        control.reserve = (time.monotonic() - val_start) * eval_share + EXPORT_RESERVE
         report = classification_report(logits, targets, data.classes) if len(targets) else {}
         metrics = epoch_metrics(epoch, stats, report, lr, "fine_tune")
         es = config.early_stopping
-        run.record.add(metrics, model, es.min_delta if es else 0.0)
+        run.record.add(
+            metrics, ema.module if ema is not None else model, es.min_delta if es else 0.0
+        )
         log.info("epoch %d/%d %s", epoch, config.epochs, metrics)
         run.checkpoint("fine_tune", epoch, **training_state(planned, generator.get_state()))
         if stats.stopped:

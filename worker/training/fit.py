@@ -60,10 +60,13 @@ def fit(
     num_workers: int | None = None,
     pretrained: bool = True,
     resume: dict[str, Any] | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
     """Train `config.backbone` on `data` by `config.strategy`; with `resume` (a checkpoint
-    from `callbacks.on_checkpoint`), go on from where that attempt left off."""
-    control = Control(callbacks or Callbacks(), config.time_budget_seconds)
+    from `callbacks.on_checkpoint`), go on from where that attempt left off. `deadline`
+    (time.monotonic): when `config.time_budget_seconds` runs out, counted by the caller
+    from the job's start; without it the budget counts from this call."""
+    control = Control(callbacks or Callbacks(), config.time_budget_seconds, deadline)
     runtime = Runtime.on(device, num_workers)
     seed_everything(config.seed)
     model = create_model(config.backbone, len(data.classes), pretrained, weights)

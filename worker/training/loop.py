@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ def train_one_epoch(
     grad_clip_norm: float | None = None,
     freeze_norm_stats: bool = False,
     resume_from: EpochStats | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass over `loader`: images through the whole network (fine-tuning), or cached
     features through the head alone (the linear probe). `resume_from`: what a mid-epoch
@@ -130,6 +132,8 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
             optimizer.step()
         scheduler.step()
+        if after_step is not None:  # e.g. the weights' moving average
+            after_step()
         n = hard_targets.shape[0]
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == hard_targets).sum()

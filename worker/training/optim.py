@@ -33,7 +33,9 @@ class LrPlan:
         if self.schedule == "step":
             return float(0.1 ** (step // self.step_every))
         if step < self.warmup_steps:  # cosine with linear warmup
-            return (step + 1) / self.warmup_steps
+            # Quadratic from zero: the first steps after the probe move the pretrained
+            # weights very little (a linear ramp already lost what the probe had learned).
+            return ((step + 1) / self.warmup_steps) ** 2
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -76,19 +78,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def head_optimizer(head: nn.Module, config: JobSpec) -> torch.optim.Optimizer:
-    """The linear probe's: AdamW on the head alone, no weight decay on its bias."""
-    params = list(head.parameters())
-    return torch.optim.AdamW(
-        [
-            {
-                "params": [p for p in params if p.ndim > 1],
-                "weight_decay": config.effective_weight_decay,
-            },
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=config.learning_rate,
-    )
+def layer_decayed_groups(
+    model: nn.Module, lr: float, backbone_mult: float, wd: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    """timm's layer-wise decay groups: the head at `lr`, each block below it at
+    `layer_decay` times the one above, the backbone's top block at `lr x backbone_mult`."""
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=wd, layer_decay=layer_decay)
+    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
+    for g in groups:
+        is_head = all(id(p) in head_ids for p in g["params"])
+        g["lr"] = lr * g.pop("lr_scale", 1.0) * (1.0 if is_head else backbone_mult)
+    return [g for g in groups if g["params"]]
 
 
 def make_optimizer(config: JobSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -1,10 +1,10 @@
 """The training strategies, each a short composition of the probe and fine-tuning.
 
 - `linear_probe`: the backbone is frozen; features are computed once and cached, and only
-  the head trains (each "epoch" is a pass over cached features: seconds, not minutes);
+  the head is fitted on them (logistic regression, its penalty cross-validated: seconds);
 - `full`: everything trains; the backbone's learning rate is `learning_rate x
   backbone_lr_mult` (default 1.0);
-- `lp_ft` (default): a linear probe first (`probe_epochs` on cached features), then
+- `lp_ft` (default): a linear probe first (on cached features), then
   everything trains with a lower backbone learning rate, so the random head does not wreck
   the pretrained features in the first steps;
 - `gradual`: the backbone unfreezes from the top, a stage more each epoch, spread so the
@@ -28,12 +28,12 @@ Resume = dict[str, Any] | None
 
 def linear_probe(run: Run, resume: Resume) -> None:
     if resume is None:
-        run.extra["probe"] = train_probe(run, run.config.epochs, report_epochs=True)
+        run.extra["probe"] = train_probe(run, report_epochs=True)
 
 
 def lp_ft(run: Run, resume: Resume) -> None:
     if resume is None:
-        run.extra["probe"] = train_probe(run, run.config.probe_epochs, report_epochs=False)
+        run.extra["probe"] = train_probe(run, report_epochs=False)
         if run.control.reason is not None:
             return
         run.checkpoint("probe", 0)

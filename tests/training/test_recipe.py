@@ -1,0 +1,85 @@
+"""The auto recipe: it measures the data and the CPU, chooses within the budget, keeps
+what the user pinned, and the job it plans honours its budget end to end."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from core.jobspec import JobSpec, pinned_fields
+from worker.training import recipe
+from worker.training.data import prepare
+from worker.training.fit import fit
+
+CPU = torch.device("cpu")
+
+
+def planned(index_fixture, **fields):
+    archive, index, _ = index_fixture
+    spec = JobSpec(**fields)
+    budget = fields.get("time_budget_seconds")
+    deadline = time.monotonic() + budget if budget else None
+    return recipe.plan(spec, pinned_fields(spec), archive, index, device=CPU, deadline=deadline)
+
+
+def test_candidates_are_scored_and_every_choice_is_recorded(digits):
+    plan = planned(digits, time_budget_seconds=60)
+    rec = plan.record
+    # Every candidate size was measured: a cross-validated score and a speed.
+    assert [c["image_size"] for c in rec["candidates"]] == list(recipe.SIZES)
+    assert all(0.0 < c["cv_accuracy"] <= 1.0 for c in rec["candidates"])
+    assert all(c["images_per_second"] > 0 for c in rec["candidates"])
+    # Digits are 8x8: the chosen size is within tolerance of the best and the cheapest such.
+    best = max(c["cv_accuracy"] for c in rec["candidates"])
+    chosen = next(c for c in rec["candidates"] if c["image_size"] == plan.spec.image_size)
+    assert chosen["cv_accuracy"] >= best - recipe.TOLERANCE
+    assert rec["dataset"]["native_size"] == 8 and rec["dataset"]["grayscale"] is True
+    # Flips stay on exactly when mirrored copies did not cost cross-validated accuracy.
+    flips = rec["flip_check"]
+    helps = flips["with_mirrored_accuracy"] >= flips["accuracy"] - recipe.FLIP_TOLERANCE
+    assert flips["hflip"] is helps and plan.spec.augmentation.hflip is helps
+    assert plan.spec.time_budget_seconds == 60  # the user's budget stays
+    assert rec["choices"]["image_size"] == plan.spec.image_size
+    assert plan.spec.strategy in ("lp_ft", "linear_probe")
+
+
+def test_pinned_fields_are_kept(digits):
+    plan = planned(digits, image_size=64, strategy="full", epochs=2, augmentation={"hflip": True})
+    assert plan.spec.image_size == 64 and plan.spec.strategy == "full" and plan.spec.epochs == 2
+    assert plan.spec.augmentation.hflip is True
+    assert [c["image_size"] for c in plan.record["candidates"]] == [64]
+    # Epochs set and no budget: no default budget cuts them.
+    assert plan.spec.time_budget_seconds is None
+    assert set(plan.record["pinned"]) >= {"image_size", "strategy", "epochs", "augmentation"}
+
+
+def test_no_budget_given_means_a_default_that_fits_the_dataset(digits):
+    plan = planned(digits)
+    n = len(digits[1]["entries"])
+    assert plan.spec.time_budget_seconds >= recipe.MIN_DEFAULT_BUDGET
+    assert plan.spec.time_budget_seconds <= recipe.default_budget_cap(n, "cpu")
+
+
+def test_a_budget_too_small_for_fine_tuning_plans_a_linear_probe(digits):
+    plan = planned(digits, time_budget_seconds=5)
+    assert plan.spec.strategy == "linear_probe"
+    assert plan.record["fitted_epochs"] == 0
+
+
+@pytest.mark.parametrize("budget", [25.0])
+def test_a_planned_job_honours_its_budget_and_beats_chance(digits, tmp_path, budget):
+    archive, index, _ = digits
+    start = time.monotonic()
+    deadline = start + budget
+    spec = JobSpec(time_budget_seconds=budget)
+    plan = recipe.plan(spec, pinned_fields(spec), archive, index, device=CPU, deadline=deadline)
+    data = prepare(archive, index, plan.spec, tmp_path)
+    result = fit(plan.spec, data, deadline=deadline)
+    took = time.monotonic() - start
+    # The probe always completes; the whole job ends near its budget (a slow, shared CI
+    # machine may overrun the estimate by one epoch or a final evaluation).
+    assert result.history[0]["phase"] == "probe"
+    assert took < budget * 1.6, took
+    assert result.report["validation"]["top1_accuracy"] > 0.7

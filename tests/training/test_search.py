@@ -1,0 +1,195 @@
+"""Hyper-parameter search on a tiny real dataset: 100 digits at 32-40 px, two or three trials.
+
+The searches here are given less than the API's 20 s per trial (`SearchSpec.model_construct`
+skips that rule, tested in tests/unit/test_search_spec.py): a digits trial needs far less.
+"""
+
+import time
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from core.jobspec import Augmentation, JobSpec
+from core.search import SearchSpec
+from worker.training.callbacks import Callbacks
+from worker.training.data import prepare
+from worker.training.loop import predict
+from worker.training.search import run_search, searched_config
+
+# `few_digits` (100 digits, ingested, a cache folder of its own): tests/training/conftest.py
+
+
+class PruneAllButTheFirst(optuna.pruners.BasePruner):
+    """Prunes every trial after the first at its first reported epoch past epoch 0, so which
+    trials are pruned is known in advance (the default median rule itself is Optuna's)."""
+
+    def prune(self, study, trial):
+        return trial.number > 0 and (trial.last_step or 0) >= 1
+
+
+class Recorder(Callbacks):
+    def __init__(self, stop_after_steps=None):
+        self.phases, self.epochs = [], []
+        self.stop_after_steps = stop_after_steps
+        self.steps = 0
+        self.step_times = [time.monotonic()]
+
+    def on_phase(self, phase):
+        self.phases.append(phase)
+
+    def on_step(self, epoch, step, steps_per_epoch):
+        self.steps += 1
+        self.step_times.append(time.monotonic())
+
+    @property
+    def slowest_step(self):
+        """The longest wait between steps (a validation pass included)."""
+        return float(np.diff(self.step_times).max()) if len(self.step_times) > 1 else 0.0
+
+    def on_epoch_end(self, metrics, best):
+        self.epochs.append(metrics)
+
+    def should_stop(self):
+        return self.stop_after_steps is not None and self.steps >= self.stop_after_steps
+
+
+def searching(trials, budget, **overrides):
+    params = dict(
+        recipe="manual",
+        strategy="full",
+        epochs=2,
+        image_size=40,
+        batch_size=32,
+        learning_rate=2e-3,
+        seed=5,
+        augmentation=Augmentation(hflip=False),
+    )
+    params.update(overrides)
+    search = SearchSpec.model_construct(trials=trials, budget_seconds=float(budget))
+    return JobSpec(**params).model_copy(update={"search": search})
+
+
+class Preparer:
+    """`prepare_data` for the search: the real `prepare`, counting the sizes asked for;
+    `fail_first` raises on the first call (a trial that fails)."""
+
+    def __init__(self, few_digits, fail_first=False, always_fail=False):
+        self.archive, self.index, self.cache = few_digits
+        self.sizes, self.fail_first, self.always_fail = [], fail_first, always_fail
+
+    def __call__(self, spec):
+        self.sizes.append(spec.input_size)
+        if self.always_fail or (self.fail_first and len(self.sizes) == 1):
+            raise RuntimeError(f"boom on call {len(self.sizes)}")
+        return prepare(self.archive, self.index, spec, self.cache)
+
+
+@pytest.fixture(scope="module")
+def searched(few_digits):
+    config = searching(3, 60)  # 20 s a trial: what the API accepts
+    preparer, recorder = Preparer(few_digits), Recorder()
+    start = time.monotonic()
+    result = run_search(config, preparer, recorder, pruner=PruneAllButTheFirst(), num_workers=0)
+    return config, result, preparer, recorder, time.monotonic() - start
+
+
+def test_every_trial_is_listed_and_the_first_is_the_config_as_given(searched):
+    config, result, _, _, seconds = searched
+    search = result.extra["search"]
+    trials = search["trials"]
+    assert [t["number"] for t in trials] == list(range(len(trials))) and len(trials) >= 2
+    assert trials[0]["params"] == {
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.effective_weight_decay,
+        "image_size": 40,
+        "augmentation": "light",
+        "epochs": 2,
+    }
+    assert trials[0]["state"] == "complete" and trials[0]["best_epoch"] is not None
+    for t in trials[1:]:
+        assert t["params"] != trials[0]["params"]  # sampled
+        assert t["params"]["image_size"] in (32, 40)
+        assert t["params"]["augmentation"] in ("none", "light", "standard")
+        assert 1 <= t["params"]["epochs"] <= 4
+        assert 2e-4 <= t["params"]["learning_rate"] <= 2e-2
+    assert search["budget_seconds"] == 60
+    assert search["seconds"] == pytest.approx(seconds, abs=0.5)
+    assert seconds <= 60 + 10  # the budget, and at most one slow step and evaluation past it
+
+
+def test_pruned_trials_stop_after_the_epoch_that_pruned_them(searched):
+    _, result, _, _, _ = searched
+    later = [t for t in result.extra["search"]["trials"][1:] if t["best_epoch"] is not None]
+    assert later, result.extra["search"]["trials"]
+    for t in later:  # pruned after epoch 1 unless that was its last epoch anyway
+        assert t["best_epoch"] == 1
+        assert t["state"] == ("complete" if t["params"]["epochs"] == 1 else "pruned"), t
+    assert any(t["state"] == "pruned" for t in later)
+
+
+def test_the_best_trial_has_the_highest_validation_accuracy_earliest_on_ties(searched):
+    _, result, _, _, _ = searched
+    values = [t["value"] for t in result.extra["search"]["trials"]]
+    top = max(v for v in values if v is not None)
+    assert result.extra["search"]["best_trial"] == values.index(top)
+    assert result.best["val_accuracy"] == top
+
+
+def test_the_returned_model_is_the_best_trials(searched, few_digits):
+    config, result, _, _, _ = searched
+    best = result.extra["search"]["trials"][result.extra["search"]["best_trial"]]
+    chosen = searched_config(config, result)
+    assert chosen.input_size == best["params"]["image_size"]
+    assert chosen.learning_rate == best["params"]["learning_rate"]
+    assert chosen.search == config.search  # the job's own fields stay the job's
+    archive, index, cache = few_digits
+    data = prepare(archive, index, chosen, cache)
+    loader = DataLoader(data.val_set(chosen), batch_size=64)
+    logits, targets = predict(result.model, loader, torch.device("cpu"))
+    accuracy = float((logits.argmax(1) == targets).float().mean())
+    assert accuracy == pytest.approx(best["value"], abs=1e-6)
+
+
+def test_trials_at_one_input_size_share_its_prepared_data(searched):
+    _, result, preparer, _, _ = searched
+    sizes = {t["params"]["image_size"] for t in result.extra["search"]["trials"]}
+    assert sorted(preparer.sizes) == sorted(sizes)  # once per size, never again
+
+
+def test_progress_names_the_trial_and_the_metrics_are_the_best_trials(searched):
+    _, result, _, recorder, _ = searched
+    assert "search: trial 1/3: training" in recorder.phases
+    trials = len(result.extra["search"]["trials"])
+    assert any(p.startswith(f"search: trial {trials}/3") for p in recorder.phases)
+    assert recorder.epochs == result.history  # only the delivered model's epochs
+
+
+def test_a_failed_trial_is_recorded_and_the_search_keeps_to_its_budget(few_digits):
+    """The first trial fails; the second would train 200 epochs, but the budget ends it."""
+    config, recorder = searching(2, 14, epochs=200), Recorder()
+    start = time.monotonic()
+    result = run_search(config, Preparer(few_digits, fail_first=True), recorder, num_workers=0)
+    elapsed = time.monotonic() - start
+    first, second = result.extra["search"]["trials"]
+    assert first["state"] == "failed" and "boom on call 1" in first["error"]
+    assert second["state"] == "complete" and result.extra["search"]["best_trial"] == 1
+    assert len(result.history) < 200
+    # Past the budget: at most the step under way when it ran out, and the evaluation.
+    assert elapsed <= 14 + 2 * recorder.slowest_step + 3, (elapsed, recorder.slowest_step)
+
+
+def test_when_every_trial_fails_the_first_error_is_raised(few_digits):
+    with pytest.raises(RuntimeError, match="boom on call 1"):
+        run_search(searching(3, 60), Preparer(few_digits, always_fail=True), num_workers=0)
+
+
+def test_a_stop_request_ends_the_search_with_the_model_so_far(few_digits):
+    recorder = Recorder(stop_after_steps=1)
+    result = run_search(searching(3, 60), Preparer(few_digits), recorder, num_workers=0)
+    trials = result.extra["search"]["trials"]
+    assert [t["state"] for t in trials] == ["stopped"]
+    assert result.stopped_reason == "callback" and result.stopped
+    assert np.isfinite(result.report["validation"]["loss"])

@@ -1,0 +1,373 @@
+"""Hyper-parameter search: `config.search.trials` runs of `fit` inside `budget_seconds` in all.
+
+An in-memory Optuna study (TPE, seeded by the job's seed) samples the learning rate, weight
+decay, input size, augmentation preset and epochs around the job's own values. The first
+trial is the job's config as given (with the job's own time budget, when it has one and
+that leaves the other trials room), so a search never delivers a worse validation accuracy
+than the single run would have. Every other trial gets an equal share of what is left of
+the budget (a trial that ends early leaves its time to the next ones); one that falls below
+the median of the finished ones at the same epoch is pruned (stopped: its model so far is
+kept as a candidate). Trials at the same input size share one image cache (`prepare_data`
+is called once per size). The best trial by validation accuracy (ties: the earlier) is the
+result, with every trial listed in `extra["search"]`.
+
+The config given must be concrete (the auto recipe already resolved): every trial runs its
+fields as they are (`recipe="manual"`). A search is never resumed: an interrupted one
+starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import optuna
+
+from core.jobspec import JobSpec
+from worker.training.callbacks import Callbacks
+from worker.training.data import PreparedData
+from worker.training.fit import FitResult, fit
+
+log = logging.getLogger(__name__)
+
+# Input sizes a trial may use: the config's own, and the three largest of these below it.
+IMAGE_SIZES = (32, 48, 64, 96, 128, 160)
+PRESETS = ("none", "light", "standard")
+LR_SPREAD = 10.0  # learning rate: log-uniform in [lr / 10, lr x 10]
+WD_SPREAD = 5.0  # weight decay: log-uniform in [wd / 5, wd x 5]
+WD_WHEN_ZERO = 1e-4  # the centre of the weight-decay range when the config has none
+PRUNE_WARMUP_EPOCHS = 2  # epochs 0 (lp_ft's probe) and 1 are never pruned
+MIN_FIT_SECONDS = 5.0  # JobSpec's least time_budget_seconds
+PHASE_CHARS = 40  # jobs.phase is a VARCHAR(40)
+
+C = TypeVar("C", bound=JobSpec)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the trials sample, centred on the config's values."""
+
+    learning_rate: tuple[float, float]
+    weight_decay: tuple[float, float]
+    image_sizes: tuple[int, ...]
+    presets: tuple[str, ...] | None  # None: the config lists explicit ops, kept as they are
+    epochs: tuple[int, int]
+
+    @classmethod
+    def around(cls, config: JobSpec) -> SearchSpace:
+        lr = config.learning_rate
+        wd = config.effective_weight_decay or WD_WHEN_ZERO
+        size = config.input_size
+        below = [s for s in IMAGE_SIZES if s < size][-3:]
+        aug = config.augmentation
+        presets = None if aug.ops is not None else tuple(dict.fromkeys((*PRESETS, aug.preset)))
+        return cls(
+            learning_rate=(lr / LR_SPREAD, min(1.0, lr * LR_SPREAD)),
+            weight_decay=(wd / WD_SPREAD, min(1.0, wd * WD_SPREAD)),
+            image_sizes=(*below, size),
+            presets=presets,
+            epochs=(max(1, math.ceil(config.epochs / 2)), min(500, 2 * config.epochs)),
+        )
+
+    def baseline(self, config: JobSpec) -> dict[str, Any]:
+        """The config's own values as a point of this space (the first, enqueued trial)."""
+        point: dict[str, Any] = {
+            "learning_rate": config.learning_rate,
+            "weight_decay": _clamp(config.effective_weight_decay, self.weight_decay),
+            "image_size": config.input_size,
+            "epochs": config.epochs,
+        }
+        if self.presets is not None:
+            point["augmentation"] = config.augmentation.preset
+        return point
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "learning_rate": trial.suggest_float("learning_rate", *self.learning_rate, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", *self.weight_decay, log=True),
+            "image_size": trial.suggest_categorical("image_size", self.image_sizes),
+            "epochs": trial.suggest_int("epochs", *self.epochs),
+        }
+        if self.presets is not None:
+            params["augmentation"] = trial.suggest_categorical("augmentation", self.presets)
+        return params
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "learning_rate": list(self.learning_rate),
+            "weight_decay": list(self.weight_decay),
+            "image_size": list(self.image_sizes),
+            "augmentation": list(self.presets) if self.presets is not None else None,
+            "epochs": list(self.epochs),
+        }
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def trial_spec(config: JobSpec, params: dict[str, Any] | None, budget: float) -> JobSpec:
+    """The spec one trial trains with: the config's training fields, `params` over them
+    (None: the config as given), no search, `budget` seconds. Rebuilt by validation, so
+    every derived field follows."""
+    fields = {k: v for k, v in config.model_dump(mode="json").items() if k in JobSpec.model_fields}
+    fields.update(search=None, recipe="manual", time_budget_seconds=max(MIN_FIT_SECONDS, budget))
+    if params is not None:
+        fields.update({k: v for k, v in params.items() if k != "augmentation"})
+        if "augmentation" in params:
+            fields["augmentation"] = {**fields["augmentation"], "preset": params["augmentation"]}
+    return JobSpec.model_validate(fields)
+
+
+def trial_params(spec: JobSpec) -> dict[str, Any]:
+    """What a trial trained with, as the report lists it."""
+    return {
+        "learning_rate": spec.learning_rate,
+        "weight_decay": spec.effective_weight_decay,
+        "image_size": spec.input_size,
+        "augmentation": spec.augmentation.preset,
+        "epochs": spec.epochs,
+    }
+
+
+class TrialCallbacks(Callbacks):
+    """One trial's view of the job's callbacks: phases are labelled with the trial, steps go
+    through (progress, and the reporter's cancel check), epochs are reported to Optuna for
+    pruning but not to the job (its metrics become the best trial's, replayed at the end).
+    Stops the trial when the job asks, when Optuna prunes it, or at the search's deadline."""
+
+    def __init__(self, outer: Callbacks, trial: optuna.Trial, label: str, deadline: float):
+        self.outer = outer
+        self.trial = trial
+        self.label = label
+        self.deadline = deadline
+        self.pruned = self.canceled = self.out_of_time = False
+
+    def on_phase(self, phase: str) -> None:
+        self.outer.on_phase(f"{self.label}: {phase}"[:PHASE_CHARS])
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        self.outer.on_step(epoch, step, steps_per_epoch)
+
+    def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
+        value = metrics.get("val_accuracy")
+        if value is None:
+            return
+        self.trial.report(float(value), int(metrics["epoch"]))
+        if self.trial.should_prune():
+            self.pruned = True
+
+    def should_stop(self) -> bool:
+        if self.outer.should_stop():
+            self.canceled = True
+        if time.monotonic() > self.deadline:
+            self.out_of_time = True
+        return self.canceled or self.pruned or self.out_of_time
+
+
+def _value(result: FitResult) -> float | None:
+    """The trial's validation accuracy: its best epoch's (None when no epoch finished)."""
+    value = result.best.get("val_accuracy")
+    return None if value is None else float(value)
+
+
+def _better(value: float | None, than: float | None) -> bool:
+    """Strictly better (ties go to the earlier trial); any value beats none."""
+    return value is not None and (than is None or value > than)
+
+
+@dataclass
+class Best:
+    number: int
+    value: float | None
+    result: FitResult
+    spec: JobSpec
+
+
+class Search:
+    """The state of one search: the study, the clock, the trials so far and the best one."""
+
+    def __init__(
+        self,
+        config: JobSpec,
+        prepare_data: Callable[[JobSpec], PreparedData],
+        outer: Callbacks,
+        pruner: optuna.pruners.BasePruner | None,
+        fit_kwargs: dict[str, Any],
+    ):
+        assert config.search is not None
+        self.config, self.spec = config, config.search
+        self.prepare_data, self.outer, self.fit_kwargs = prepare_data, outer, fit_kwargs
+        self.start = time.monotonic()
+        self.deadline = self.start + self.spec.budget_seconds
+        # The least time worth starting a trial for: half an equal share, not under fit's least.
+        self.floor = max(MIN_FIT_SECONDS, 0.5 * self.spec.budget_seconds / self.spec.trials)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial
+        self.study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(
+                seed=config.seed, n_startup_trials=max(2, self.spec.trials // 2)
+            ),
+            pruner=pruner
+            or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=PRUNE_WARMUP_EPOCHS),
+        )
+        self.space = SearchSpace.around(config)
+        self.study.enqueue_trial(self.space.baseline(config))
+        self.data_by_size: dict[int, PreparedData] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.best: Best | None = None
+        self.first_error: Exception | None = None
+        self.overrun: float | None = None  # the most a fit ran past its deadline (evaluation)
+        self.canceled = False
+
+    def run(self) -> FitResult:
+        for number in range(self.spec.trials):
+            left = self.deadline - time.monotonic()
+            if number > 0 and left < self.floor:
+                log.info("search: %.1f s left, too little for trial %d", left, number + 1)
+                break
+            if number > 0 and self.outer.should_stop():  # the first runs, as a plain fit would
+                self.canceled = True
+                break
+            self.trial(number)
+            if self.canceled:
+                break
+        return self.result()
+
+    def fit_budget(self, number: int) -> tuple[float, float]:
+        """(seconds this trial's fit may train, margin kept for its evaluation): an equal
+        share of what is left. The first trial, the job as given, keeps the job's own time
+        budget when it has one and that still leaves the others `floor` seconds each."""
+        left = self.deadline - time.monotonic()
+        trials_left = self.spec.trials - number
+        share = left / trials_left
+        # Evaluation runs past a fit's deadline: keep what it took before (with some slack),
+        # or a tenth of the share until one trial has shown it.
+        margin = 0.1 * share if self.overrun is None else max(0.5, 1.5 * self.overrun)
+        own = self.config.time_budget_seconds
+        seconds = share - margin
+        if number == 0 and own:
+            seconds = max(seconds, min(own, left - (trials_left - 1) * self.floor - margin))
+        seconds = min(seconds, own) if own else seconds
+        return max(MIN_FIT_SECONDS, seconds), margin
+
+    def trial(self, number: int) -> None:
+        t0 = time.monotonic()
+        trial = self.study.ask()
+        params = self.space.sample(trial)
+        label = f"search: trial {number + 1}/{self.spec.trials}"
+        spec = trial_spec(self.config, None if number == 0 else params, self.spec.budget_seconds)
+        row: dict[str, Any] = {"number": number, "params": trial_params(spec)}
+        hooks = TrialCallbacks(self.outer, trial, label, self.deadline)
+        try:
+            data = self.data_by_size.get(spec.resize_size)
+            if data is None:
+                self.outer.on_phase(f"{label}: preparing")
+                data = self.data_by_size[spec.resize_size] = self.prepare_data(spec)
+            budget, margin = self.fit_budget(number)
+            spec = spec.model_copy(update={"time_budget_seconds": budget})
+            hooks.deadline = self.deadline - margin
+            t_fit = time.monotonic()
+            result = fit(spec, data, hooks, **self.fit_kwargs)
+        except Exception as exc:  # noqa: BLE001 - recorded; the search goes on
+            log.warning("search: trial %d failed: %s", number + 1, exc, exc_info=True)
+            self.first_error = self.first_error or exc
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            seconds = round(time.monotonic() - t0, 2)
+            self.rows.append(
+                {**row, "value": None, "state": "failed", "seconds": seconds, "best_epoch": None}
+                | {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            )
+            return
+        if result.stopped_reason == "time_budget" or hooks.out_of_time:
+            stop_at = min(t_fit + budget, hooks.deadline)
+            late = max(0.0, time.monotonic() - stop_at)
+            self.overrun = late if self.overrun is None else max(self.overrun, late)
+        value = _value(result)
+        cut = result.stopped_reason == "callback"  # by us: pruned at its last epoch is done
+        state = "stopped" if hooks.canceled else "pruned" if hooks.pruned and cut else "complete"
+        if state == "complete" and value is not None:
+            self.study.tell(trial, value)
+        else:
+            failed = state == "complete"  # no epoch finished: nothing for the sampler to learn
+            tell = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED
+            self.study.tell(trial, state=tell)
+        self.rows.append(
+            {
+                **row,
+                "value": value,
+                "state": state,
+                "seconds": round(time.monotonic() - t0, 2),
+                "best_epoch": result.best.get("epoch"),
+                "stopped_reason": result.stopped_reason,
+            }
+        )
+        log.info(
+            "search: trial %d/%d %s, val_accuracy %s, %s",
+            number + 1,
+            self.spec.trials,
+            state,
+            value,
+            row["params"],
+        )
+        if self.best is None or _better(value, self.best.value):
+            self.best = Best(number, value, result, spec)  # only the best model is kept
+        self.canceled = hooks.canceled
+
+    def result(self) -> FitResult:
+        if self.best is None:
+            if self.first_error is not None:
+                raise self.first_error
+            raise RuntimeError("the search ran no trial")
+        result = self.best.result
+        for metrics in result.history:  # the job's metrics and curves: the delivered model's
+            self.outer.on_epoch_end(metrics, result.best)
+        result.extra["search"] = {
+            "trials": self.rows,
+            "best_trial": self.best.number,
+            "budget_seconds": self.spec.budget_seconds,
+            "seconds": round(time.monotonic() - self.start, 2),
+            "space": self.space.describe(),
+            "config": self.best.spec.model_dump(mode="json"),
+        }
+        if self.canceled:
+            result.stopped_reason = "callback"
+        return result
+
+
+def run_search(
+    config: JobSpec,
+    prepare_data: Callable[[JobSpec], PreparedData],
+    callbacks: Callbacks | None = None,
+    *,
+    pruner: optuna.pruners.BasePruner | None = None,
+    **fit_kwargs: Any,
+) -> FitResult:
+    """Run `config.search`; return the best trial's `FitResult` with `extra["search"]`:
+    every trial (number, params, value, state: complete/pruned/failed/stopped, seconds,
+    best_epoch), `best_trial`, `budget_seconds`, `seconds`, the `space` searched and the
+    best trial's `config`. Its history is replayed to `callbacks.on_epoch_end`.
+
+    `prepare_data(spec)` gives the data at `spec`'s input size (called once per size);
+    `fit_kwargs` go to every `fit` (device, weights, num_workers, pretrained). `pruner`
+    replaces the default median pruner. A trial that raises is recorded as failed and the
+    search goes on; when every trial failed, the first error is raised."""
+    if config.search is None:
+        raise ValueError("run_search needs a config with `search`")
+    if fit_kwargs.pop("resume", None) is not None:
+        log.warning("a search is never resumed: it starts over")
+    return Search(config, prepare_data, callbacks or Callbacks(), pruner, fit_kwargs).run()
+
+
+def searched_config(config: C, result: FitResult) -> C:
+    """`config` (the job's, of its own type) with the best trial's training fields: what the
+    delivered model was trained with, so export and prediction preprocess as it did."""
+    chosen = result.extra["search"]["config"]
+    keep = {"search", "recipe", "time_budget_seconds"}
+    fields = config.model_dump(mode="json", exclude={"search"})
+    fields.update({k: v for k, v in chosen.items() if k not in keep})
+    return type(config).model_validate(fields).model_copy(update={"search": config.search})
