@@ -24,7 +24,7 @@ Proxies (`build(name, seed)`):
 
 Options: `label_noise` relabels that fraction of the *training* images to a different class,
 uniformly (test labels stay clean; `Proxy.flipped` lists which); `per_class` keeps the first
-N images of each class (after a seeded shuffle), for smoke runs.
+N images of each class (after a seeded shuffle), for smoke runs (`digits-pairs`: 10 x N pairs).
 """
 
 from __future__ import annotations
@@ -85,6 +85,45 @@ class Proxy:
                     cls = self.classes[int(self.labels[i])]
                     zf.writestr(f"{split}/{cls}/{int(i):05d}.png", png_bytes(self.images[i]))
         return path
+
+    def write_manifest_zip(
+        self, path: Path, square: bool = False, val_idx: np.ndarray | None = None
+    ) -> Path:
+        """The proxy as a manifest upload: `images/<index>.png` and `labels.csv` with `path`,
+        the class(es) and `split` (train or test; `val` for the training images in
+        `val_idx`, when given). A multi-label proxy's classes go in a `labels` column,
+        `|`-separated (a multi-label dataset); otherwise in `label`. With `square`, each
+        image is centred on a black square, so the service's centre crop keeps all of it
+        (a digits-pairs image is 8x16: cropped, each digit would lose half)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        column = "labels" if self.multilabel else "label"
+        held = set() if val_idx is None else {int(i) for i in val_idx}
+        rows = [f"path,{column},split"]
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            for split, idx in (("train", self.train_idx), ("test", self.test_idx)):
+                for i in idx:
+                    name = f"images/{int(i):05d}.png"
+                    img = pad_square(self.images[i]) if square else self.images[i]
+                    zf.writestr(name, png_bytes(img))
+                    if self.multilabel:
+                        present = np.flatnonzero(self.labels[i])
+                        classes = "|".join(self.classes[int(c)] for c in present)
+                    else:
+                        classes = self.classes[int(self.labels[i])]
+                    row_split = "val" if split == "train" and int(i) in held else split
+                    rows.append(f"{name},{classes},{row_split}")
+            zf.writestr("labels.csv", "\n".join(rows) + "\n")
+        return path
+
+
+def pad_square(img: np.ndarray) -> np.ndarray:
+    """`img` centred on a black (zero) square as large as its longer side."""
+    h, w = img.shape[:2]
+    side = max(h, w)
+    out = np.zeros((side, side, *img.shape[2:]), dtype=img.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = img
+    return out
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -277,7 +316,12 @@ def build(
     if name == "digits-pairs":
         if label_noise:
             raise ValueError("label_noise is for single-label proxies only")
-        return build_pairs(seed, fraction=test_fraction)
+        if per_class is None:
+            return build_pairs(seed, fraction=test_fraction)
+        # Smoke runs: 10 x per_class pairs (each class then on about 2 x per_class).
+        small = build_pairs(seed, n_pairs=10 * per_class, fraction=test_fraction)
+        small.name = f"{name}[{10 * per_class} pairs]"
+        return small
     if name not in SINGLE_LABEL:
         raise ValueError(f"unknown proxy {name!r}; available: {', '.join(PROXIES)}")
     images, labels, classes, recipe, hflip_safe = SINGLE_LABEL[name](seed)

@@ -184,6 +184,19 @@ class JobSpec(BaseModel):
         None, description="normalization std per channel; default: the backbone's"
     )
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    refit: bool = Field(
+        True,
+        description="when the linear probe is the model delivered, fit its head again on "
+        "the training and validation images together (the final report's validation "
+        "figures are then not held out; the report says so)",
+    )
+    max_train_images: int | None = Field(
+        None,
+        ge=2,
+        description="train on at most this many of the training images, taken round robin "
+        "over the classes (the auto recipe sets it when the time budget cannot afford a "
+        "pass over all of them); default: all",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     early_stopping: EarlyStopping | None = None
     class_balance: Literal["auto", "none", "weighted_loss", "balanced_sampler"] = "auto"

@@ -252,6 +252,7 @@ class JobReport(BaseModel):
     validation: dict[str, Any] | None
     test: dict[str, Any] | None
     training: dict[str, Any]
+    warnings: list[str] = Field(default_factory=list)
 
 
 # --- tenants, keys, audit ---------------------------------------------------------------

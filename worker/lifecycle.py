@@ -321,10 +321,14 @@ def export(run: Attempt, trained: Trained) -> dict[str, Path]:
         "dataset_id": run.claim.dataset_id,
         "dataset_sha256": run.claim.dataset_sha,
     }
-    metadata = build_metadata(trained.config, result.classes, result.best, provenance)
+    thresholds = result.extra.get("thresholds")  # multi-label only
+    metadata = build_metadata(
+        trained.config, result.classes, result.best, provenance, thresholds=thresholds
+    )
     files = export_model(result.model, metadata, run.workdir / "model")
     validation = result.report.get("validation", {})
-    if "confusion_matrix" in validation:
+    # A multi-label report has no confusion matrix (an image may have several classes).
+    if thresholds is None and "confusion_matrix" in validation:
         run.store.put_bytes(
             f"jobs/{run.job_id}/plots/confusion_matrix.png",
             confusion_matrix_png(validation["confusion_matrix"], result.classes),

@@ -130,6 +130,7 @@ def read_job_report(job_id: PathId, principal: ReadDep, session: SessionDep) -> 
         validation=result["report"].get("validation"),
         test=result["report"].get("test"),
         training=result.get("training", {}),
+        warnings=list(result.get("warnings") or []),
     )
 
 

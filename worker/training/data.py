@@ -23,8 +23,11 @@ from torch.utils.data import Dataset
 from core.duplicates import duplicate_group_ids
 from core.jobspec import JobSpec
 from worker.training.augment import eval_transform, train_transform
+from worker.training.multilabel import targets_matrix
 
 log = logging.getLogger(__name__)
+
+MULTI_LABEL = "multi-label"  # an index's `task` (service/ingest/manifest.py)
 
 _INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -155,29 +158,45 @@ def _straddling_images(groups: np.ndarray, parts: Sequence[np.ndarray]) -> int:
     return int(np.isin(g, spread[n_sides > 1]).sum())
 
 
-class CachedImages(Dataset[tuple[torch.Tensor, int]]):
+Target = int | torch.Tensor  # a class index, or (multi-label) a float multi-hot row
+
+
+class CachedImages(Dataset[tuple[torch.Tensor, Target]]):
+    """Cached images and their targets: class indices, or with `targets` (multi-label) the
+    rows of that float32 multi-hot matrix (images x classes)."""
+
     def __init__(
-        self, cache: np.ndarray, labels: Sequence[int], indices: np.ndarray, transform: Any
+        self,
+        cache: np.ndarray,
+        labels: Sequence[int],
+        indices: np.ndarray,
+        transform: Any,
+        targets: np.ndarray | None = None,
     ):
         self.cache = cache
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = indices
         self.transform = transform
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
         j = int(self.indices[i])
         img = torch.from_numpy(np.array(self.cache[j])).permute(
             2, 0, 1
         )  # copy: the memmap is read-only
+        if self.targets is not None:
+            return self.transform(img), torch.from_numpy(self.targets[j].copy())
         return self.transform(img), int(self.labels[j])
 
 
 @dataclass
 class PreparedData:
-    """What `fit` trains on: the cache, labels, class names and the split."""
+    """What `fit` trains on: the cache, labels, class names and the split. A multi-label
+    dataset (`multilabel`) also has `targets`, its float32 multi-hot matrix, which the
+    datasets hand out; `labels` is then each image's first class (for stratifying)."""
 
     cache: np.ndarray
     labels: list[int]
@@ -186,21 +205,26 @@ class PreparedData:
     val_idx: np.ndarray
     test_idx: np.ndarray | None = None
     split: dict[str, Any] | None = None
+    multilabel: bool = False
+    targets: np.ndarray | None = None
+
+    def _images(self, idx: np.ndarray, transform: Any) -> CachedImages:
+        return CachedImages(self.cache, self.labels, idx, transform, self.targets)
 
     def train_set(self, config: JobSpec) -> CachedImages:
-        return CachedImages(self.cache, self.labels, self.train_idx, train_transform(config))
+        return self._images(self.train_idx, train_transform(config))
 
     def eval_train_set(self, config: JobSpec) -> CachedImages:
         """The training images without augmentation (for cached features)."""
-        return CachedImages(self.cache, self.labels, self.train_idx, eval_transform(config))
+        return self._images(self.train_idx, eval_transform(config))
 
     def val_set(self, config: JobSpec) -> CachedImages:
-        return CachedImages(self.cache, self.labels, self.val_idx, eval_transform(config))
+        return self._images(self.val_idx, eval_transform(config))
 
     def test_set(self, config: JobSpec) -> CachedImages | None:
         if self.test_idx is None or len(self.test_idx) == 0:
             return None
-        return CachedImages(self.cache, self.labels, self.test_idx, eval_transform(config))
+        return self._images(self.test_idx, eval_transform(config))
 
 
 def prepare(
@@ -223,6 +247,9 @@ def prepare(
         on_progress,
     )
     train_idx, val_idx, test_idx, split = split_indices(entries, labels, config)
+    if config.max_train_images is not None and len(train_idx) > config.max_train_images:
+        train_idx = balanced_subset(train_idx, labels, config.max_train_images, config.seed)
+        split["train_used"] = int(len(train_idx))
     log.info(
         "prepared %d images (%d train / %d val / %d test, %s split) at %dpx",
         len(paths),
@@ -232,7 +259,29 @@ def prepare(
         split["source"],
         size,
     )
-    return PreparedData(cache, labels, list(index["classes"]), train_idx, val_idx, test_idx, split)
+    classes = list(index["classes"])
+    multilabel = index.get("task") == MULTI_LABEL
+    targets = None
+    if multilabel:
+        # The split stays stratified on `labels`, each image's first class.
+        targets = targets_matrix([e.get("labels") or [e["label"]] for e in entries], len(classes))
+    return PreparedData(
+        cache, labels, classes, train_idx, val_idx, test_idx, split, multilabel, targets
+    )
+
+
+def balanced_subset(idx: np.ndarray, labels: list[int], k: int, seed: int) -> np.ndarray:
+    """`k` of `idx`, taken round robin over the classes (each class's order seeded), so
+    every class keeps as many images as it can."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)[idx]
+    queues = [list(rng.permutation(idx[y == c])) for c in np.unique(y)]
+    out: list[int] = []
+    while len(out) < k and any(queues):
+        for q in queues:
+            if q and len(out) < k:
+                out.append(int(q.pop()))
+    return np.sort(np.asarray(out, dtype=idx.dtype))
 
 
 def split_indices(

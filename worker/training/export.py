@@ -2,9 +2,10 @@
 
 A trained model is written as:
 - `model.safetensors`: the weights (no pickle, safe to load from anyone);
-- `metadata.json`: everything needed to rebuild and use it (backbone and library
-  architecture name, class names, input size, resize size, mean/std, interpolation,
-  metrics, training config, library versions);
+- `metadata.json`: everything needed to rebuild and use it (task: single-label or
+  multi-label with its per-class thresholds, backbone and library architecture name, class
+  names, input size, resize size, mean/std, interpolation, metrics, training config,
+  library versions);
 - `model.torchscript.pt`: a traced TorchScript module for runtimes without timm;
 - `model.zip`: the three files together, the default download.
 """
@@ -34,11 +35,23 @@ FILES = ("model.safetensors", "metadata.json", "model.torchscript.pt")
 
 
 def build_metadata(
-    config: JobSpec, classes: list[str], metrics: dict[str, Any], extra: dict[str, Any]
+    config: JobSpec,
+    classes: list[str],
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+    thresholds: list[float] | None = None,
 ) -> dict[str, Any]:
+    """`task` says how to read the logits: "single-label" (softmax, the top class) or, when
+    `thresholds` are given, "multi-label" (a sigmoid per class; class i is predicted when
+    its probability >= thresholds[i])."""
+    task: dict[str, Any] = {"task": "single-label"}
+    if thresholds is not None:
+        if len(thresholds) != len(classes):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(classes)} classes")
+        task = {"task": "multi-label", "thresholds": [float(t) for t in thresholds]}
     return {
         "format_version": FORMAT_VERSION,
-        "task": "image-classification",
+        **task,
         **model_card(config, classes),
         **preprocessing(config),
         "metrics": metrics,

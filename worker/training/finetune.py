@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from core.jobspec import JobSpec
 from worker.training.augment import batch_mixing
 from worker.training.loop import EpochSampler, EpochStats, predict, train_one_epoch
-from worker.training.metrics import classification_report
+from worker.training.metrics import evaluate
+from worker.training.multilabel import sample_weights
 from worker.training.optim import (
     LrPlan,
     layer_decayed_groups,
@@ -31,6 +32,7 @@ from worker.training.selection import epoch_metrics
 
 log = logging.getLogger(__name__)
 EXPORT_RESERVE = 3.0  # seconds: writing the model files after training
+BACKOFF_DROP = 0.02  # an epoch this far below the best so far halves the learning rate
 
 
 def train_loader(run: Run) -> tuple[DataLoader, EpochSampler, torch.Generator]:
@@ -39,7 +41,10 @@ def train_loader(run: Run) -> tuple[DataLoader, EpochSampler, torch.Generator]:
     train_set = data.train_set(config)
     generator = torch.Generator().manual_seed(config.seed)
     weights = None
-    if run.extra["class_balance"] == "balanced_sampler":
+    if run.extra["class_balance"] == "balanced_sampler" and data.targets is not None:
+        # Multi-label: an image weighs as its rarest class.
+        weights = torch.as_tensor(sample_weights(data.targets[data.train_idx]), dtype=torch.double)
+    elif run.extra["class_balance"] == "balanced_sampler":
         labels = np.asarray(data.labels)[data.train_idx]
         counts = np.bincount(labels, minlength=len(data.classes)).astype(float)
         weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
@@ -80,6 +85,41 @@ def restore_training(
     return int(state["epoch"]), int(state["planned"]), state.get("partial")
 
 
+def regressed(run: Run, metrics: dict[str, Any]) -> bool:
+    """This epoch's selection metric fell more than `BACKOFF_DROP` below the best epoch's
+    (the probe's, at first): the learning rate is too high for this dataset."""
+    best = run.record.best
+    if not best.maximize or best.metrics.get("epoch") == metrics["epoch"]:
+        return False
+    now, top = metrics.get(best.metric), best.metrics.get(best.metric)
+    return now is not None and top is not None and now < top - BACKOFF_DROP
+
+
+def back_off(
+    run: Run, plan: LrPlan, optimizer: torch.optim.Optimizer, model: nn.Module, ema: Any, epoch: int
+) -> None:
+    """Go back to the best weights so far, with fresh optimizer moments, at half the
+    learning rate (recorded in `extra["lr_backoffs"]`). On a dataset whose probe is already
+    strong, fine-tuning at the default rate first loses what the probe had; on one whose
+    probe is weak the same rate is what it takes to improve, and no backoff happens."""
+    best = run.record.best
+    assert best.state is not None
+    model.load_state_dict(best.state)
+    if ema is not None:
+        ema.module.load_state_dict(best.state)
+    optimizer.state.clear()
+    plan.scale *= 0.5
+    run.extra.setdefault("lr_backoffs", []).append(
+        {"after_epoch": epoch, "back_to_epoch": best.metrics.get("epoch"), "lr_scale": plan.scale}
+    )
+    log.info(
+        "epoch %d regressed: back to epoch %s at lr x%g",
+        epoch,
+        best.metrics.get("epoch"),
+        plan.scale,
+    )
+
+
 def weight_average(config: JobSpec, model: nn.Module, steps_per_epoch: int) -> Any:
     """timm's ModelEmaV3 of `model`, or None (`ema: false`). Its horizon is about half an
     epoch, so the averaged model is never far behind on the short runs a time budget
@@ -109,6 +149,11 @@ def fine_tune(
     scheduler = make_scheduler(config, optimizer, len(loader), config.epochs)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     mixing = batch_mixing(config, len(data.classes))
+    if mixing is not None and data.multilabel:
+        # torchvision's MixUp/CutMix take class indices, not multi-hot rows.
+        log.info("MixUp/CutMix are off: this is a multi-label dataset")
+        run.extra["batch_mixing"] = "off (multi-label)"
+        mixing = None
     train_model: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
     ema = weight_average(config, model, len(loader))
     # What is validated, selected and kept: the weights' moving average when there is one.
@@ -174,13 +219,15 @@ def fine_tune(
         logits, targets = predict(eval_model, val_loader, rt.device, rt.amp_dtype)
         # The final evaluation (validation + test) and export come after the last epoch.
         control.reserve = (time.monotonic() - val_start) * eval_share + EXPORT_RESERVE
-        report = classification_report(logits, targets, data.classes) if len(targets) else {}
+        report = evaluate(logits, targets, data.classes, data.multilabel)
         metrics = epoch_metrics(epoch, stats, report, lr, "fine_tune")
         es = config.early_stopping
         run.record.add(
             metrics, ema.module if ema is not None else model, es.min_delta if es else 0.0
         )
         log.info("epoch %d/%d %s", epoch, config.epochs, metrics)
+        if isinstance(plan, LrPlan) and regressed(run, metrics):
+            back_off(run, plan, optimizer, model, ema, epoch)
         run.checkpoint("fine_tune", epoch, **training_state(planned, generator.get_state()))
         if stats.stopped:
             break

@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from core.jobspec import JobSpec
+from worker.training import multilabel
 from worker.training.backbones import create_model
 from worker.training.callbacks import Callbacks
 from worker.training.checkpoint import resumed_from
 from worker.training.control import Control
 from worker.training.data import PreparedData
 from worker.training.loop import predict
-from worker.training.metrics import classification_report
+from worker.training.metrics import evaluate
 from worker.training.optim import class_weights
+from worker.training.probe import refit_probe
 from worker.training.run import Run
 from worker.training.runtime import Runtime, amp_dtype_for, seed_everything
 from worker.training.selection import EpochRecord
@@ -81,9 +83,11 @@ def fit(
         runtime,
         loss_fn,
         control,
-        EpochRecord(config, control),
+        EpochRecord(config, control, data.multilabel),
         {"class_balance": balance, "strategy": config.strategy},
     )
+    if data.multilabel:
+        run.extra.update(task="multi-label", selection_metric=run.record.best.metric)
     if resume is not None:
         # Pick up where a lost attempt left off: its weights, history and best epoch.
         model.load_state_dict(resume["model"])
@@ -95,6 +99,9 @@ def fit(
     best = run.record.best
     if best.state is not None:
         model.load_state_dict(best.state)
+    refit = refit_probe(run)
+    if refit is not None:
+        run.extra["refit"] = refit
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return FitResult(
         model=model,
@@ -113,6 +120,8 @@ def _loss(config: JobSpec, data: PreparedData, device: torch.device) -> tuple[st
     train_labels = np.asarray(data.labels)[data.train_idx]
     if len(train_labels) == 0:
         raise ValueError("the training split is empty")
+    if data.multilabel:
+        return _multilabel_loss(config, data, device)
     balance, weights_per_class = class_weights(config, train_labels, len(data.classes))
     loss_fn = nn.CrossEntropyLoss(
         weight=weights_per_class.to(device) if weights_per_class is not None else None,
@@ -121,14 +130,46 @@ def _loss(config: JobSpec, data: PreparedData, device: torch.device) -> tuple[st
     return balance, loss_fn
 
 
+def _multilabel_loss(
+    config: JobSpec, data: PreparedData, device: torch.device
+) -> tuple[str, nn.Module]:
+    """BCE with logits. `weighted_loss` (or `auto` when the classes' positive counts differ
+    more than `imbalance_threshold` times) weighs each class's positives by its
+    negatives/positives (clipped); `balanced_sampler` weighs images instead (finetune.py)."""
+    assert data.targets is not None
+    train = data.targets[data.train_idx]
+    mode = config.class_balance
+    if mode == "auto":
+        pos = multilabel.positive_counts(train)
+        ratio = pos.max() / max(pos.min(), 1.0)
+        mode = "weighted_loss" if ratio > config.imbalance_threshold else "none"
+    pos_weight = None
+    if mode == "weighted_loss":
+        pos_weight = torch.as_tensor(multilabel.pos_weights(train)).to(device)
+    return mode, multilabel.bce_loss(pos_weight, config.label_smoothing).to(device)
+
+
 def final_report(model: nn.Module, run: Run) -> dict[str, Any]:
-    """Full evaluation of the chosen model (on the CPU) on the validation and test splits."""
+    """Full evaluation of the chosen model (on the CPU) on the validation and test splits.
+    Multi-label: each class's threshold is first tuned on the validation split (best F1,
+    `multilabel.tune_thresholds`), recorded in `run.extra["thresholds"]`, and both splits
+    are reported at those thresholds (the validation figures are thus optimistic; the
+    test split's are not)."""
     config, data = run.config, run.data
     report: dict[str, Any] = {}
+    thresholds = None
     for name, dataset in (("validation", data.val_set(config)), ("test", data.test_set(config))):
         if dataset is None or len(dataset) == 0:
             continue
         loader = run.runtime.loader(dataset, config.batch_size * 2, pin_memory=False)
         logits, targets = predict(model, loader, torch.device("cpu"))
-        report[name] = classification_report(logits, targets, data.classes)
+        if data.multilabel and name == "validation":
+            thresholds = multilabel.tune_thresholds(logits.sigmoid(), targets)
+        report[name] = evaluate(logits, targets, data.classes, data.multilabel, thresholds)
+    if data.multilabel:
+        if thresholds is None:  # no validation image to tune on: one half for every class
+            thresholds = np.full(len(data.classes), multilabel.DEFAULT_THRESHOLD)
+        run.extra["thresholds"] = [float(t) for t in thresholds]
+    if "refit" in run.extra and "validation" in report:
+        report["validation"]["held_out"] = False  # the refitted head has seen these images
     return report

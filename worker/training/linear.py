@@ -4,19 +4,26 @@ cross-validation, the features standardised and the standardisation folded into 
 returned weights, so the result drops into the network's own `nn.Linear` head.
 
 It minimises the job's own loss (`loss_fn`: class weights, label smoothing), so the probed
-head is fitted to the objective fine-tuning continues with. On cached features a fit takes
-milliseconds to a second: this is the "cheap" phase that always completes.
+head is fitted to the objective fine-tuning continues with; for a multi-label job that is
+BCE (one logistic regression per class), its penalty chosen by cross-validated mAP. On
+cached features a fit takes milliseconds to a second: this is the "cheap" phase that
+always completes.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
+
+T = TypeVar("T")
 
 # L2 penalties tried (per sample, on standardised features). sklearn's C is 1 / (lam * n).
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -27,8 +34,9 @@ class LinearFit:
     weight: torch.Tensor  # (classes, features), standardisation folded in
     bias: torch.Tensor  # (classes,)
     penalty: float
-    cv_scores: dict[str, float] = field(default_factory=dict)  # penalty -> mean fold accuracy
+    cv_scores: dict[str, float] = field(default_factory=dict)  # penalty -> mean fold score
     folds: int = 0
+    cv_metric: str = "accuracy"  # "map" for multi-label
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T + self.bias
@@ -44,7 +52,7 @@ class LinearFit:
             "solver": "lbfgs",
             "penalty": self.penalty,
             "cv_folds": self.folds,
-            "cv_accuracy": {k: round(v, 4) for k, v in self.cv_scores.items()},
+            f"cv_{self.cv_metric}": {k: round(v, 4) for k, v in self.cv_scores.items()},
         }
 
 
@@ -84,6 +92,27 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def single_threaded(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run `fn` with one torch thread on the CPU. The solver's products are small: one
+    thread does them as fast as several, and several collapse when the host is busy
+    (spinning OpenMP workers on shared cores: 3 s became 22 s here beside one other
+    process). Inputs on a GPU are left alone."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args: Any, **kwargs: Any) -> T:
+        if x.device.type != "cpu":
+            return fn(x, *args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(x, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+@single_threaded
 def fit_linear(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -96,11 +125,17 @@ def fit_linear(
     folds: int = 3,
 ) -> LinearFit:
     """Logistic regression of `y` (class indices) on `x` (N, D): the penalty with the best
-    mean accuracy over stratified folds (ties: the stronger penalty), refitted on all."""
+    mean accuracy over stratified folds (ties: the stronger penalty), refitted on all.
+
+    With float multi-hot `y` (N, classes), a multi-label fit: `loss_fn` is then BCE (one
+    logistic regression per class, fitted together), the folds are stratified on each
+    image's first class and scored by mean average precision (`_fold_map`)."""
     x = x.float()
     mean, std = _standardise(x)
     z = (x - mean) / std
-    labels = y.cpu().numpy()
+    multilabel = y.ndim == 2
+    # The first class of each image (its labels are sorted): what the folds stratify on.
+    labels = (y > 0.5).int().argmax(1).cpu().numpy() if multilabel else y.cpu().numpy()
     counts = np.bincount(labels, minlength=n_classes)
     k = min(folds, int(counts[counts > 0].min())) if len(labels) else 0
     scores: dict[str, float] = {}
@@ -108,16 +143,19 @@ def fit_linear(
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         splits = list(splitter.split(np.zeros(len(labels)), labels))
         for lam in penalties:
-            correct = 0
+            correct, fold_maps = 0, []
             for tr, te in splits:
                 ftr = torch.as_tensor(tr, device=x.device)
                 fte = torch.as_tensor(te, device=x.device)
                 # Each fold standardised on its own training part, as the final fit is.
                 m, s = _standardise(x[ftr])
                 w, b = _solve((x[ftr] - m) / s, y[ftr], n_classes, lam, loss_fn, max_iter)
-                pred = (((x[fte] - m) / s) @ w.T + b).argmax(1)
-                correct += int((pred == y[fte]).sum())
-            scores[f"{lam:g}"] = correct / len(labels)
+                out = ((x[fte] - m) / s) @ w.T + b
+                if multilabel:
+                    fold_maps.append(_fold_map(out, y[fte]))
+                else:
+                    correct += int((out.argmax(1) == y[fte]).sum())
+            scores[f"{lam:g}"] = float(np.mean(fold_maps)) if multilabel else correct / len(labels)
         best = max(scores.values())
         # The strongest penalty within half an image of the best (fewer, smaller weights).
         chosen = max(lam for lam in penalties if scores[f"{lam:g}"] >= best - 0.5 / len(labels))
@@ -127,4 +165,14 @@ def fit_linear(
     w, b = _solve(z, y, n_classes, chosen, loss_fn, max_iter)
     weight = w / std
     bias = b - weight @ mean
-    return LinearFit(weight, bias, chosen, scores, k)
+    return LinearFit(weight, bias, chosen, scores, k, "map" if multilabel else "accuracy")
+
+
+def _fold_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean average precision of a fold, over the classes with a positive in it."""
+    truth = (targets > 0.5).cpu().numpy()
+    present = truth.any(0)
+    if not present.any():
+        return 0.0
+    scores = logits.float().cpu().numpy()
+    return float(average_precision_score(truth[:, present], scores[:, present], average="macro"))

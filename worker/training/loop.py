@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from worker.training.callbacks import Callbacks
+from worker.training.multilabel import subset_correct
 
 
 @dataclass
@@ -87,7 +88,8 @@ def train_one_epoch(
     """One pass over `loader`: images through the whole network (fine-tuning), or cached
     features through the head alone (the linear probe). `resume_from`: what a mid-epoch
     checkpoint recorded of this epoch so far (its steps and sums); the loader then holds
-    only the remaining batches."""
+    only the remaining batches. With multi-hot targets (multi-label) the accuracy counted
+    is subset accuracy: images whose every class is right at probability 0.5."""
     model.train()
     if freeze_norm_stats:
         # Keep BatchNorm on its running statistics: the batch statistics of a small,
@@ -136,7 +138,10 @@ def train_one_epoch(
             after_step()
         n = hard_targets.shape[0]
         loss_sum += loss.detach() * n
-        correct += (logits.detach().argmax(1) == hard_targets).sum()
+        if hard_targets.ndim == 2:  # multi-label: subset accuracy at 0.5
+            correct += subset_correct(logits.detach(), hard_targets)
+        else:
+            correct += (logits.detach().argmax(1) == hard_targets).sum()
         seen += n
         callbacks.on_step(epoch, step, steps)
         if callbacks.should_stop():

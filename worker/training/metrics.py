@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.training.multilabel import multilabel_report
+
 
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""
@@ -69,3 +71,20 @@ def classification_report(
         ],
         "confusion_matrix": cm.tolist(),
     }
+
+
+def evaluate(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_names: list[str],
+    multilabel: bool = False,
+    thresholds: Any = None,
+) -> dict[str, Any]:
+    """The report of a split: `classification_report`, or for a multi-label run
+    `multilabel.multilabel_report` (at `thresholds`, 0.5 when None) marked with its task.
+    Empty when the split has no image."""
+    if len(targets) == 0:
+        return {}
+    if not multilabel:
+        return classification_report(logits, targets, class_names)
+    return {"task": "multi-label", **multilabel_report(logits, targets, class_names, thresholds)}

@@ -23,6 +23,7 @@ from sklearn.metrics import (
 from torch import nn
 
 DEFAULT_THRESHOLD = 0.5  # a class with no positive to tune on keeps it
+MAX_POS_WEIGHT = 50.0  # a class with 1 positive in 1000 images is not weighed 999 times
 
 Array = np.ndarray | torch.Tensor
 
@@ -41,11 +42,61 @@ def targets_matrix(labels_lists: Sequence[Sequence[int]], n_classes: int) -> np.
     return out
 
 
-def bce_loss(pos_weight: Array | Sequence[float] | None = None) -> nn.Module:
+class SmoothedBCE(nn.BCEWithLogitsLoss):
+    """BCE with logits against smoothed multi-hot targets: y * (1 - eps) + eps / 2, the
+    binary form of label smoothing (every class its own two-way softmax)."""
+
+    def __init__(self, eps: float, pos_weight: torch.Tensor | None = None):
+        super().__init__(pos_weight=pos_weight)
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, targets * (1.0 - self.eps) + self.eps / 2)
+
+
+def bce_loss(
+    pos_weight: Array | Sequence[float] | None = None, label_smoothing: float = 0.0
+) -> nn.Module:
     """Binary cross-entropy on logits, one independent sigmoid per class; `pos_weight`
-    (one value per class) weighs each class's positives, e.g. negatives/positives."""
+    (one value per class) weighs each class's positives, e.g. negatives/positives;
+    `label_smoothing` eps moves every target eps/2 towards one half."""
     weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+    if label_smoothing > 0:
+        return SmoothedBCE(label_smoothing, weight)
     return nn.BCEWithLogitsLoss(pos_weight=weight)
+
+
+def positive_counts(targets: np.ndarray) -> np.ndarray:
+    """Images carrying each class (multi-hot targets: images x classes)."""
+    return (np.asarray(targets) > 0.5).sum(0).astype(np.float64)
+
+
+def pos_weights(targets: np.ndarray, clip: float = MAX_POS_WEIGHT) -> np.ndarray:
+    """Per class, negatives / positives among `targets`, clipped to [1/clip, clip]: a rare
+    class's few positives weigh as much as its many negatives. A class with no positive
+    here gets 1 (nothing to weigh)."""
+    pos = positive_counts(targets)
+    neg = len(targets) - pos
+    ratio = np.divide(neg, pos, out=np.ones_like(pos), where=pos > 0)
+    return np.clip(ratio, 1.0 / clip, clip).astype(np.float32)
+
+
+def sample_weights(targets: np.ndarray) -> np.ndarray:
+    """For a class-balanced sampler: each image weighs 1 / (images of its rarest class), so
+    images that carry a rare class are drawn about as often as those of a common one. An
+    image with no class weighs as one of the commonest class."""
+    y = np.asarray(targets) > 0.5
+    pos = positive_counts(targets)
+    inverse = np.where(pos > 0, 1.0 / np.maximum(pos, 1.0), 0.0)
+    weights = (y * inverse).max(1)
+    fallback = 1.0 / max(float(pos.max()), 1.0) if len(pos) else 1.0
+    return np.where(weights > 0, weights, fallback)
+
+
+def subset_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many images have every class right at probability 0.5 (logit 0): the training
+    accuracy a multi-label epoch reports (subset accuracy, as `val_accuracy`)."""
+    return ((logits >= 0) == (targets > 0.5)).all(1).sum()
 
 
 def _numpy(values: Array | Sequence[float]) -> np.ndarray:

@@ -20,6 +20,7 @@ class LrPlan:
         self.schedule = schedule
         self.steps_per_epoch = steps_per_epoch
         self.warmup_steps = warmup_steps
+        self.scale = 1.0  # lowered by `fine_tune` when an epoch regresses (backoff)
         self.replan(epochs)
 
     def replan(self, epochs: int) -> None:
@@ -28,6 +29,9 @@ class LrPlan:
         self.step_every = max(1, epochs // 3) * self.steps_per_epoch
 
     def __call__(self, step: int) -> float:
+        return self.scale * self._shape(step)
+
+    def _shape(self, step: int) -> float:
         if self.schedule == "constant":
             return 1.0
         if self.schedule == "step":

@@ -1,4 +1,5 @@
-"""Pictures where they beat a table: training curves and the confusion matrix, as PNG."""
+"""Pictures where they beat a table: training curves and the confusion matrix, as PNG
+(a multi-label run has no confusion matrix: an image may carry several classes)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,19 @@ def _png(fig: Any) -> bytes:
 
 
 def curves_png(history: list[dict[str, Any]], title: str = "") -> bytes:
-    """Loss (left) and accuracy (right) per epoch, train and validation."""
+    """Loss (left) and accuracy (right) per epoch, train and validation; a multi-label run's
+    validation mAP (what selects its best epoch) beside its subset accuracies."""
     fig = _figure(10, 3.8)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
+    multilabel = any(h.get("val_map") is not None for h in history)
+    acc = "subset accuracy" if multilabel else "accuracy"
     for key, label, ax in (
         ("train_loss", "train", ax_loss),
         ("val_loss", "validation", ax_loss),
         ("train_accuracy", "train", ax_acc),
         ("val_accuracy", "validation", ax_acc),
+        *((("val_map", "validation mAP", ax_acc),) if multilabel else ()),
     ):
         values = [h.get(key) for h in history]
         points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
@@ -42,7 +47,8 @@ def curves_png(history: list[dict[str, Any]], title: str = "") -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    title = f"{acc} and mAP" if multilabel else acc
+    ax_acc.set(xlabel="epoch", ylabel=acc, title=title, ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

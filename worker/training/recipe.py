@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from core.backbones import BACKBONES
 from core.jobspec import JobSpec
+from worker.training import measure
 from worker.training.backbones import create_model
-from worker.training.data import resize_center_crop
 from worker.training.linear import fit_linear
 from worker.training.weights import WeightsSource
 
@@ -53,6 +50,9 @@ TOLERANCE = 0.015  # a costlier candidate must score this much more (cross-valid
 FLIP_TOLERANCE = 0.01  # flips stay on unless mirrored copies cost more accuracy than this
 SUBSAMPLE = 320  # images decoded and scored per candidate (fewer for tiny budgets)
 EPOCHS_CAP = 30  # fine-tuning epochs the plan never exceeds
+AUTO_CROP_SCALE_MIN = 0.6  # random resized crops keep at least this share of the area
+MIN_PROBE_PER_CLASS = 20  # a budget-limited probe still learns from this many a class
+PLAN_SHARE = 0.12  # no further candidate is measured once planning took this share
 PASS_SHARE = 0.3  # one feature pass over every image may take this share of the budget
 SCORING_PENALTIES = (1e-3, 1e-2, 1e-1)  # the candidates' probes (the job's probe: more)
 EXPORT_SECONDS = 5.0  # writing and uploading the model files (measured: 2-4 s for lite0)
@@ -90,137 +90,6 @@ class Plan:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def available_backbones(weights: WeightsSource | None) -> list[str]:
-    """Backbones with weights on this host (or downloads allowed), cheapest first."""
-    from core.backbones import locate_weights
-
-    src = weights or WeightsSource()
-    found = []
-    for name, spec in BACKBONES.items():
-        if src.allow_download:
-            found.append(name)
-            continue
-        hub = src.torch_hub_dir or Path(torch.hub.get_dir())
-        if src.hf_cache is None:
-            from huggingface_hub import constants
-
-            hf = Path(constants.HF_HUB_CACHE)
-        else:
-            hf = src.hf_cache
-        if locate_weights(spec, src.weights_dir, hub, hf) is not None:
-            found.append(name)
-    return sorted(found, key=lambda n: BACKBONES[n].params_m)
-
-
-def _subsample(labels: np.ndarray, pool: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Up to `k` indices of `pool`, every class represented (round robin over classes)."""
-    rng = np.random.default_rng(seed)
-    queues = [list(rng.permutation(pool[labels[pool] == c])) for c in np.unique(labels[pool])]
-    out: list[int] = []
-    while len(out) < k and any(queues):
-        for q in queues:
-            if q and len(out) < k:
-                out.append(int(q.pop()))
-    return np.sort(np.asarray(out, dtype=np.int64))
-
-
-def _decode(archive: Path, paths: list[str], longest: int) -> list[Image.Image]:
-    """The images, RGB, shrunk (never enlarged) so their shorter side is at most `longest`."""
-    out = []
-    with zipfile.ZipFile(archive) as zf:
-        for name in paths:
-            with zf.open(name) as f, Image.open(f) as img:
-                img = img.convert("RGB")
-                w, h = img.size
-                if min(w, h) > longest:
-                    s = longest / min(w, h)
-                    img = img.resize((max(1, round(w * s)), max(1, round(h * s))))
-                out.append(img.copy())
-    return out
-
-
-def _tensor(
-    images: list[Image.Image], backbone: str, size: int, flip: bool = False
-) -> torch.Tensor:
-    """The images as the job's eval transform makes them: resize, center crop, normalize."""
-    bb = BACKBONES[backbone]
-    resize = int(round(size / bb.crop_pct))
-    arrays = []
-    for img in images:
-        a = resize_center_crop(img, resize, bb.interpolation)
-        off = (resize - size) // 2
-        a = a[off : off + size, off : off + size]
-        arrays.append(a[:, ::-1] if flip else a)
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor(bb.mean).view(1, 3, 1, 1)
-    std = torch.tensor(bb.std).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-@torch.no_grad()
-def _features(
-    model: nn.Module, x: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, float]:
-    """Pooled features and the images/s it took (after a one-batch warm-up)."""
-    model.eval()
-    batch = 64
-    model(x[:8].to(device))  # warm-up: first-call allocation and kernel selection
-    t0 = time.perf_counter()
-    out = [model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = max(time.perf_counter() - t0, 1e-6)
-    return torch.cat(out), len(x) / seconds
-
-
-def _train_rate(model: nn.Module, x: torch.Tensor, n_classes: int, device: torch.device) -> float:
-    """Training images/s at this input size: two timed steps after a warm-up step."""
-    head = nn.Linear(model.num_features, n_classes).to(device)  # type: ignore[arg-type]
-    params = [*model.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    model.train()
-    batch = x[:16].to(device)
-    rates = []
-    for i in range(3):
-        t0 = time.perf_counter()
-        loss = head(model(batch)).logsumexp(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            rates.append(len(batch) / (time.perf_counter() - t0))
-    model.eval()
-    return float(np.median(rates))
-
-
-def _flip_check(feats: torch.Tensor, mirrored: torch.Tensor, y: torch.Tensor, n: int) -> dict:
-    """Do mirrored copies help or hurt? Cross-validated accuracy of the probe fitted on the
-    training folds as they are, and on the folds plus their mirror images (what flip
-    augmentation trains on), both scored on the held-out fold as it is. ImageNet features
-    are nearly mirror-invariant, so this asks the labels, not the features: a mirrored "2"
-    labelled 2 is noise for digits and a free extra picture for faces."""
-    from sklearn.model_selection import StratifiedKFold
-
-    labels = y.numpy()
-    k = int(min(3, np.bincount(labels)[np.bincount(labels) > 0].min()))
-    if k < 2:
-        return {"accuracy": None, "with_mirrored_accuracy": None}
-    plain = augmented = 0
-    loss = nn.CrossEntropyLoss()
-    for tr, te in StratifiedKFold(k, shuffle=True, random_state=0).split(labels, labels):
-        a = fit_linear(feats[tr], y[tr], n, loss, penalties=(1e-2,))
-        both = torch.cat([feats[tr], mirrored[tr]])
-        b = fit_linear(both, torch.cat([y[tr], y[tr]]), n, loss, penalties=(1e-2,))
-        plain += int((a.logits(feats[te]).argmax(1) == y[te]).sum())
-        augmented += int((b.logits(feats[te]).argmax(1) == y[te]).sum())
-    return {
-        "accuracy": round(plain / len(y), 4),
-        "with_mirrored_accuracy": round(augmented / len(y), 4),
-    }
-
-
 def plan(
     spec: JobSpec,
     pinned: list[str] | None,
@@ -251,7 +120,7 @@ def plan(
     native = float(np.median(sides[sides > 0])) if (sides > 0).any() else 224.0
     budget_left = None if deadline is None else deadline - time.monotonic()
     k = SUBSAMPLE if budget_left is None or budget_left >= 90 else max(n_classes * 4, 160)
-    sub = _subsample(labels, pool, k, spec.seed)
+    sub = measure.subsample(labels, pool, k, spec.seed)
     y = torch.as_tensor(labels[sub])
     record: dict[str, Any] = {
         "dataset": {
@@ -265,24 +134,27 @@ def plan(
         "device": device.type,
         "pinned": sorted(keep),
     }
+    if index.get("task") == "multi-label":  # candidates score single-label accuracy
+        record["scored_on"] = "first label"
     if on_phase:
         on_phase("planning")
-    images = _decode(archive, [entries[i]["path"] for i in sub], max(SIZES) * 2)
+    images = measure.decode(archive, [entries[i]["path"] for i in sub], max(SIZES) * 2)
     gray = all(
         np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])
         for a in (np.asarray(im) for im in images[:32])
     )
     record["dataset"]["grayscale"] = gray
 
-    backbones = [spec.backbone] if "backbone" in keep else available_backbones(weights)[:1]
+    backbones = [spec.backbone] if "backbone" in keep else measure.available_backbones(weights)[:1]
     if "backbone" not in keep and device.type == "cuda":
-        backbones = available_backbones(weights)[:3]
+        backbones = measure.available_backbones(weights)[:3]
     if not backbones:
         backbones = [spec.backbone]
     sizes = [spec.input_size] if "image_size" in keep else list(SIZES)
     candidates: list[Candidate] = []
     models: dict[str, nn.Module] = {}
     skipped: list[dict[str, Any]] = []
+    features: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     # What one pass over every image may cost, at most: a share of the budget (of the
     # default budget's cap when the user set none). Larger sizes are not even measured
     # when the speed of a smaller one says they cannot fit.
@@ -295,6 +167,9 @@ def plan(
         models[name] = model
         last: Candidate | None = None
         for size in sizes:
+            if candidates and time.monotonic() - t0 > PLAN_SHARE * horizon:
+                skipped.append({"backbone": name, "image_size": size, "reason": "planning time"})
+                continue
             if last is not None:
                 guess = last.images_per_second * (last.size / size) ** 2
                 if len(entries) / guess > max_pass:
@@ -306,8 +181,8 @@ def plan(
                         }
                     )
                     continue
-            x = _tensor(images, name, size)
-            feats, rate = _features(model, x, device)
+            x = measure.tensor(images, name, size)
+            feats, rate = measure.features(model, x, device)
             solved = fit_linear(
                 feats,
                 y,
@@ -319,6 +194,7 @@ def plan(
             score = max(solved.cv_scores.values()) if solved.cv_scores else 0.0
             last = Candidate(name, size, score, rate)
             candidates.append(last)
+            features[(name, size)] = (x, feats)
     best_score = max(c.cv_accuracy for c in candidates)
     # Cost per image: inverse speed. The cheapest within the tolerance of the best.
     good = [c for c in candidates if c.cv_accuracy >= best_score - TOLERANCE]
@@ -328,25 +204,28 @@ def plan(
     record["chosen"] = {"backbone": chosen.backbone, "image_size": chosen.size}
 
     model = models[chosen.backbone]
-    x = _tensor(images, chosen.backbone, chosen.size)
-    feats, _ = _features(model, x, device)
-    mirrored, _ = _features(model, _tensor(images, chosen.backbone, chosen.size, True), device)
-    flips = _flip_check(feats, mirrored, y, n_classes)
+    x, feats = features.pop((chosen.backbone, chosen.size))
+    features.clear()
+    mirrored, _ = measure.features(
+        model, measure.tensor(images, chosen.backbone, chosen.size, True), device
+    )
+    flips = measure.flip_check(feats, mirrored, y, n_classes)
     flip_ok = flips["accuracy"] is None or (
         flips["with_mirrored_accuracy"] >= flips["accuracy"] - FLIP_TOLERANCE
     )
     record["flip_check"] = {**flips, "hflip": flip_ok}
-    train_rate = _train_rate(model, x, n_classes, device)
+    train_rate = measure.train_rate(model, x, n_classes, device)
     del models, model
     fwd = chosen.images_per_second
 
     planning = time.monotonic() - t0
-    # Seconds of each phase at the measured speeds (decoding the cache ~ a feature pass).
+    # Seconds of each phase at the measured speeds.
     extract = (n_train + n_eval) / fwd  # the probe's features of train and validation
-    cache = 0.3 * extract
+    cache = 0.1 * extract  # decoding into the cache (small images: far below a pass)
     final_eval = n_eval / fwd
     epoch = n_train / train_rate + n_eval / fwd * 0.5  # train + validate (val ~ half of eval)
-    fixed = cache + extract + 2.0 + final_eval + EXPORT_SECONDS
+    probe = 1.0 + 0.003 * n_train  # the probe's cross-validated solves (measured: 3.3 s at 1,150)
+    fixed = cache + extract + probe + final_eval + EXPORT_SECONDS
     budget: float | None
     if deadline is not None:
         budget = float(spec.time_budget_seconds or 0)
@@ -359,7 +238,19 @@ def plan(
         wanted = spent + planning + fixed + DEFAULT_EPOCHS.get(device.type, 6) * epoch
         budget = float(math.ceil(min(cap, max(MIN_DEFAULT_BUDGET, wanted))))
         room = budget - spent - planning - fixed
-    epochs = spec.epochs if math.isinf(room) else int(max(0.0, room) // epoch)
+    # Rounded, not floored: a timed step is a noisy estimate, and fine-tuning re-fits its
+    # schedule after each epoch (an epoch that would overrun is cut at the deadline).
+    epochs = spec.epochs if math.isinf(room) else int(max(0.0, room) / epoch + 0.5)
+    max_train = None
+    if deadline is not None and room < 0:
+        # Not even one feature pass over every training image fits: the probe learns from
+        # as many as the time allows (class-balanced), the cheapest complete model.
+        affordable = n_train + room * fwd / 1.3  # the pass shrinks; the probe's fits too
+        # Never fewer than 20 a class (200 at least): below that the probe is not worth
+        # delivering, and a job that overruns its budget a little is the lesser harm.
+        max_train = max(MIN_PROBE_PER_CLASS * n_classes, 200, int(affordable))
+        if max_train >= n_train:
+            max_train = None
     record["speed"] = {
         "inference_images_per_second": round(fwd, 1),
         "train_images_per_second": round(train_rate, 1),
@@ -380,8 +271,17 @@ def plan(
         # Fine-tuning continues from the probe: a gentle start, the learning rate rising
         # from zero (quadratically) over up to two epochs, half the run at most.
         choices.update(warmup_epochs=min(2.0, choices["epochs"] / 2))
-    choices["augmentation"] = {**spec.augmentation.model_dump(), "hflip": flip_ok}
+    # Crops that keep most of the picture: a fine-tune of a few epochs on small images
+    # loses more to 35%-of-the-area crops (the `light` preset) than it learns from them.
+    crop = {"name": "random_resized_crop", "scale_min": AUTO_CROP_SCALE_MIN}
+    choices["augmentation"] = {
+        **spec.augmentation.model_dump(),
+        "hflip": flip_ok,
+        "ops": [crop, *([{"name": "hflip"}] if flip_ok else [])],
+    }
     choices["batch_size"] = 64 if device.type == "cuda" else 32
+    if max_train is not None:
+        choices["max_train_images"] = max_train
     applied = {k: v for k, v in choices.items() if k not in keep}
     if "augmentation" in keep:
         applied.pop("augmentation", None)

@@ -29,6 +29,9 @@ class Run:
     control: Control
     record: EpochRecord
     extra: dict[str, Any] = field(default_factory=dict)
+    # The probe's cached features and chosen penalty, for a refit on train + validation
+    # when the probe is the model delivered (`probe.refit_probe`).
+    probe_cache: Any = None
 
     def checkpoint(self, phase: str, epoch: int, **training: Any) -> None:
         """Hand the callbacks a resumable snapshot (CPU tensors, plain containers)."""

@@ -12,8 +12,25 @@ from torch import nn
 from core.jobspec import JobSpec
 from worker.training.callbacks import Callbacks
 from worker.training.loop import EpochStats
+from worker.training.multilabel import epoch_keys
 
-MAXIMIZE = {"val_accuracy": True, "val_macro_f1": True, "val_loss": False}
+MAXIMIZE = {
+    "val_accuracy": True,
+    "val_macro_f1": True,
+    "val_loss": False,
+    "val_map": True,  # multi-label: mean average precision, threshold-free
+    "val_micro_f1": True,
+}
+
+
+def selection_metric(config: JobSpec, multilabel: bool = False) -> str:
+    """The metric the best epoch is chosen by: the user's `early_stopping.metric`, else
+    val_accuracy. A multi-label run selects by val_map instead of val_accuracy: its
+    val_accuracy is subset accuracy at 0.5, coarse and blind to how the classes rank
+    (the thresholds are tuned after training)."""
+    es = config.early_stopping
+    metric = es.metric if es else "val_accuracy"
+    return "val_map" if multilabel and metric == "val_accuracy" else metric
 
 
 class BestEpoch:
@@ -47,10 +64,9 @@ class BestEpoch:
 class EpochRecord:
     """Every epoch's metrics in order, the best epoch, and the caller told of each."""
 
-    def __init__(self, config: JobSpec, callbacks: Callbacks):
+    def __init__(self, config: JobSpec, callbacks: Callbacks, multilabel: bool = False):
         self.config = config
-        es = config.early_stopping
-        self.best = BestEpoch(es.metric if es else "val_accuracy")
+        self.best = BestEpoch(selection_metric(config, multilabel))
         self.history: list[dict[str, Any]] = []
         self.callbacks = callbacks
 
@@ -88,15 +104,23 @@ def epoch_metrics(
     def r(x: float | None) -> float | None:
         return None if x is None or math.isnan(x) else round(float(x), 6)
 
-    return {
+    multilabel = report.get("task") == "multi-label"
+    row = {
         "epoch": epoch,
         "phase": phase,
         "train_loss": round(stats.loss, 6),
         "train_accuracy": round(stats.accuracy, 6),
         "val_loss": r(report.get("loss")),
-        "val_accuracy": r(report.get("top1_accuracy")),
+        # Multi-label: subset accuracy (every class right at 0.5), so readers of
+        # val_accuracy still get an accuracy; val_map is what selects.
+        "val_accuracy": r(report.get("subset_accuracy" if multilabel else "top1_accuracy")),
         "val_top5_accuracy": r(report.get("top5_accuracy")),
         "val_macro_f1": r(report.get("macro_f1")),
+    }
+    if multilabel:
+        row.update({k: r(v) for k, v in epoch_keys(report).items()})
+    return {
+        **row,
         "learning_rate": lr,
         "images_per_second": round(stats.images_per_second, 2),
         "loader_images_per_second": round(min(stats.loader_images_per_second, 1e9), 2),

@@ -1,0 +1,147 @@
+"""What the auto recipe measures (`recipe.py`): backbones with weights on this host, a
+class-balanced subsample decoded once, its pooled features at a candidate size and the
+inference speed they took, the training speed of a few steps, and whether mirrored copies
+help a cross-validated probe (the flip check)."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from core.backbones import BACKBONES
+from worker.training.data import resize_center_crop, to_rgb
+from worker.training.linear import fit_linear
+from worker.training.weights import WeightsSource
+
+
+def available_backbones(weights: WeightsSource | None) -> list[str]:
+    """Backbones with weights on this host (or downloads allowed), cheapest first."""
+    from core.backbones import locate_weights
+
+    src = weights or WeightsSource()
+    found = []
+    for name, spec in BACKBONES.items():
+        if src.allow_download:
+            found.append(name)
+            continue
+        hub = src.torch_hub_dir or Path(torch.hub.get_dir())
+        if src.hf_cache is None:
+            from huggingface_hub import constants
+
+            hf = Path(constants.HF_HUB_CACHE)
+        else:
+            hf = src.hf_cache
+        if locate_weights(spec, src.weights_dir, hub, hf) is not None:
+            found.append(name)
+    return sorted(found, key=lambda n: BACKBONES[n].params_m)
+
+
+def subsample(labels: np.ndarray, pool: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Up to `k` indices of `pool`, every class represented (round robin over classes)."""
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(pool[labels[pool] == c])) for c in np.unique(labels[pool])]
+    out: list[int] = []
+    while len(out) < k and any(queues):
+        for q in queues:
+            if q and len(out) < k:
+                out.append(int(q.pop()))
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def decode(archive: Path, paths: list[str], longest: int) -> list[Image.Image]:
+    """The images, RGB, shrunk (never enlarged) so their shorter side is at most `longest`."""
+    out = []
+    with zipfile.ZipFile(archive) as zf:
+        for name in paths:
+            with zf.open(name) as f, Image.open(f) as opened:
+                rgb = to_rgb(opened)  # as training and prediction convert it
+                w, h = rgb.size
+                if min(w, h) > longest:
+                    s = longest / min(w, h)
+                    rgb = rgb.resize((max(1, round(w * s)), max(1, round(h * s))))
+                out.append(rgb)
+    return out
+
+
+def tensor(images: list[Image.Image], backbone: str, size: int, flip: bool = False) -> torch.Tensor:
+    """The images as the job's eval transform makes them: resize, center crop, normalize."""
+    bb = BACKBONES[backbone]
+    resize = int(round(size / bb.crop_pct))
+    arrays = []
+    for img in images:
+        a = resize_center_crop(img, resize, bb.interpolation)
+        off = (resize - size) // 2
+        a = a[off : off + size, off : off + size]
+        arrays.append(a[:, ::-1] if flip else a)
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(bb.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bb.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def features(model: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Pooled features and the images/s it took (after a one-batch warm-up)."""
+    model.eval()
+    batch = 64
+    model(x[:8].to(device))  # warm-up: first-call allocation and kernel selection
+    t0 = time.perf_counter()
+    out = [model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = max(time.perf_counter() - t0, 1e-6)
+    return torch.cat(out), len(x) / seconds
+
+
+def train_rate(model: nn.Module, x: torch.Tensor, n_classes: int, device: torch.device) -> float:
+    """Training images/s at this input size: two timed steps after a warm-up step."""
+    head = nn.Linear(model.num_features, n_classes).to(device)  # type: ignore[arg-type]
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    model.train()
+    batch = x[:16].to(device)
+    rates = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        loss = head(model(batch)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            rates.append(len(batch) / (time.perf_counter() - t0))
+    model.eval()
+    return float(np.median(rates))
+
+
+def flip_check(feats: torch.Tensor, mirrored: torch.Tensor, y: torch.Tensor, n: int) -> dict:
+    """Do mirrored copies help or hurt? Cross-validated accuracy of the probe fitted on the
+    training folds as they are, and on the folds plus their mirror images (what flip
+    augmentation trains on), both scored on the held-out fold as it is. ImageNet features
+    are nearly mirror-invariant, so this asks the labels, not the features: a mirrored "2"
+    labelled 2 is noise for digits and a free extra picture for faces."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = y.numpy()
+    k = int(min(3, np.bincount(labels)[np.bincount(labels) > 0].min()))
+    if k < 2:
+        return {"accuracy": None, "with_mirrored_accuracy": None}
+    plain = augmented = 0
+    loss = nn.CrossEntropyLoss()
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=0).split(labels, labels):
+        a = fit_linear(feats[tr], y[tr], n, loss, penalties=(1e-2,))
+        both = torch.cat([feats[tr], mirrored[tr]])
+        b = fit_linear(both, torch.cat([y[tr], y[tr]]), n, loss, penalties=(1e-2,))
+        plain += int((a.logits(feats[te]).argmax(1) == y[te]).sum())
+        augmented += int((b.logits(feats[te]).argmax(1) == y[te]).sum())
+    return {
+        "accuracy": round(plain / len(y), 4),
+        "with_mirrored_accuracy": round(augmented / len(y), 4),
+    }
