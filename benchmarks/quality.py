@@ -321,10 +321,11 @@ def main() -> None:
         "--methods",
         nargs="+",
         choices=list(METHOD_KEYS),
-        default=list(METHOD_KEYS),
+        default=["auto", "manual", "full_ft", "logreg"],
         help="auto: the service's default (auto recipe); manual: lp_ft at 224 px as before "
         "the recipe; full_ft, logreg: the hand-written baselines. Budget 0 runs auto with "
-        "the budget it chooses itself (the others then get that wall time)",
+        "the budget it chooses itself (the others then get that wall time); search: 8 "
+        "trials in 4x the budget (not run by default)",
     )
     p.add_argument(
         "--smoke",
