@@ -95,6 +95,10 @@ def _bit_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.unpackbits(xor.view(np.uint8), axis=-1).reshape(*xor.shape, 64).sum(-1)
 
 
+# Near-duplicate groups larger than this are look-alikes, not copies (see below).
+MAX_NEAR_GROUP = 16
+
+
 def duplicate_group_ids(
     entries: Sequence[dict[str, Any]], max_bits: int = NEAR_DUPLICATE_BITS
 ) -> np.ndarray:
@@ -123,5 +127,8 @@ def duplicate_group_ids(
         union([hashed[j] for j in g])
     pictured = [i for i, e in enumerate(entries) if e.get("dhash") is not None]
     for g in near_duplicate_groups([int(entries[i]["dhash"]) for i in pictured], max_bits):
-        union([pictured[j] for j in g])
+        # A chain of hundreds of "near copies" is a look-alike class (tiny digits hash
+        # alike), not copies of one picture: kept apart, or it would swallow validation.
+        if len(g) <= MAX_NEAR_GROUP:
+            union([pictured[j] for j in g])
     return np.array([find(i) for i in range(n)], dtype=np.int64)

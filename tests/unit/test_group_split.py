@@ -217,3 +217,22 @@ def test_near_duplicate_groups_match_a_brute_force_search_with_a_crowded_bucket(
     assert sorted(map(len, found)) == sorted(n for n in expected.values() if n > 1)
     assert all(len({find(i) for i in g}) == 1 for g in found)
     assert [0, 300] in found and [300 + 40, len(hashes) - 1] in found
+
+
+def test_a_chain_of_hundreds_of_look_alikes_is_not_one_duplicate_group():
+    """Tiny images (8x8 digits) hash alike by the hundred: such a chain is a class of
+    look-alikes, not copies, and must not swallow the validation split."""
+    from core.duplicates import MAX_NEAR_GROUP, duplicate_group_ids
+
+    base = 0b1011_0110 << 8
+    chain = [
+        {"sha256": f"s{i}", "dhash": base ^ (1 << (i % 16)), "label": i % 2} for i in range(60)
+    ]
+    copies = [
+        {"sha256": "same", "dhash": 7, "label": 0},
+        {"sha256": "same", "dhash": 99, "label": 0},
+    ]
+    ids = duplicate_group_ids(chain + copies)
+    assert len(set(ids[:60].tolist())) == 60  # the look-alikes stay single images
+    assert ids[60] == ids[61]  # exact copies are still one group
+    assert MAX_NEAR_GROUP < 60
