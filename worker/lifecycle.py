@@ -1,10 +1,12 @@
 """One training attempt, as a sequence of small steps:
 
-    claim -> fetch -> prepare -> fit -> export -> publish -> finish
+    claim -> fetch -> plan -> prepare -> fit (or search) -> export -> publish -> finish
 
 `claim` takes the job by a guarded transition (or defers it, or leaves it to whoever has it);
-`fetch` brings the dataset and any checkpoint to local disk; `prepare` decodes the images;
-`fit` trains (worker/training, no DB); `export` writes the model files; `publish` uploads them;
+`fetch` brings the dataset and any checkpoint to local disk; `plan` runs the auto recipe once
+and records it on the job row (`worker/planning.py`); `prepare` decodes the images; `fit`
+trains (worker/training, no DB), or `search` runs its trials around it; `export` writes the
+model files; `publish` uploads them;
 `finish` records the one `EndReason` that `worker.ending.decide_end` chose.
 """
 

@@ -170,8 +170,12 @@ class TrialCallbacks(Callbacks):
 
 
 def _value(result: FitResult) -> float | None:
-    """The trial's validation accuracy: its best epoch's (None when no epoch finished)."""
-    value = result.best.get("val_accuracy")
+    """The trial's validation score, its best epoch's (None when no epoch finished):
+    accuracy, or for a multi-label run the metric it selects by (mAP)."""
+    metric = result.extra.get("selection_metric", "val_accuracy")
+    if metric == "val_loss":  # the study maximises: never the loss
+        metric = "val_accuracy"
+    value = result.best.get(metric)
     return None if value is None else float(value)
 
 
