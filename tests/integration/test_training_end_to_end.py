@@ -146,8 +146,15 @@ def test_report_has_the_full_evaluation(trained):
     val = report["validation"]
     assert report["classes"] == [str(i) for i in range(10)] and report["test"] is None
     n = val["num_samples"]
-    assert 280 <= n <= 290  # 20% of the 1437 uploaded digits, rounded per class
-    assert val["top1_accuracy"] == pytest.approx(final["best_metrics"]["val_accuracy"], abs=1e-6)
+    # About 20% of the 1437 uploaded digits: near copies move as one group (core/duplicates).
+    assert 0.15 * 1437 <= n <= 0.25 * 1437
+    if report["training"].get("refit"):  # a delivered probe refitted on train + validation
+        assert val["held_out"] is False
+        assert val["top1_accuracy"] >= final["best_metrics"]["val_accuracy"] - 0.01
+    else:
+        assert val["top1_accuracy"] == pytest.approx(
+            final["best_metrics"]["val_accuracy"], abs=1e-6
+        )
     assert val["top5_accuracy"] >= val["top1_accuracy"]
     assert 0 <= val["ece"] <= 1 and 0 < val["macro_f1"] <= 1
     assert len(val["per_class"]) == 10 and {"precision", "recall", "f1", "support"} <= set(
