@@ -152,7 +152,9 @@ class JobSpec(BaseModel):
     ema: bool | None = Field(
         None,
         description="evaluate and keep an exponential moving average of the weights while "
-        "fine-tuning (smoother on small validation sets; default: on)",
+        "fine-tuning (smoother on small validation sets; default: on for lp_ft, whose "
+        "average starts from the probed model; off for full and gradual, whose would start "
+        "from a random head)",
     )
     layer_decay: float | None = Field(
         None,
@@ -257,6 +259,10 @@ class JobSpec(BaseModel):
         if self.freeze_norm_stats is not None:
             return self.freeze_norm_stats
         return self.strategy == "lp_ft"
+
+    @property
+    def effective_ema(self) -> bool:
+        return self.ema if self.ema is not None else self.strategy == "lp_ft"
 
     @property
     def effective_weight_decay(self) -> float:

@@ -98,16 +98,17 @@ def regressed(run: Run, metrics: dict[str, Any]) -> bool:
 def back_off(
     run: Run, plan: LrPlan, optimizer: torch.optim.Optimizer, model: nn.Module, ema: Any, epoch: int
 ) -> None:
-    """Go back to the best weights so far, with fresh optimizer moments, at half the
-    learning rate (recorded in `extra["lr_backoffs"]`). On a dataset whose probe is already
-    strong, fine-tuning at the default rate first loses what the probe had; on one whose
-    probe is weak the same rate is what it takes to improve, and no backoff happens."""
+    """Go back to the best weights so far at half the learning rate (recorded in
+    `extra["lr_backoffs"]`). On a dataset whose probe is already strong, fine-tuning at
+    the default rate first loses what the probe had; on one whose probe is weak the same
+    rate is what it takes to improve, and no backoff happens."""
     best = run.record.best
     assert best.state is not None
     model.load_state_dict(best.state)
     if ema is not None:
         ema.module.load_state_dict(best.state)
-    optimizer.state.clear()
+    # The optimizer's moments are kept: fresh Adam moments make the first steps full-size
+    # (lr per weight) and blew up a 32-px run that the backoff was meant to calm.
     plan.scale *= 0.5
     run.extra.setdefault("lr_backoffs", []).append(
         {"after_epoch": epoch, "back_to_epoch": best.metrics.get("epoch"), "lr_scale": plan.scale}
@@ -124,7 +125,7 @@ def weight_average(config: JobSpec, model: nn.Module, steps_per_epoch: int) -> A
     """timm's ModelEmaV3 of `model`, or None (`ema: false`). Its horizon is about half an
     epoch, so the averaged model is never far behind on the short runs a time budget
     allows, and it starts from the probed model."""
-    if config.ema is False:
+    if not config.effective_ema:
         return None
     from timm.utils import ModelEmaV3
 
