@@ -9,17 +9,22 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality
+BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality explain_latency label_issues onnx_export predict_latency
 
 .PHONY: install demo serve test lint bench bench-smoke clean
 
 install: $(VENV)/.installed
 
+# The dashboard test (tests/e2e/test_dashboard.py) drives Debian's chromium through
+# playwright (the `dev` extra); no browser is downloaded. Installed when missing, as root.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[worker,demo,dev]'
+	command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "chromium is missing: the dashboard test needs Debian's chromium (as root: apt-get install chromium)"; fi
 	touch $@
 
 demo: install

@@ -1,9 +1,10 @@
 """The README's first command: the whole product, end to end, as a user would drive it.
 
 Starts the service (API + a worker child process) on the embedded default, builds a
-labeled-image dataset from scikit-learn's digits, uploads it over HTTP, submits a job,
-shows a progress bar while it trains, downloads the model, and measures its accuracy on
-held-out digits the service never saw, using only the downloaded files.
+labeled-image dataset from scikit-learn's digits, then, as a user would, through the Python
+client (`client/`) and the CLI's live bar: uploads it, submits a job, follows it, downloads
+the model, and measures its accuracy on held-out digits the service never saw, using only
+the downloaded files.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from cli.admin import announce_auth
 from cli.supervisor import exit_on_signal, stop_process
+from cli.user.jobs import live
+from client import ApiError, Client
 from core.settings import Settings, get_settings
-
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def digits_split(
@@ -58,47 +56,18 @@ def imagefolder_zip(samples: list[tuple[np.ndarray, int]], path: Path) -> Path:
     return path
 
 
-def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+def wait_ready(client: Client, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the service exited with code {proc.returncode}")
         try:
-            if client.get("/readyz").status_code == 200:
+            if client.readyz():
                 return
-        except httpx.TransportError:
+        except ApiError:
             pass
         time.sleep(0.5)
     raise RuntimeError("the service did not become ready in time")
-
-
-def follow_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    """Poll the job and draw a progress bar until it ends."""
-    bar = tqdm(total=1, unit="step", desc="queued", dynamic_ncols=True)
-    job: dict[str, Any] = {}
-    try:
-        while True:
-            job = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
-            prog = job["progress"]
-            if prog["total_steps"] and bar.total != prog["total_steps"]:
-                bar.reset(total=prog["total_steps"])
-            bar.n = prog["step"] if job["status"] != "succeeded" else bar.total
-            bar.set_description(
-                f"{job['status']}/{prog['phase'] or '-'} "
-                f"epoch {prog['epoch']}/{prog['total_epochs']}"
-            )
-            post = {}
-            if job["latest_metrics"]:
-                post["val_acc"] = f"{job['latest_metrics'].get('val_accuracy') or 0:.3f}"
-            if prog["eta_seconds"] is not None and job["status"] == "running":
-                post["eta"] = f"{prog['eta_seconds']:.0f}s"
-            bar.set_postfix(post)
-            bar.refresh()
-            if job["status"] in TERMINAL:
-                return job
-            time.sleep(0.5)
-    finally:
-        bar.close()
 
 
 def evaluate_download(model_zip: Path, held_out: list[tuple[np.ndarray, int]]) -> float:
@@ -127,11 +96,11 @@ def evaluate_download(model_zip: Path, held_out: list[tuple[np.ndarray, int]]) -
     return correct / len(held_out)
 
 
-def demo_auth(settings: Settings) -> dict[str, str]:
+def demo_auth(settings: Settings) -> str:
     """The demo's own read/write key for the default tenant (auth on), after making sure an
     admin key exists and printing it the one time it is created."""
     if not settings.auth_enabled:
-        return {}
+        return ""
     from core.db import migrate, session_scope
     from core.models import DEFAULT_TENANT, Tenant
     from core.tenancy import create_key
@@ -145,7 +114,7 @@ def demo_auth(settings: Settings) -> dict[str, str]:
         key, token = create_key(session, tenant, ["read", "write"], name="demo key")
         session.commit()
     print(f"the demo uses API key {key.id} (read, write) of tenant {DEFAULT_TENANT!r}")
-    return {"Authorization": f"Bearer {token}"}
+    return token
 
 
 def run_demo(
@@ -157,7 +126,7 @@ def run_demo(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "service.log"
     base = f"http://{host}:{port}"
-    headers = demo_auth(settings)
+    token = demo_auth(settings)
     print(f"starting the service at {base} (logs: {log_path})")
     # SIGTERM must reach `finally`, which stops the service and, through it, its workers.
     signal.signal(signal.SIGTERM, exit_on_signal)
@@ -168,59 +137,36 @@ def run_demo(
             stderr=subprocess.STDOUT,
         )
     try:
-        with httpx.Client(
-            base_url=base, timeout=60, headers=headers, follow_redirects=True
-        ) as client:
+        with Client(base, api_key=token) as client:
             wait_ready(client, proc)
             train, held_out = digits_split()
             archive = imagefolder_zip(train, demo_dir / "digits.zip")
-            with open(archive, "rb") as f:
-                resp = client.post(
-                    "/v1/datasets",
-                    files={"file": ("digits.zip", f, "application/zip")},
-                    data={"name": "sklearn-digits"},
-                )
-            resp.raise_for_status()
-            ds = resp.json()
-            print(
-                f"uploaded dataset {ds['id']}: {ds['num_images']} images "
-                f"in {ds['num_classes']} classes"
+            ds = client.datasets.upload(archive, name="sklearn-digits")
+            print(f"uploaded dataset {ds.id}: {ds.num_images} images in {ds.num_classes} classes")
+            job = client.jobs.submit(
+                ds.id,
+                backbone=backbone,
+                epochs=epochs,
+                image_size=image_size,
+                batch_size=32,
+                learning_rate=1e-3,
+                augmentation={"hflip": False},  # digits are not mirror-symmetric
             )
-
-            resp = client.post(
-                "/v1/jobs",
-                json={
-                    "dataset_id": ds["id"],
-                    "backbone": backbone,
-                    "epochs": epochs,
-                    "image_size": image_size,
-                    "batch_size": 32,
-                    "learning_rate": 1e-3,
-                    # Digits are not mirror-symmetric: no flips.
-                    "augmentation": {"hflip": False},
-                },
-            )
-            resp.raise_for_status()
-            job_id = resp.json()["id"]
+            job_id = job.id
             print(f"submitted job {job_id} ({backbone}, {epochs} epochs at {image_size}px)")
             started = time.monotonic()
-            job = follow_job(client, job_id)
+            job = live(client, job_id)
             wall = time.monotonic() - started
-            if job["status"] != "succeeded":
-                err = job.get("error") or {}
-                print(f"job {job_id} {job['status']}: {err.get('code')}: {err.get('message')}")
+            if job.status != "succeeded":
+                err = job.error
+                print(f"job {job_id} {job.status}: {err and err.code}: {err and err.message}")
                 return 1
-            best = job["best_metrics"] or {}
+            best = job.best_metrics or {}
             print(
                 f"job {job_id} succeeded in {wall:.1f}s; best validation accuracy "
                 f"{best.get('val_accuracy', 0):.3f} (epoch {best.get('epoch')})"
             )
-            model_zip = demo_dir / "model.zip"
-            with client.stream("GET", f"/v1/jobs/{job_id}/model") as r:
-                r.raise_for_status()
-                with open(model_zip, "wb") as out:
-                    for chunk in r.iter_bytes():
-                        out.write(chunk)
+            model_zip = client.jobs.download(job_id, demo_dir / "model.zip")
             accuracy = evaluate_download(model_zip, held_out)
             print(f"downloaded {model_zip} ({model_zip.stat().st_size / 1e6:.1f} MB)")
             print(f"held-out accuracy on {len(held_out)} unseen digits: {accuracy:.3f}")
@@ -229,13 +175,16 @@ def run_demo(
             )
         if not keep_running:
             return 0
-        auth = f'-H "Authorization: {headers["Authorization"]}" ' if headers else ""
+        auth = f'-H "Authorization: Bearer {token}" ' if token else ""
         print(
             f"\nthe service keeps running at {base} — try:\n"
             f"  curl {auth}{base}/v1/jobs/{job_id}\n"
             f"  curl {auth}{base}/v1/jobs/{job_id}/metrics\n"
             f"  curl -L -o model.zip {auth}{base}/v1/jobs/{job_id}/model\n"
             f"  curl {auth}-F file=@{archive} {base}/v1/datasets\n"
+            f"or the CLI (`finetune login --url {base}` first):\n"
+            f"  finetune jobs show {job_id}\n"
+            f"  finetune predict {job_id} IMAGE.png\n"
             f"open {base}/docs for the API; Ctrl-C to stop."
         )
         proc.wait()

@@ -34,8 +34,24 @@ def port_number(text: str) -> int:
     return port
 
 
+USER_COMMANDS = ("login", "logout", "whoami", "datasets", "jobs", "predict", "models")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = argv[0].split("=")[0] if argv else ""
+    if head in USER_COMMANDS or head in ("--url", "--api-key"):
+        # The user's side (typer, rich, the client): `cli/user/`. Imported only here, so the
+        # operator commands never load it.
+        from cli.user import run
+
+        return run(argv)
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description=__doc__,
+        epilog="For users of a running service: finetune login | datasets | jobs | predict | "
+        "models | whoami (each with --help).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="migrate, start worker child processes and the HTTP API")

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import queue, transitions
+from core import queue, transitions, webhook_store
 from core.backbones import BACKBONES
 from core.datasets import get_owned_dataset, locked
 from core.errors import ErrorCode, ServiceError
@@ -35,8 +35,11 @@ MODEL_FORMATS: dict[str, tuple[str, str, str]] = {
     "safetensors": ("safetensors_key", "application/octet-stream", "model.safetensors"),
     "torchscript": ("torchscript_key", "application/octet-stream", "model.torchscript.pt"),
     "metadata": ("metadata_key", "application/json", "metadata.json"),
+    "onnx": ("onnx_key", "application/octet-stream", "model.onnx"),
+    "onnx_int8": ("onnx_int8_key", "application/octet-stream", "model.int8.onnx"),
+    "card": ("card_key", "text/markdown; charset=utf-8", "README.md"),
 }
-PLOTS = ("curves", "confusion_matrix")
+PLOTS = ("curves", "confusion_matrix", "label_issues", "top_losses")
 
 
 def get_owned_job(session: Session, principal: Principal, job_id: str) -> Job:
@@ -115,6 +118,7 @@ def submit_job(
         config=config,
         total_epochs=spec.epochs,
     )
+    hook = webhook_store.job_endpoint(job, spec.webhook_url, settings)  # refused before commit
     with locked(session, Dataset, ds.id) as current:
         if current.deleted_at is not None:  # deleted since it was read above
             raise ServiceError(
@@ -122,6 +126,7 @@ def submit_job(
                 f"dataset {spec.dataset_id!r} not found; upload one with POST /v1/datasets",
             )
         session.add(job)
+        session.add_all([hook] if hook else [])
         audit(
             session,
             principal,
@@ -149,6 +154,7 @@ def _send(session: Session, job_id: str, settings: Settings) -> None:
             code=ErrorCode.BROKER_UNAVAILABLE.value,
             message=f"the job could not be queued: {exc}",
         )
+        webhook_store.notify(session, job_id, settings)
         raise ServiceError(
             ErrorCode.BROKER_UNAVAILABLE,
             f"the job queue is unreachable; job {job_id} was recorded as failed, submit again",
@@ -166,6 +172,7 @@ def cancel_job(
         raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id} has already ended ({job.status})")
     audit(session, principal, "job.cancel", "job", job_id, client, {"mode": mode})
     session.commit()
+    webhook_store.notify(session, job_id)  # job.canceled, if it was queued
     session.expire_all()
     return get_owned_job(session, principal, job_id)
 
@@ -207,7 +214,9 @@ def open_model(
             "(or was canceled with stop-and-keep, or stopped at its time limit after an epoch)",
         )
     result_key, media_type, filename = MODEL_FORMATS[fmt]
-    key = job.result[result_key]
+    key = job.result.get(result_key)
+    if not key:
+        raise ServiceError(ErrorCode.MODEL_NOT_AVAILABLE, missing_format(job, fmt))
     disposition = f'attachment; filename="{job_id}-{filename}"'
     url = store.presigned_get(key, settings.download_url_ttl_seconds, disposition, media_type)
     audit(
@@ -221,6 +230,16 @@ def open_model(
     )
     session.commit()
     return ModelFile(key, media_type, disposition, url)
+
+
+def missing_format(job: Job, fmt: str) -> str:
+    """Why a finished job's model has no file in format `fmt`."""
+    said = [w for w in (job.result or {}).get("warnings") or [] if "onnx" in w]
+    if fmt == "onnx_int8" and not said:
+        return f"job {job.id} was not asked for an int8 model (submit with export_int8: true)"
+    why = f": {said[0]}" if said else " (it was trained before this format was exported)"
+    have = [name for name, (key, _, _) in MODEL_FORMATS.items() if (job.result or {}).get(key)]
+    return f"job {job.id}'s model has no {fmt} file{why}; available: {', '.join(have)}"
 
 
 def succeeded_job(
@@ -252,6 +271,6 @@ def plot_key(
         raise ServiceError(
             ErrorCode.PLOT_NOT_AVAILABLE,
             f"plot {name!r} of job {job_id} is not drawn yet (curves after the first epoch, "
-            "the confusion matrix when the job succeeds)",
+            "the confusion matrix, label issues and top losses when the job succeeds)",
         )
     return key

@@ -199,6 +199,11 @@ class JobSpec(BaseModel):
         "over the classes (the auto recipe sets it when the time budget cannot afford a "
         "pass over all of them); default: all",
     )
+    export_int8: bool = Field(
+        False,
+        description="also ship `model.int8.onnx`: static int8 quantization calibrated on "
+        "training images, its accuracy change on the validation images recorded",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     early_stopping: EarlyStopping | None = None
     class_balance: Literal["auto", "none", "weighted_loss", "balanced_sampler"] = "auto"
@@ -285,6 +290,13 @@ class JobCreate(JobSpec):
         description="hard cap on the job's running time, all attempts together (default and "
         "maximum: the service's JOB_MAX_DURATION_SECONDS). At the limit the job stops, keeps "
         "its best model so far and ends failed with TIME_LIMIT_EXCEEDED",
+    )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^[hH][tT][tT][pP][sS]?://",
+        description="an http(s) URL that receives this job's signed events (job.running, "
+        "job.succeeded, job.failed, job.canceled); its secret is in the create response only",
     )
 
 

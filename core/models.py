@@ -195,3 +195,86 @@ class JobMetric(Base):
     val_top5_accuracy: Mapped[float | None] = mapped_column(Float)
     val_macro_f1: Mapped[float | None] = mapped_column(Float)
     loader_images_per_second: Mapped[float | None] = mapped_column(Float)
+
+
+class ModelStage(str, enum.Enum):
+    """Where a registered model stands. One `production` model per name at most: promoting
+    one archives the one before (core/registry.py)."""
+
+    NONE = "none"
+    STAGING = "staging"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
+
+
+class RegisteredModel(Base):
+    """The model of a succeeded job, in the registry: `name` version `version` of its tenant,
+    created with the job's success in the same transaction (core/registry.py)."""
+
+    __tablename__ = "models"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", "version", name="uq_models_tenant_name_version"),
+        # What `name@production` resolves to is one row, whatever two promotions race.
+        Index(
+            "uq_models_one_production",
+            "tenant_id",
+            "name",
+            unique=True,
+            postgresql_where=text("stage = 'production'"),
+            sqlite_where=text("stage = 'production'"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    stage: Mapped[str] = mapped_column(String(20), default=ModelStage.NONE.value)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant's job events are posted (core/webhooks.py). `job_id` set: the one
+    job's `webhook_url`. The secret is stored as-is: the service must sign with it."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(100))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: `pending` (due at `next_attempt_at`), then `succeeded`
+    or `failed` once its tries are spent. `attempt_log`: every try's status code or error."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attempt_log: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

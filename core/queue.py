@@ -13,6 +13,8 @@ from core.settings import Settings, get_settings
 
 TRAIN_TASK = "finetune.train_job"  # on settings.task_queue
 PREVIEW_TASK = "finetune.render_preview"  # on settings.light_queue
+EXPLAIN_TASK = "finetune.explain"  # on settings.light_queue
+WEBHOOK_TASK = "finetune.deliver_webhook"  # on settings.light_queue
 
 
 @lru_cache(maxsize=4)
@@ -75,6 +77,67 @@ def send_preview(
         PREVIEW_TASK,
         args=[dataset_id, augmentation, image_size, seed, samples],
         queue=settings.light_queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
+    )
+
+
+# What the store holds per explanation, next to its key: the API writes the input (the
+# model's crop of the decoded upload, as PNG) and the request, then the pending marker; the
+# worker writes the overlay, then the prediction (whose presence means done), or the error.
+EXPLANATION_SUFFIXES = (
+    ".input.png",
+    ".request.json",
+    ".pending",
+    ".png",
+    ".json",
+    ".error.json",
+)
+
+
+def explanations_prefix(job_id: str) -> str:
+    """The job's explanations folder (under the job's own prefix)."""
+    return f"jobs/{job_id}/explanations"
+
+
+def explanation_id(
+    pixels: bytes, shape: tuple[int, ...], target: str | None, model_key: str
+) -> str:
+    """The same image, target and model give the same id: a repeated request is served from
+    the store. `pixels` are the exact uint8 pixels the model sees, so two uploads that decode
+    to the same input (a PNG and its lossless re-encoding) share an explanation."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([list(shape), target, model_key]).encode())
+    digest.update(pixels)
+    return digest.hexdigest()[:32]
+
+
+def explanation_key(job_id: str, explanation: str) -> str:
+    """Where an explanation lives in the store, without its suffix (EXPLANATION_SUFFIXES)."""
+    return f"{explanations_prefix(job_id)}/{explanation}"
+
+
+def send_explain(job_id: str, explanation: str, settings: Settings | None = None) -> None:
+    """The worker reads what to explain from the store (`<key>.request.json`, `.input.png`)
+    and the model from the job row: only ids go through the broker."""
+    settings = settings or get_settings()
+    client(settings).send_task(
+        EXPLAIN_TASK,
+        args=[job_id, explanation],
+        queue=settings.light_queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
+    )
+
+
+def send_webhook(delivery_id: str, settings: Settings | None = None, countdown: float = 0) -> None:
+    """One try of a webhook delivery; the worker reads the rest from its row."""
+    settings = settings or get_settings()
+    client(settings).send_task(
+        WEBHOOK_TASK,
+        args=[delivery_id],
+        queue=settings.light_queue,
+        countdown=countdown or None,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )

@@ -10,7 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from core import queue, transitions
+from core import queue, transitions, webhook_store
 from core.db import session_scope
 from core.settings import Settings
 from core.storage import get_store
@@ -28,6 +28,7 @@ def reap_once(settings: Settings) -> tuple[list[str], list[str]]:
         queue.send_train(job_id, settings)
     for job_id in failed:
         log.error("job %s lost its worker on its last attempt: failed", job_id)
+        webhook_store.announce(settings, job_id)
     with session_scope(settings) as session:
         resend = transitions.resend_long_queued(session, settings.queued_resend_seconds)
     for job_id in resend:
@@ -38,6 +39,7 @@ def reap_once(settings: Settings) -> tuple[list[str], list[str]]:
         )
         queue.send_train(job_id, settings)
     sweep_checkpoints(settings)
+    webhook_store.resend_overdue(settings)
     return requeue, failed
 
 

@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
     # Request bodies other than dataset uploads (JSON) are refused past this.
     max_json_body_bytes: int = Field(default=1024**2, gt=0)
+    # One image posted to be explained (or predicted): the encoded file, before decoding
+    # (whose pixels MAX_IMAGE_PIXELS bounds, as at ingest).
+    max_image_upload_bytes: int = Field(default=20 * 1024**2, gt=0)
+    # Hosted predictions (onnxruntime in the API process): images per request, loaded
+    # models kept (an LRU), and onnxruntime's threads per model (0: one per core).
+    predict_max_images: int = Field(default=32, ge=1, le=1024)
+    predict_cache_models: int = Field(default=8, ge=1, le=1024)
+    predict_threads: int = Field(default=0, ge=0, le=256)
     # Model downloads from S3 are short-lived presigned GET URLs; PUBLIC_ENDPOINT is the
     # address clients reach S3 at when it differs from the workers' (e.g. in compose).
     download_url_ttl_seconds: int = Field(default=300, ge=10, le=7 * 24 * 3600)
@@ -132,6 +140,17 @@ class Settings(BaseSettings):
     # networks (10.0.0.0/8), `*` for any peer. Empty: none, not even loopback, so the audit
     # log records the peer that connected, never an address a client claims.
     forwarded_allow_ips: str = ""
+    # Webhooks (core/webhooks.py): private, loopback and link-local targets are refused
+    # unless allowed (tests; an intranet); tries per delivery, backoff doubling from BACKOFF.
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_seconds: float = Field(default=10.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Live events (GET /v1/jobs/{id}/events): poll period, then the stream ends after MAX
+    # and the client reconnects with Last-Event-ID.
+    events_poll_seconds: float = Field(default=1.0, ge=0.05, le=30)
+    events_max_stream_seconds: float = Field(default=300.0, ge=1, le=24 * 3600)
 
     # `finetune serve`'s embedded worker children: one that dies is started again after a
     # backoff (1 s, doubling, at most 30 s); more than WORKER_MAX_RESTARTS deaths within
@@ -317,6 +336,11 @@ class Settings(BaseSettings):
                 f"STALE_AFTER_SECONDS ({self.stale_after_seconds}) should be more than twice "
                 f"HEARTBEAT_SECONDS ({self.heartbeat_seconds}): one late beat would requeue a "
                 "live job"
+            )
+        if self.webhook_allow_private:
+            found.append(
+                "WEBHOOK_ALLOW_PRIVATE=true: tenants' webhooks may reach loopback and private "
+                "addresses of this network (the API, the database, cloud metadata)"
             )
         return found
 

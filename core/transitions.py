@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core import registry
 from core.db import utcnow
 from core.models import Job, JobMetric, JobStatus, Tenant
 from core.settings import Settings
@@ -74,16 +75,19 @@ def defer(session: Session, job_id: str) -> bool:
     return _guarded(session, job_id, CLAIMABLE, phase=WAITING_FOR_SLOT, heartbeat_at=utcnow())
 
 
-def _owned(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
-    """Update a running job only while `worker_id` still owns it."""
+def _owned(session: Session, job_id: str, worker_id: str, then: Any = None, **values: Any) -> bool:
+    """While `worker_id` owns the running job: update it, `then(session, job_id)`, commit."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+    done = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    if done and then is not None:
+        then(session, job_id)
     session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return done
 
 
 def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
@@ -367,6 +371,7 @@ def _finish(
         heartbeat_at=now,
         phase="done" if status == JobStatus.SUCCEEDED else status.value,
         eta_seconds=0.0 if status == JobStatus.SUCCEEDED else None,
+        then=registry.register if status == JobStatus.SUCCEEDED else None,
         **error,
     )
 

@@ -23,7 +23,21 @@ from service.concurrency import (
 )
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
-from service.routes import admin, backbones, datasets, health, jobs, previews
+from service.routes import (
+    admin,
+    backbones,
+    dashboard,
+    datasets,
+    events,
+    explain,
+    health,
+    jobs,
+    label_issues,
+    models,
+    predict,
+    previews,
+    webhooks,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,11 +81,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         previews.router,
         datasets.router,
         jobs.router,
+        events.router,
+        webhooks.router,
+        webhooks.deliveries_router,
+        label_issues.router,
+        predict.router,
+        models.router,
+        explain.router,
+        explain.models_router,
         backbones.router,
         admin.router,
         admin.me_router,
+        dashboard.router,
+        dashboard.page_router,
     ):
         app.include_router(router)
+    app.mount("/static", dashboard.static_files(), name="static")
     # The last added runs first: CORS (when configured), then the body limit, then auth,
     # then the tenant's upload slots (which need the tenant that auth found).
     app.add_middleware(UploadSlots, per_tenant=settings.tenant_max_concurrent_uploads)
@@ -80,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit,
         upload_max=settings.max_upload_bytes,
         other_max=settings.max_json_body_bytes,
+        image_max=settings.max_image_upload_bytes,
     )
     if settings.cors_allow_origins:
         app.add_middleware(

@@ -14,15 +14,21 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Dataset uploads may be up to `upload_max` bytes (MAX_UPLOAD_BYTES); every other
-    request body (JSON) up to `other_max` (MAX_JSON_BODY_BYTES)."""
+    """Dataset uploads may be up to `upload_max` bytes (MAX_UPLOAD_BYTES); one image posted
+    to be explained, or the images of one prediction request, up to `image_max`
+    (MAX_IMAGE_UPLOAD_BYTES); every other request body
+    (JSON) up to `other_max` (MAX_JSON_BODY_BYTES)."""
 
     UPLOAD_PATHS = ("/v1/datasets",)
+    IMAGE_PATH_SUFFIXES = ("/explain", "/predict")
 
-    def __init__(self, app: ASGIApp, upload_max: int, other_max: int) -> None:
+    def __init__(
+        self, app: ASGIApp, upload_max: int, other_max: int, image_max: int | None = None
+    ) -> None:
         self.app = app
         self.upload_max = upload_max
         self.other_max = other_max
+        self.image_max = other_max if image_max is None else image_max
 
     async def _reject(self, send: Send, limit: int, setting: str) -> None:
         exc = ServiceError(
@@ -38,6 +44,9 @@ class BodySizeLimit:
         upload = scope.get("method") == "POST" and scope.get("path") in self.UPLOAD_PATHS
         limit = self.upload_max if upload else self.other_max
         setting = "MAX_UPLOAD_BYTES" if upload else "MAX_JSON_BODY_BYTES"
+        path = str(scope.get("path") or "")
+        if scope.get("method") == "POST" and path.endswith(self.IMAGE_PATH_SUFFIXES):
+            limit, setting = self.image_max, "MAX_IMAGE_UPLOAD_BYTES"
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -1,8 +1,10 @@
 """The Celery application the workers run: `celery -A worker.celery_app worker -Q QUEUES`.
 
 Two queues: TASK_QUEUE (training, `finetune.train_job`) and LIGHT_QUEUE (short torch tasks that
-must not wait behind training: `finetune.render_preview`). A worker consumes the queues its
-`-Q` names: `-Q "$TASK_QUEUE,$LIGHT_QUEUE"` for both, or one each for separate workers.
+must not wait behind training: `finetune.render_preview`, `finetune.explain`,
+`finetune.deliver_webhook`). A worker
+consumes the queues its `-Q` names: `-Q "$TASK_QUEUE,$LIGHT_QUEUE"` for both, or one each for
+separate workers.
 
 Settings chosen for long training tasks:
 - acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost;
@@ -24,7 +26,7 @@ import threading
 
 from celery import Celery, signals
 
-from core.queue import PREVIEW_TASK
+from core.queue import EXPLAIN_TASK, PREVIEW_TASK, WEBHOOK_TASK
 from core.settings import get_settings
 
 settings = get_settings()
@@ -36,7 +38,11 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
     task_default_queue=settings.task_queue,
-    task_routes={PREVIEW_TASK: {"queue": settings.light_queue}},
+    task_routes={
+        PREVIEW_TASK: {"queue": settings.light_queue},
+        EXPLAIN_TASK: {"queue": settings.light_queue},
+        WEBHOOK_TASK: {"queue": settings.light_queue},
+    },
     broker_connection_retry_on_startup=True,
     # Redis only (kombu's SQLAlchemy transport hands its options to create_engine).
     broker_transport_options=(

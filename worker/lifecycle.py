@@ -18,12 +18,11 @@ import shutil
 import socket
 import traceback
 import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from core import transitions
+from core import transitions, webhook_store
 from core.db import session_scope
 from core.jobspec import ConfigInvalid, JobConfig, parse_job_config
 from core.models import Dataset, Job
@@ -34,14 +33,14 @@ from worker import cache
 from worker.attempt import Attempt, Claim, Trained, begin
 from worker.celery_app import SHUTTING_DOWN
 from worker.datasets import fetch_dataset
+from worker.delivery import export, publish
 from worker.ending import EndReason, Observed, decide_end
 from worker.failures import JobLost, error_code, is_transient
-from worker.planning import budget_deadline, budget_warnings, choose_recipe
+from worker.label_issues import label_issues
+from worker.planning import budget_deadline, choose_recipe
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.data import prepare
-from worker.training.export import build_metadata, export_model
 from worker.training.fit import fit
-from worker.training.plots import confusion_matrix_png
 from worker.training.search import run_search, searched_config
 from worker.training.weights import WeightsSource
 
@@ -57,6 +56,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     claimed = claim(job_id, worker_id, settings)
     if isinstance(claimed, str):
         return claimed
+    webhook_store.announce(settings, job_id)  # job.running (then how it ended, below)
     run = begin(claimed, worker_id, settings)
     try:
         with cache.in_use(settings, claimed.dataset_id):  # not evicted while the job reads it
@@ -64,6 +64,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     finally:
         run.heartbeat.stopped.set()
         shutil.rmtree(run.workdir, ignore_errors=True)
+        webhook_store.announce(settings, job_id)
 
 
 def claim(job_id: str, worker_id: str, settings: Settings) -> Claim | str:
@@ -221,8 +222,11 @@ def finish(run: Attempt, reason: EndReason, seen: Observed, trained: Trained | N
         discard(run, reason)
     else:
         assert trained is not None and reason.keeps_model
-        files = export(run, trained)
-        outcome = publish(run, trained, files)
+        # The model files, their checks and what else a finished job delivers:
+        # worker/delivery.py.
+        files, warned = export(run, trained)
+        trained.result.extra["label_issues"] = label_issues(run, trained, reason)
+        outcome = publish(run, trained, files, warned)
         record_model(run, reason, trained, outcome)
     return reason.status
 
@@ -312,56 +316,6 @@ def discard(run: Attempt, reason: EndReason) -> None:
             transitions.finish_time_limited(s, run.job_id, run.worker_id, None, message)
     drop_checkpoints(run)
     log.info("job %s %s; nothing kept", run.job_id, reason.value)
-
-
-def export(run: Attempt, trained: Trained) -> dict[str, Path]:
-    """The model files, on local disk, and the confusion-matrix plot."""
-    run.reporter.on_phase("exporting")
-    result = trained.result
-    provenance = {
-        "job_id": run.job_id,
-        "dataset_id": run.claim.dataset_id,
-        "dataset_sha256": run.claim.dataset_sha,
-    }
-    thresholds = result.extra.get("thresholds")  # multi-label only
-    metadata = build_metadata(
-        trained.config, result.classes, result.best, provenance, thresholds=thresholds
-    )
-    files = export_model(result.model, metadata, run.workdir / "model")
-    validation = result.report.get("validation", {})
-    # A multi-label report has no confusion matrix (an image may have several classes).
-    if thresholds is None and "confusion_matrix" in validation:
-        run.store.put_bytes(
-            f"jobs/{run.job_id}/plots/confusion_matrix.png",
-            confusion_matrix_png(validation["confusion_matrix"], result.classes),
-        )
-    return files
-
-
-def publish(run: Attempt, trained: Trained, files: dict[str, Path]) -> dict[str, Any]:
-    """Upload the model files; the outcome the job row records."""
-    keys = {}
-    for name, path in files.items():
-        keys[name] = key = f"jobs/{run.job_id}/model/{name}"
-        run.store.put_file(key, path)
-    result = trained.result
-    return {
-        "bundle_key": keys["model.zip"],
-        "safetensors_key": keys["model.safetensors"],
-        "torchscript_key": keys["model.torchscript.pt"],
-        "metadata_key": keys["metadata.json"],
-        "best": result.best,
-        "report": result.report,
-        "training": {
-            **result.extra,
-            "stopped_reason": result.stopped_reason,
-            "checkpoint_seconds": [round(t, 3) for t in run.reporter.checkpoint_seconds],
-        },
-        "classes": result.classes,
-        "device": result.device,
-        "split": trained.data.split,
-        "warnings": budget_warnings(trained),
-    }
 
 
 def record_model(

@@ -1,5 +1,6 @@
 """The Celery tasks, by the names the API sends (core/queue.py). Each is one call into the
-worker's glue: worker/lifecycle.py trains a job, worker/preview.py renders a preview."""
+worker's glue: worker/lifecycle.py trains a job, worker/preview.py renders a preview,
+worker/explain.py explains a prediction, worker/webhooks.py posts a webhook."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from typing import Any
 
 from celery.exceptions import Reject
 
-from core.queue import PREVIEW_TASK, TRAIN_TASK
+from core.queue import EXPLAIN_TASK, PREVIEW_TASK, TRAIN_TASK, WEBHOOK_TASK
 from worker.celery_app import SHUTTING_DOWN, app
+from worker.explain import explain_to_store
 from worker.lifecycle import run_job
 from worker.preview import render_to_store
+from worker.webhooks import deliver
 
-__all__ = ["render_preview", "run_job", "train_job"]
+__all__ = ["deliver_webhook", "explain", "render_preview", "run_job", "train_job"]
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +38,13 @@ def render_preview(
     dataset_id: str, augmentation: dict[str, Any], image_size: int, seed: int, samples: int
 ) -> None:
     render_to_store(dataset_id, augmentation, image_size, seed, samples)
+
+
+@app.task(name=EXPLAIN_TASK)
+def explain(job_id: str, explanation: str) -> None:
+    explain_to_store(job_id, explanation)
+
+
+@app.task(name=WEBHOOK_TASK)
+def deliver_webhook(delivery_id: str) -> None:
+    deliver(delivery_id)

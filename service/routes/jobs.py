@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from core import jobs
+from core import jobs, webhook_store
 from core.models import Job, JobStatus
+from core.storage import ObjectStore
 from service.deps import (
     LimitsDep,
     Offset,
@@ -34,11 +35,34 @@ from service.schemas import (
     MetricsPublic,
     job_public,
 )
+from service.webhook_schemas import JobCreated
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
+# What `?format=` downloads (core.jobs.MODEL_FORMATS), here and in the model registry.
+# The names of core.jobs.MODEL_FORMATS.
+ModelFormat = Literal["zip", "safetensors", "onnx", "onnx_int8", "torchscript", "metadata", "card"]
+MODEL_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/zip": {}, "application/octet-stream": {}}},
+    307: {"description": "S3 storage: a short-lived presigned GET URL in `Location`"},
+}
 
-@router.post("", status_code=201, response_model=JobPublic)
+
+def model_response(store: ObjectStore, model: jobs.ModelFile) -> Response:
+    """A 307 to the presigned URL (S3), or the file streamed by the API (local storage)."""
+    if model.url is not None:
+        return RedirectResponse(model.url, status_code=307, headers={"Cache-Control": "no-store"})
+    return StreamingResponse(
+        store.iter_chunks(model.key),
+        media_type=model.media_type,
+        headers={
+            "Content-Disposition": model.disposition,
+            "Content-Length": str(store.size(model.key)),
+        },
+    )
+
+
+@router.post("", status_code=201, response_model=JobCreated)
 def create_job(
     request: Request,
     body: JobCreate,
@@ -46,10 +70,12 @@ def create_job(
     limits: LimitsDep,
     session: SessionDep,
     settings: SettingsDep,
-) -> JobPublic:
-    """Queue a fine-tuning job. The row is committed first, then the task is sent by name."""
+) -> JobCreated:
+    """Queue a fine-tuning job. The row is committed first, then the task is sent by name.
+    With `webhook_url`, the answer carries its signing secret (`webhook_secret`), once."""
     job = jobs.submit_job(session, principal, limits, body, settings, client_of(request))
-    return job_public(job)
+    secret = webhook_store.job_secret(session, job.id) if body.webhook_url else None
+    return JobCreated(**job_public(job).model_dump(), webhook_secret=secret)
 
 
 @router.get("", response_model=JobsPublic)
@@ -82,14 +108,7 @@ def read_job_metrics(job_id: PathId, principal: ReadDep, session: SessionDep) ->
     return MetricsPublic(data=data, count=len(data))
 
 
-@router.get(
-    "/{job_id}/model",
-    response_class=StreamingResponse,
-    responses={
-        200: {"content": {"application/zip": {}, "application/octet-stream": {}}},
-        307: {"description": "S3 storage: a short-lived presigned GET URL in `Location`"},
-    },
-)
+@router.get("/{job_id}/model", response_class=StreamingResponse, responses=MODEL_DOWNLOAD_RESPONSES)
 def download_model(
     request: Request,
     job_id: PathId,
@@ -97,22 +116,13 @@ def download_model(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
-    format: Literal["zip", "safetensors", "torchscript", "metadata"] = "zip",  # noqa: A002
+    format: ModelFormat = "zip",  # noqa: A002
 ) -> Response:
     """The trained model. `zip` bundles safetensors weights, metadata.json and TorchScript.
     With S3 storage the answer is a 307 to a presigned URL valid DOWNLOAD_URL_TTL_SECONDS,
     issued only after the ownership check; with local storage the API streams the file."""
     model = jobs.open_model(session, store, settings, principal, job_id, format, client_of(request))
-    if model.url is not None:
-        return RedirectResponse(model.url, status_code=307, headers={"Cache-Control": "no-store"})
-    return StreamingResponse(
-        store.iter_chunks(model.key),
-        media_type=model.media_type,
-        headers={
-            "Content-Disposition": model.disposition,
-            "Content-Length": str(store.size(model.key)),
-        },
-    )
+    return model_response(store, model)
 
 
 @router.get("/{job_id}/report", response_model=JobReport)

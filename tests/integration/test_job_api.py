@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers import imagefolder_zip
+from tests.helpers import imagefolder_zip, noise_image, png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +94,10 @@ def test_model_of_an_unfinished_job_is_a_409(api, dataset_id):
     job = api.post("/v1/jobs", json={"dataset_id": dataset_id}).json()
     resp = api.get(f"/v1/jobs/{job['id']}/model")
     assert resp.status_code == 409 and resp.json()["error_code"] == "MODEL_NOT_AVAILABLE"
+    image = ("files", ("x.png", png_bytes(noise_image(0)), "image/png"))
+    resp = api.post(f"/v1/jobs/{job['id']}/predict", files=[image])
+    assert resp.status_code == 409 and resp.json()["error_code"] == "MODEL_NOT_AVAILABLE"
+    assert "queued" in resp.json()["detail"]
 
 
 def test_list_jobs_paginates_and_filters_by_status(api, dataset_id):

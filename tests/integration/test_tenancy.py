@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from core import transitions
+from core import transitions, webhook_store
 from core.db import session_scope
 from core.models import DEFAULT_TENANT, Tenant
 from core.tenancy import create_key
@@ -224,6 +224,14 @@ def two_tenants(client, operator_token, env):
             },
         )
         assert transitions.claim(s, running, "w-b2")
+    (model,) = client.get("/v1/models", headers=bearer(key_b)).json()["data"]
+    # A public address literal: accepted without DNS; no worker reads this queue.
+    hook = client.post(
+        "/v1/webhooks", json={"url": "https://93.184.215.14/b"}, headers=bearer(key_b)
+    )
+    assert hook.status_code == 201, hook.text
+    with session_scope() as s:
+        (delivery,) = webhook_store.emit(s, finished)  # its job.succeeded, for B's endpoint
     return {
         "a": key_a,
         "b": key_b,
@@ -231,6 +239,9 @@ def two_tenants(client, operator_token, env):
         "ds": ds["id"],
         "job": finished,
         "running": running,
+        "model": model["id"],  # its registry entry (core/registry.py)
+        "webhook": hook.json()["id"],
+        "delivery": delivery,
     }
 
 
@@ -243,9 +254,26 @@ MATRIX = [
     ("GET", "/v1/jobs/{job_id}", None),
     ("GET", "/v1/jobs/{job_id}/metrics", None),
     ("GET", "/v1/jobs/{job_id}/model", None),
+    ("GET", "/v1/jobs/{job_id}/model/link", None),
     ("GET", "/v1/jobs/{job_id}/report", None),
     ("GET", "/v1/jobs/{job_id}/plots/{name}.png", None),
+    ("GET", "/v1/jobs/{job_id}/label-issues", None),
     ("POST", "/v1/jobs/{job_id}/cancel", {"mode": "discard"}),
+    ("POST", "/v1/jobs/{job_id}/explain", None),
+    ("GET", "/v1/jobs/{job_id}/explanations/{explanation_id}", None),
+    ("GET", "/v1/jobs/{job_id}/explanations/{explanation_id}.png", None),
+    ("GET", "/v1/models/{ref}", None),
+    ("PATCH", "/v1/models/{ref}", {"stage": "archived"}),
+    ("GET", "/v1/models/{ref}/download", None),
+    ("POST", "/v1/jobs/{job_id}/predict", None),
+    ("POST", "/v1/models/{ref}/predict", None),
+    ("POST", "/v1/models/{ref}/explain", None),
+    ("GET", "/v1/jobs/{job_id}/events", None),
+    ("GET", "/v1/jobs/{job_id}/webhook-deliveries", None),
+    ("GET", "/v1/webhooks/{webhook_id}", None),
+    ("DELETE", "/v1/webhooks/{webhook_id}", None),
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries", None),
+    ("POST", "/v1/webhook-deliveries/{delivery_id}/redeliver", None),
 ]
 
 
@@ -265,16 +293,31 @@ def test_another_tenants_objects_answer_404_on_every_route(
 ):
     t = two_tenants
     job = t["running"] if template.endswith("/cancel") else t["job"]
-    path = template.format(dataset_id=t["ds"], job_id=job, name="curves")
+    path = template.format(
+        dataset_id=t["ds"],
+        job_id=job,
+        name="curves",
+        ref=t["model"],
+        explanation_id="0" * 32,
+        webhook_id=t["webhook"],
+        delivery_id=t["delivery"],
+    )
     resp = client.request(method, path, json=body, headers=bearer(t["a"]))
     assert resp.status_code == 404, resp.text
-    assert resp.json()["error_code"] in ("DATASET_NOT_FOUND", "JOB_NOT_FOUND")
+    assert resp.json()["error_code"] in (
+        "DATASET_NOT_FOUND",
+        "JOB_NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        "WEBHOOK_NOT_FOUND",
+        "DELIVERY_NOT_FOUND",
+    )
     assert "b-secret-name" not in resp.text and "location" not in resp.headers
     if method == "GET":  # the owner is answered (a 404 for the plot not drawn is its own code)
         own = client.get(path, headers=bearer(t["b"]), follow_redirects=False)
         # 202: a preview being rendered
         assert own.status_code in (200, 202, 307, 409) or (
-            own.status_code == 404 and own.json()["error_code"] == "PLOT_NOT_AVAILABLE"
+            own.status_code == 404
+            and own.json()["error_code"] in ("PLOT_NOT_AVAILABLE", "EXPLANATION_NOT_FOUND")
         ), (path, own.text)
 
 

@@ -176,3 +176,114 @@ def test_plots_are_served_as_png(trained, name):
     assert image.format == "PNG" and image.width > 300 and image.height > 200
     missing = client.get(f"/v1/jobs/{job_id}/plots/roc.png")
     assert missing.status_code == 404 and "curves" in missing.json()["detail"]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims side x side pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_hosted_predictions_equal_onnxruntime_run_locally_on_the_downloaded_file(trained):
+    """The route answers what the bundle's model.onnx gives with onnxruntime and numpy alone
+    (the README's snippet): the same top class and probabilities, one image or a batch."""
+    import onnxruntime as ort
+
+    client, job_id, _, _, out, held_out = trained
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["onnx"]["top1_agreement"] == 1.0 and meta["onnx"]["max_abs_logit_diff"] <= 1e-3
+    assert (out / "README.md").read_text().startswith("# Model card")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    samples = held_out[:12]
+    files = [("files", (f"d{i}.png", _png(img), "image/png")) for i, (img, _) in enumerate(samples)]
+    resp = client.post(f"/v1/jobs/{job_id}/predict", files=files, params={"top_k": 3})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["count"] == 12 and body["task"] == "single-label" and body["input_size"] == 64
+
+    size, resize = meta["input_size"][1], meta["resize_size"]
+    off = int(round((resize - size) / 2))
+    mean = np.array(meta["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.array(meta["std"], np.float32).reshape(1, 3, 1, 1)
+    crops = [
+        np.asarray(
+            Image.fromarray(img)
+            .convert("RGB")
+            .resize((resize, resize), Image.Resampling.BICUBIC)
+            .crop((off, off, off + size, off + size))
+        )
+        for img, _ in samples
+    ]
+    x = (np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255 - mean) / std
+    (logits,) = session.run(None, {"input": x})
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    correct = 0
+    for i, item in enumerate(body["data"]):
+        assert item["filename"] == f"d{i}.png" and len(item["top"]) == 3
+        best = item["top"][0]
+        assert best["label"] == meta["class_names"][int(probs[i].argmax())]
+        assert best["probability"] == pytest.approx(float(probs[i].max()), abs=1e-4)
+        assert [t["probability"] for t in item["top"]] == sorted(
+            (t["probability"] for t in item["top"]), reverse=True
+        )
+        correct += best["label"] == str(samples[i][1])
+    assert correct >= 9  # the model learned (chance is 1 in 10)
+    # The same model through the registry: by id, by name@version, by name@production.
+    models = client.get("/v1/models", params={"limit": 500}).json()["data"]
+    (model,) = [m for m in models if m["job_id"] == job_id]
+    ref = f"{model['name']}@{model['version']}"
+    patched = client.patch(f"/v1/models/{model['id']}", json={"stage": "production"})
+    assert patched.status_code == 200, patched.text
+    for alias in (model["id"], ref, f"{model['name']}@production"):
+        via = client.post(f"/v1/models/{alias}/predict", files=files, params={"top_k": 3})
+        assert via.status_code == 200 and via.json()["data"] == body["data"], alias
+    one = client.post(f"/v1/jobs/{job_id}/predict", files=files[:1]).json()
+    assert one["data"][0]["top"][0] == body["data"][0]["top"][0] and len(one["data"][0]["top"]) == 5
+
+    onnx = client.get(f"/v1/jobs/{job_id}/model", params={"format": "onnx"})
+    assert onnx.status_code == 200 and onnx.content == (out / "model.onnx").read_bytes()
+    card = client.get(f"/v1/jobs/{job_id}/model", params={"format": "card"})
+    assert card.status_code == 200 and "## Limitations" in card.text
+    int8 = client.get(f"/v1/jobs/{job_id}/model", params={"format": "onnx_int8"})
+    assert int8.status_code == 409 and "export_int8" in int8.json()["detail"]
+
+
+def test_hostile_or_wrong_images_on_predict_are_a_4xx_naming_the_file(trained):
+    client, job_id, _, _, _, held_out = trained
+    good = ("files", ("good.png", _png(held_out[0][0]), "image/png"))
+    truncated = _png(np.full((64, 64), 128, np.uint8))[:60]
+    cases = [
+        ("notes.txt", b"just some text", "not a readable image"),
+        ("bomb.png", png_bomb(), "decompression bomb"),
+        ("cut.png", truncated, "corrupt or truncated"),
+        ("empty.png", b"", "empty"),
+    ]
+    for name, data, reason in cases:
+        resp = client.post(
+            f"/v1/jobs/{job_id}/predict", files=[good, ("files", (name, data, "image/png"))]
+        )
+        assert resp.status_code == 422, (name, resp.text)
+        body = resp.json()
+        assert body["error_code"] == "IMAGE_INVALID" and name in body["detail"], body
+        assert reason in body["detail"] and "JPEG, PNG" in body["detail"]
+    many = [good] * 33
+    resp = client.post(f"/v1/jobs/{job_id}/predict", files=many)
+    assert resp.status_code == 422 and "PREDICT_MAX_IMAGES" in resp.json()["detail"]
+    assert client.post(f"/v1/jobs/{job_id}/predict").status_code == 422  # no file at all
+    missing = client.post("/v1/jobs/job_nothere/predict", files=[good])
+    assert missing.status_code == 404 and missing.json()["error_code"] == "JOB_NOT_FOUND"

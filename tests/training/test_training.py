@@ -1,7 +1,9 @@
 """The training library on its own: no Celery, no database, no network."""
 
 import json
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +12,13 @@ from core.jobspec import Augmentation, JobSpec
 from tests.helpers import digits_samples, digits_zip, ingest_bytes
 from worker.training.callbacks import Callbacks
 from worker.training.data import prepare, stratified_split
-from worker.training.export import build_metadata, export_model, load_model, preprocess
+from worker.training.export import (
+    build_metadata,
+    export_checks,
+    export_model,
+    load_model,
+    preprocess,
+)
 from worker.training.fit import fit
 
 
@@ -70,15 +78,39 @@ def test_progress_flows_out_through_callbacks(digits_run):
         assert metrics["loader_images_per_second"] > 0
 
 
-def test_exported_safetensors_and_torchscript_give_the_same_predictions(digits_run):
+def test_exported_safetensors_onnx_and_torchscript_give_the_same_predictions(digits_run):
+    import onnxruntime as ort
+
     config, data, result, _, held_out, tmp = digits_run
     metadata = build_metadata(config, result.classes, result.best, {})
-    paths = export_model(result.model, metadata, tmp / "model")
+    checks = export_checks(data, config)
+    paths, warned = export_model(
+        result.model, metadata, tmp / "model", checks, int8=True, card=lambda m: "# card\n"
+    )
+    assert warned == []
     assert {p.name for p in paths.values()} >= {
         "model.safetensors",
+        "model.onnx",
+        "model.int8.onnx",
         "metadata.json",
         "model.torchscript.pt",
+        "README.md",
     }
+    written = json.loads(paths["metadata.json"].read_text())
+    assert written["onnx"]["top1_agreement"] == 1.0
+    assert written["onnx"]["max_abs_logit_diff"] <= 1e-3
+    assert written["onnx"]["checked_images"] == len(checks.images) > 0
+    if config.augmentation.hflip:  # flip TTA was measured, and shipped only if it helped
+        tta = written["tta_check"]
+        assert written.get("tta") == ("hflip" if tta["use"] else None)
+        assert tta["use"] == (
+            tta["accuracy_hflip"] >= tta["accuracy"] + 0.005 and tta["loss_hflip"] < tta["loss"]
+        )
+    else:
+        assert "tta" not in written
+    int8 = written["onnx_int8"]
+    assert int8["bytes"] < int8["fp32_bytes"] / 2  # int8 weights: about a quarter
+    assert abs(int8["accuracy_change"]) < 0.2 and int8["top1_agreement_with_fp32"] > 0.7
 
     rebuilt, meta = load_model(tmp / "model")
     scripted = torch.jit.load(str(paths["model.torchscript.pt"])).eval()
@@ -87,10 +119,29 @@ def test_exported_safetensors_and_torchscript_give_the_same_predictions(digits_r
     with torch.no_grad():
         a, b = rebuilt(batch), scripted(batch)
     assert torch.allclose(a, b, atol=1e-4)
+    # The ONNX file, fed by the API's numpy preprocessing, gives the same logits; any batch.
+    session = ort.InferenceSession(str(paths["model.onnx"]), providers=["CPUExecutionProvider"])
+    for n in (1, 3, 64):
+        (c,) = session.run(None, {"input": batch[:n].numpy()})
+        assert np.abs(c - a[:n].numpy()).max() < 1e-3
     labels = [meta["class_names"][i] for i in a.argmax(1).tolist()]
     accuracy = sum(p == str(y) for p, (_, y) in zip(labels, held_out[:64], strict=True)) / 64
     assert accuracy > 0.5
     assert json.loads((tmp / "model" / "metadata.json").read_text())["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_an_onnx_file_that_disagrees_is_left_out_and_said_so(digits_run, monkeypatch):
+    from worker.training import onnx_export
+
+    config, data, result, _, _, tmp = digits_run
+    monkeypatch.setattr(onnx_export, "MAX_LOGIT_DIFF", -1.0)  # nothing can pass
+    metadata = build_metadata(config, result.classes, result.best, {})
+    paths, warned = export_model(result.model, metadata, tmp / "bad", export_checks(data, config))
+    assert "model.onnx" not in paths and not (tmp / "bad" / "model.onnx").exists()
+    assert warned and "onnxruntime disagrees with PyTorch" in warned[0]
+    assert "OnnxMismatch" in metadata["onnx"]["error"]
+    with zipfile.ZipFile(paths["model.zip"]) as zf:
+        assert "model.onnx" not in zf.namelist() and "model.safetensors" in zf.namelist()
 
 
 def test_preprocess_matches_the_validation_transform(digits_run):

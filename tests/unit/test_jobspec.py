@@ -17,6 +17,7 @@ def test_the_request_body_is_the_spec_plus_the_job_envelope():
     assert set(JobCreate.model_fields) - set(JobSpec.model_fields) == {
         "dataset_id",
         "max_duration_seconds",
+        "webhook_url",
     }
     assert set(JobConfig.model_fields) - set(JobCreate.model_fields) == {
         "dataset_sha256",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("core", "service", "worker", "cli")
+PACKAGES = ("core", "service", "worker", "cli", "client")
 MAX_MODULE_LINES = 400
 
 

@@ -29,6 +29,8 @@ json.dump({
     "warnings": s.warnings(),
     "tasks": sorted(t for t in app.tasks if t.startswith("finetune.")),
     "preview_queue": app.amqp.router.route({}, "finetune.render_preview")["queue"].name,
+    "explain_queue": app.amqp.router.route({}, "finetune.explain")["queue"].name,
+    "webhook_queue": app.amqp.router.route({}, "finetune.deliver_webhook")["queue"].name,
     "train_queue": app.amqp.router.route({}, "finetune.train_job")["queue"].name,
 }, sys.stdout)
 """
@@ -62,8 +64,14 @@ def test_the_worker_runs_with_late_acks_prefetch_one_and_a_long_visibility_timeo
 
 def test_previews_are_routed_to_the_light_queue_and_training_to_the_task_queue():
     conf = probe(TASK_QUEUE="heavy-q", LIGHT_QUEUE="light-q")
-    assert conf["tasks"] == ["finetune.render_preview", "finetune.train_job"]
+    assert conf["tasks"] == [
+        "finetune.deliver_webhook",
+        "finetune.explain",
+        "finetune.render_preview",
+        "finetune.train_job",
+    ]
     assert conf["preview_queue"] == "light-q" and conf["train_queue"] == "heavy-q"
+    assert conf["explain_queue"] == "light-q" and conf["webhook_queue"] == "light-q"
 
 
 def test_a_visibility_timeout_shorter_than_the_hard_limit_is_warned_about():

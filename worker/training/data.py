@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from core.duplicates import duplicate_group_ids
+from core.imaging import resize_center_crop, to_rgb  # noqa: F401  (re-exported)
 from core.jobspec import JobSpec
 from worker.training.augment import eval_transform, train_transform
 from worker.training.multilabel import targets_matrix
@@ -28,33 +29,6 @@ from worker.training.multilabel import targets_matrix
 log = logging.getLogger(__name__)
 
 MULTI_LABEL = "multi-label"  # an index's `task` (service/ingest/manifest.py)
-
-_INTERP = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-}
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """The one conversion used at ingest, training and prediction: EXIF orientation applied,
-    palette/alpha/CMYK/grayscale to RGB (transparent pixels composited on white)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def resize_center_crop(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Shorter side to `size`, then the central size x size square, as uint8 HWC."""
-    img = to_rgb(img)
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), _INTERP.get(interpolation, Image.Resampling.BICUBIC))
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def build_image_cache(

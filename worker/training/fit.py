@@ -46,6 +46,10 @@ class FitResult:
     stopped_reason: str | None = None  # "callback", "time_budget", "early_stopping"
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    # Kept for what follows training (`label_issues.py`), never serialised: the probe's
+    # cached features (`Run.probe_cache`) and the validation (logits, targets).
+    probe_cache: Any = None
+    val_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -112,6 +116,8 @@ def fit(
         stopped_reason=control.reason,
         device=str(runtime.device),
         extra=run.extra,
+        probe_cache=run.probe_cache,
+        val_logits=run.val_outputs,
     )
 
 
@@ -163,6 +169,8 @@ def final_report(model: nn.Module, run: Run) -> dict[str, Any]:
             continue
         loader = run.runtime.loader(dataset, config.batch_size * 2, pin_memory=False)
         logits, targets = predict(model, loader, torch.device("cpu"))
+        if name == "validation":
+            run.val_outputs = (logits, targets)
         if data.multilabel and name == "validation":
             thresholds = multilabel.tune_thresholds(logits.sigmoid(), targets)
         report[name] = evaluate(logits, targets, data.classes, data.multilabel, thresholds)

@@ -32,6 +32,9 @@ class Run:
     # The probe's cached features and chosen penalty, for a refit on train + validation
     # when the probe is the model delivered (`probe.refit_probe`).
     probe_cache: Any = None
+    # The delivered model's (validation logits, targets), from the final report: the top
+    # losses (`label_issues.py`) reuse them instead of another pass.
+    val_outputs: Any = None
 
     def checkpoint(self, phase: str, epoch: int, **training: Any) -> None:
         """Hand the callbacks a resumable snapshot (CPU tensors, plain containers)."""

@@ -1,0 +1,140 @@
+"""The ONNX export of every backbone, checked as a job checks it (issue 13's targets).
+
+For each backbone: ImageNet weights when this host has them (else the same architecture
+with random weights, said in the table: the exporter sees the same graph), a 10-class head
+fitted in one step of least squares on pooled features so the logits are not all alike,
+exported at its default input size with `worker.training.onnx_export.export_onnx`, then
+compared with PyTorch on real images (scikit-image's `data` pictures and scikit-learn's
+digits, resized and normalised as in evaluation): top-1 agreement (target 100%) and the
+largest absolute logit difference (target <= 1e-3). With `--int8`, the static int8 copy's
+agreement with fp32 and its size.
+
+    .venv/bin/python benchmarks/onnx_export.py [--backbones a,b] [--images 64] [--int8]
+        [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from core import imaging  # noqa: E402
+from core.backbones import BACKBONES  # noqa: E402
+from core.jobspec import JobSpec  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.weights import weights_on_host  # noqa: E402
+from worker.training.backbones import create_model  # noqa: E402
+from worker.training.export import build_metadata  # noqa: E402
+from worker.training.onnx_export import OnnxMismatch, export_onnx, quantize_int8  # noqa: E402
+
+
+def real_images(n: int) -> list[Image.Image]:
+    from skimage import data
+    from sklearn.datasets import load_digits
+
+    pictures = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon"):
+        arr = getattr(data, name)()
+        pictures.append(Image.fromarray(arr))
+    digits = load_digits().images
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:  # a random crop of a picture
+            img = pictures[i // 2 % len(pictures)]
+            w, h = img.size
+            s = int(min(w, h) * rng.uniform(0.3, 1.0))
+            x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+            out.append(img.crop((x, y, x + s, y + s)))
+        else:
+            d = (digits[i % len(digits)] * 16).clip(0, 255).astype(np.uint8)
+            out.append(Image.fromarray(d))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="lite0 at 64 px, 8 images")
+    args = parser.parse_args()
+    names = args.backbones.split(",")
+    size_override = None
+    if args.smoke:
+        names, args.images, size_override = ["efficientnet_lite0"], 8, 64
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    settings = Settings(database_url="", broker_url="")
+    pictures = real_images(args.images)
+    rows, failed = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            spec = BACKBONES[name]
+            pretrained = weights_on_host(spec, settings) is not None
+            model = create_model(name, 10, pretrained=pretrained).eval()
+            config = JobSpec(backbone=name, image_size=size_override or spec.input_size)
+            meta = build_metadata(config, [str(i) for i in range(10)], {}, {})
+            batch = imaging.preprocess(pictures, meta)
+            with torch.no_grad():  # a head that separates the pictures: distinct logits
+                feats = model.forward_head(
+                    model.forward_features(torch.from_numpy(batch)), pre_logits=True
+                )
+                target = torch.nn.functional.one_hot(torch.arange(len(batch)) % 10, 10).float()
+                w = torch.linalg.lstsq(feats, target).solution
+                head = model.get_classifier()
+                head.weight.copy_(w.T * 10)
+                head.bias.zero_()
+            path = Path(tmp) / f"{name}.onnx"
+            started = time.perf_counter()
+            try:
+                info = export_onnx(model, config.input_size, path, batch)
+                ok = "yes"
+            except OnnxMismatch as exc:
+                info, ok, failed = {"error": str(exc)}, "NO", failed + 1
+            row = {
+                "backbone": name,
+                "weights": "ImageNet" if pretrained else "random",
+                "size": config.input_size,
+                "export_s": time.perf_counter() - started,
+                "ok": ok,
+                **info,
+            }
+            if args.int8 and ok == "yes":
+                q = quantize_int8(path, Path(tmp) / f"{name}.int8.onnx", batch[:32], batch, None)
+                row["int8_agree"] = q["top1_agreement_with_fp32"]
+                row["int8_ratio"] = q["bytes"] / q["fp32_bytes"]
+            rows.append(row)
+            print(row, flush=True)
+    print()
+    print(
+        "| backbone | weights | px | exporter | export s | top-1 agreement | max abs logit diff |"
+        + (" int8 agreement | int8 size |" if args.int8 else "")
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.int8 else ""))
+    for r in rows:
+        agree = f"{100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "FAILED"
+        diff = f"{r['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in r else r["error"]
+        line = (
+            f"| {r['backbone']} | {r['weights']} | {r['size']} | {r.get('exporter', '-')} "
+            f"| {r['export_s']:.1f} | {agree} | {diff} |"
+        )
+        if args.int8:
+            line += f" {100 * r.get('int8_agree', 0):.1f}% | {r.get('int8_ratio', 0):.2f}× |"
+        print(line)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
