@@ -9,14 +9,15 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality explain_latency label_issues onnx_export predict_latency
+BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality explain_latency label_issues onnx_export predict_latency api_load
 
 .PHONY: install demo serve test lint bench bench-smoke clean
 
 install: $(VENV)/.installed
 
 # The dashboard test (tests/e2e/test_dashboard.py) drives Debian's chromium through
-# playwright (the `dev` extra); no browser is downloaded. Installed when missing, as root.
+# playwright (the `dev` extra); no browser is downloaded. benchmarks/api_load.py drives
+# Debian's wrk. Both installed when missing, as root.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -25,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "chromium is missing: the dashboard test needs Debian's chromium (as root: apt-get install chromium)"; fi
+	command -v wrk >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk; \
+	else echo "wrk is missing: benchmarks/api_load.py needs Debian's wrk (as root: apt-get install wrk)"; fi
 	touch $@
 
 demo: install

@@ -27,6 +27,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def api_workers(value: str) -> int:
+    n = int(value) if value.isdigit() else 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"--workers must be 1 to 64 API processes; got {value!r}")
+    return n
+
+
 def port_number(text: str) -> int:
     port = int(text)
     if not 1 <= port <= 65535:
@@ -58,6 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    p.add_argument(
+        "--workers",
+        type=api_workers,
+        default=1,
+        help="API processes on the port (uvicorn workers; give each core one). The rate "
+        "limit is shared between them only on Redis (RATE_LIMIT_STORAGE_URL or BROKER_URL)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker in the foreground")
@@ -67,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="all",
         choices=QUEUE_ROLES,
         help="training: TASK_QUEUE; light: LIGHT_QUEUE (previews); all: both (default)",
+    )
+    p.add_argument(
+        "--gpus",
+        default=None,
+        metavar="all|0,1",
+        help="one worker per GPU (pinned with CUDA_VISIBLE_DEVICES) on GPU_QUEUE; "
+        "--queues is then ignored",
     )
     p.set_defaults(func=cmd_worker)
 

@@ -61,9 +61,11 @@ class WorkerSupervisor(threading.Thread):
         window_seconds: float = 600.0,
         stop_grace_seconds: float = 30.0,
         max_backoff_seconds: float = 30.0,
+        env: dict[str, str] | None = None,
     ):
         super().__init__(name=name, daemon=True)
         self.command = command
+        self.env = env  # None: this process's environment
         self.max_restarts = max_restarts
         self.window_seconds = window_seconds
         self.stop_grace_seconds = stop_grace_seconds
@@ -81,7 +83,7 @@ class WorkerSupervisor(threading.Thread):
             with self._lock:
                 if self.stopping.is_set():
                     return
-                self.proc = subprocess.Popen(self.command, start_new_session=True)
+                self.proc = subprocess.Popen(self.command, start_new_session=True, env=self.env)
             log.info("%s: worker child process started (pid %d)", self.name, self.proc.pid)
             code = self._wait(self.proc)
             if self.stopping.is_set():

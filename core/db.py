@@ -45,7 +45,9 @@ class PoolSize(NamedTuple):
 
 @lru_cache(maxsize=8)
 def get_engine(url: str, pool: PoolSize) -> Engine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # A server may have dropped a pooled connection: ping it at checkout. A SQLite file has
+    # no server to go away, and the ping would be one more statement on every request.
+    kwargs: dict[str, Any] = {"pool_pre_ping": not url.startswith("sqlite")}
     path = url.split("///", 1)[1] if "///" in url else ""
     # An in-memory SQLite database lives in its one connection: no pool to size.
     if not (url.startswith("sqlite") and path in ("", ":memory:")):

@@ -86,10 +86,14 @@ def crop_for_model(img: Image.Image, metadata: dict[str, Any]) -> np.ndarray:
     return arr[off : off + size, off : off + size]
 
 
-def preprocess(images: Sequence[Image.Image], metadata: dict[str, Any]) -> np.ndarray:
-    """PIL images -> the normalized float32 NCHW batch the model takes."""
+def normalize(crops: Sequence[np.ndarray], metadata: dict[str, Any]) -> np.ndarray:
+    """uint8 HWC crops (from `crop_for_model`) -> the normalized float32 NCHW batch."""
     mean = np.asarray(metadata["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(metadata["std"], dtype=np.float32).reshape(1, 3, 1, 1)
-    batch = np.stack([crop_for_model(img, metadata) for img in images])
-    batch = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    batch = np.stack(list(crops)).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
     return np.ascontiguousarray((batch - mean) / std, dtype=np.float32)
+
+
+def preprocess(images: Sequence[Image.Image], metadata: dict[str, Any]) -> np.ndarray:
+    """PIL images -> the normalized float32 NCHW batch the model takes."""
+    return normalize([crop_for_model(img, metadata) for img in images], metadata)

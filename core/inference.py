@@ -54,7 +54,12 @@ class Predictor:
     def predict(self, images: list[Image.Image], top_k: int) -> list[dict[str, Any]]:
         """Per image: `top` (label, probability) best first; multi-label models also give
         every class's `scores`, the `thresholds` and the `labels` at or over them."""
-        logits = self.logits(imaging.preprocess(images, self.metadata)).astype(np.float64)
+        crops = [imaging.crop_for_model(img, self.metadata) for img in images]
+        return self.predict_crops(crops, top_k)
+
+    def predict_crops(self, crops: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """As `predict`, from `imaging.crop_for_model`'s uint8 crops."""
+        logits = self.logits(imaging.normalize(crops, self.metadata)).astype(np.float64)
         classes = self.classes
         k = max(1, min(top_k, len(classes)))
         out = []

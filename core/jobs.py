@@ -16,8 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import queue, transitions, webhook_store
-from core.backbones import BACKBONES
+from core import fleet, queue, transitions, webhook_store
 from core.datasets import get_owned_dataset, locked
 from core.errors import ErrorCode, ServiceError
 from core.jobspec import JobCreate, pinned_fields
@@ -25,7 +24,6 @@ from core.models import Dataset, Job, JobMetric, JobStatus, new_id
 from core.settings import Settings
 from core.storage import ObjectStore
 from core.tenancy import ACTIVE, Limits, Principal, audit, count_jobs
-from core.weights import usable_backbones, weights_on_host
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +82,7 @@ def submit_job(
             f"{limits.max_queued_jobs}; submit again when some have started, or cancel some",
             headers={"Retry-After": "30"},
         )
-    backbone = BACKBONES[spec.backbone]
-    if not settings.allow_weight_downloads and weights_on_host(backbone, settings) is None:
-        raise ServiceError(
-            ErrorCode.WEIGHTS_UNAVAILABLE,
-            f"no ImageNet weights for {spec.backbone!r} on this host; usable now: "
-            f"{', '.join(usable_backbones(settings))}. Run `finetune weights pull "
-            f"{spec.backbone}` on a host with internet, or set ALLOW_WEIGHT_DOWNLOADS=true",
-        )
+    fleet.check_submit(session, settings, spec.backbone, spec.device)  # the live workers'
     val_min = min(ds.class_counts.values())
     if val_min * spec.val_fraction < 1 and val_min < 2:
         raise ServiceError(

@@ -210,6 +210,11 @@ class JobSpec(BaseModel):
     imbalance_threshold: float = Field(3.0, ge=1.0, le=1000.0)
     time_budget_seconds: float | None = Field(None, ge=5.0, le=7 * 24 * 3600.0)
     compile: bool = False
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="where the job trains: gpu (refused unless a live worker has a GPU), cpu, "
+        "or auto (default: a GPU worker when one is live, else a CPU worker)",
+    )
     augmentation: Augmentation = Field(default_factory=Augmentation)
     search: SearchSpec | None = Field(
         None,

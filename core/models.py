@@ -132,6 +132,18 @@ class Job(Base):
             postgresql_where=text("checkpoint_key IS NOT NULL"),
             sqlite_where=text("checkpoint_key IS NOT NULL"),
         ),
+        # `GET /v1/jobs`: a tenant's jobs newest first, alone or by status or dataset (0014).
+        Index("ix_jobs_tenant_created", "tenant_id", text("created_at DESC"), "id"),
+        Index(
+            "ix_jobs_tenant_status_created", "tenant_id", "status", text("created_at DESC"), "id"
+        ),
+        Index(
+            "ix_jobs_tenant_dataset_created",
+            "tenant_id",
+            "dataset_id",
+            text("created_at DESC"),
+            "id",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -278,3 +290,20 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Worker(Base):
+    """A training or light worker and what it can run, as it last said (`core/fleet.py`):
+    the submit check and the queue a job goes to ask the live ones, not the API's host."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[list[Any]] = mapped_column(JSON)
+    device_kind: Mapped[str] = mapped_column(String(10))  # "cpu" or "cuda"
+    device_name: Mapped[str] = mapped_column(String(200))
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    backbones: Mapped[list[Any]] = mapped_column(JSON)  # those with weights it can load
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

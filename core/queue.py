@@ -9,12 +9,22 @@ from typing import Any
 
 from celery import Celery
 
+from core import fleet
+from core.logs import request_id
 from core.settings import Settings, get_settings
 
-TRAIN_TASK = "finetune.train_job"  # on settings.task_queue
+TRAIN_TASK = "finetune.train_job"  # on settings.task_queue or gpu_queue (core/fleet.py)
 PREVIEW_TASK = "finetune.render_preview"  # on settings.light_queue
 EXPLAIN_TASK = "finetune.explain"  # on settings.light_queue
 WEBHOOK_TASK = "finetune.deliver_webhook"  # on settings.light_queue
+REQUEST_ID_HEADER = "finetune_request_id"
+
+
+def trace_headers() -> dict[str, str]:
+    """The request id in context travels with the task, so that the worker's log lines for
+    it name the request that caused them (core/logs.py)."""
+    rid = request_id.get()
+    return {REQUEST_ID_HEADER: rid} if rid else {}
 
 
 @lru_cache(maxsize=4)
@@ -34,13 +44,17 @@ def client(settings: Settings | None = None) -> Celery:
     return _client(settings.resolved_broker_url)
 
 
-def send_train(job_id: str, settings: Settings | None = None, countdown: float = 0) -> None:
+def send_train(
+    job_id: str, settings: Settings | None = None, countdown: float = 0, queue: str | None = None
+) -> None:
+    """`queue`: default, the one the job's `device` and the live workers choose now."""
     settings = settings or get_settings()
     client(settings).send_task(
         TRAIN_TASK,
         args=[job_id],
-        queue=settings.task_queue,
+        queue=queue or fleet.queue_for_job(settings, job_id),
         countdown=countdown or None,
+        headers=trace_headers(),
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )
@@ -125,6 +139,7 @@ def send_explain(job_id: str, explanation: str, settings: Settings | None = None
         EXPLAIN_TASK,
         args=[job_id, explanation],
         queue=settings.light_queue,
+        headers=trace_headers(),
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )

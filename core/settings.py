@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # Short tasks that need torch but must not wait behind training (augmentation previews,
     # later explanations): their own queue, consumed by a light worker.
     light_queue: str = "finetune-light"
+    # Training on a GPU: consumed by `finetune worker --gpus` (one worker per GPU). A job's
+    # `device` picks it (auto: when a live worker consumes it); TASK_QUEUE is the CPU's.
+    gpu_queue: str = "finetune-gpu"
 
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None
@@ -102,6 +105,14 @@ class Settings(BaseSettings):
     tenant_max_queued_jobs: int = Field(default=20, ge=1)
     tenant_max_storage_bytes: int = Field(default=100 * 1024**3, ge=0)
     rate_limit_per_minute: int = Field(default=600, ge=1)
+    # Where the rate limit counts requests: every API process against one Redis counter per
+    # tenant (redis://...), or each process in its own memory (`memory://`). Empty: the
+    # broker's Redis when BROKER_URL is redis://, else memory (the embedded default).
+    rate_limit_storage_url: str = ""
+    # Verified API keys (with their tenant's limits) are kept this long in each API process:
+    # a key revoked or a limit changed elsewhere (the CLI, another replica) takes effect
+    # within it; through this process's admin routes, at once. 0: look every key up.
+    auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     # A job whose tenant is at its running-jobs limit waits this long before trying again.
     tenant_slot_retry_seconds: float = Field(default=15.0, gt=0)
     # Heavy requests, per tenant and per API process: uploads and imports ingesting at once,
@@ -128,6 +139,9 @@ class Settings(BaseSettings):
     # Hosted predictions (onnxruntime in the API process): images per request, loaded
     # models kept (an LRU), and onnxruntime's threads per model (0: one per core).
     predict_max_images: int = Field(default=32, ge=1, le=1024)
+    # The whole multipart body of one prediction request (each file is also held to
+    # MAX_IMAGE_UPLOAD_BYTES; decoded images are cropped one at a time).
+    max_predict_body_bytes: int = Field(default=64 * 1024**2, gt=0)
     predict_cache_models: int = Field(default=8, ge=1, le=1024)
     predict_threads: int = Field(default=0, ge=0, le=256)
     # Model downloads from S3 are short-lived presigned GET URLs; PUBLIC_ENDPOINT is the
@@ -162,6 +176,13 @@ class Settings(BaseSettings):
     stop_grace_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object a line (core/logs.py)
+    # The API's /metrics (METRICS_TOKEN: the bearer it wants), each worker's port (0: off),
+    # and prometheus-client's folder, set by `serve --workers N` (service/observability.py).
+    metrics_enabled: bool = True
+    metrics_token: str = ""
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    prometheus_multiproc_dir: Path | None = None
 
     @field_validator("log_level")
     @classmethod
@@ -194,7 +215,7 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("task_queue", "light_queue")
+    @field_validator("task_queue", "light_queue", "gpu_queue")
     @classmethod
     def _queue_name(cls, v: str, info: ValidationInfo) -> str:
         # Workers get `-Q a,b`: a comma or a space would make two queues of one name.
@@ -282,6 +303,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"TASK_QUEUE and LIGHT_QUEUE are both {self.task_queue!r}: previews would "
                 "wait behind training jobs; give them different names"
+            )
+        if self.gpu_queue in (self.task_queue, self.light_queue):
+            raise ValueError(
+                f"GPU_QUEUE is {self.gpu_queue!r}, the name of another queue: a job for a GPU "
+                "could land on a CPU worker; give it a name of its own"
             )
         if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
             raise ValueError(

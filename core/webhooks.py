@@ -84,8 +84,13 @@ def backoff_seconds(tries: int, base: float, cap: float) -> float:
 
 def is_public(address: IPAddress) -> bool:
     """Reachable on the internet: what a webhook may connect to unless private is allowed."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:  # fec0::/10, deprecated but still routed inside some sites
+            return False
+        # An IPv4 address carried inside IPv6 (mapped, 6to4, Teredo) is judged as itself.
+        inner = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if inner is not None:
+            return is_public(inner)
     return (
         address.is_global
         and not address.is_multicast
@@ -120,9 +125,10 @@ def checked_addresses(
     for text in found:
         address = ipaddress.ip_address(text.split("%")[0])
         if not is_public(address):
-            named = "" if literal is not None else f" (which {host!r} resolves to)"
+            # A name's private address is not said: it would map the internal network.
+            what = str(address) if literal is not None else f"{host!r} (it resolves to one)"
             raise UrlRefused(
-                f"webhooks may not be sent to {address}{named}: private, loopback, link-local, "
+                f"webhooks may not be sent to {what}: private, loopback, link-local, "
                 "multicast and reserved addresses are refused; use a public address "
                 "(an operator may allow private ones with WEBHOOK_ALLOW_PRIVATE=true)"
             )
@@ -134,6 +140,8 @@ def parse_url(url: str) -> tuple[str, int]:
     host, no credentials. UrlRefused otherwise."""
     if len(url) > 2048:
         raise UrlRefused("the webhook URL is longer than 2048 characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise UrlRefused("the webhook URL holds spaces or control characters; percent-encode them")
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -3,12 +3,17 @@
 A pure ASGI middleware, so a request without a valid key is refused before its body is
 read (an anonymous upload is never spooled to disk). The principal it resolves is put in
 the request state; the routes' dependencies (service/deps.py) check scopes and ownership.
+
+The hot path: a key verified in the last AUTH_CACHE_SECONDS is answered from this process's
+`KeyCache` (no thread, no query); a new one costs one query, the key joined to its tenant's
+limits. The rate limit is `service/ratelimit.py` (Redis-shared when there is Redis).
 """
 
 from __future__ import annotations
 
-import threading
+import hashlib
 import time
+import weakref
 from typing import Any
 
 import anyio
@@ -22,70 +27,95 @@ from core.tenancy import (
     AuthFailure,
     Limits,
     Principal,
-    resolve_token,
+    authenticate,
+    parse_token,
     storage_overrun,
     tenant_limits,
 )
 from service.errors import POOL_EXHAUSTED, ErrorCode, ServiceError, send_error
+from service.ratelimit import RateLimiter, storage_url
 
 MULTIPART_SLACK = 64 * 1024
 
 
-class RateLimiter:
-    """A token bucket per tenant: `per_minute` requests a minute, bursts up to that many.
-    Per API process (with N API replicas a tenant gets N times the rate)."""
+class KeyCache:
+    """Verified keys for `ttl` seconds (AUTH_CACHE_SECONDS): the token's SHA-256 -> its
+    principal and tenant limits. A hit costs no database round trip and no thread; a key
+    revoked (or a limit changed) by another process takes effect within `ttl`, by this
+    process's admin routes at once (`Authenticate` clears every cache after them). Failures
+    are never cached: a bad key is looked up every time."""
 
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
-        self._lock = threading.Lock()
+    MAX_ENTRIES = 10_000
 
-    def take(self, key: str, per_minute: int) -> float:
-        """0 if the request may go on, else the seconds until it could."""
-        now = time.monotonic()
-        rate = per_minute / 60.0
-        with self._lock:
-            tokens, at = self._buckets.get(key, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - at) * rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / rate
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, Principal, Limits]] = {}
+        _CACHES.add(self)
+
+    def get(self, digest: str) -> tuple[Principal, Limits] | None:
+        hit = self._entries.get(digest)
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        return hit[1], hit[2]
+
+    def put(self, digest: str, principal: Principal, limits: Limits) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()  # simple bound: they are all refilled within one TTL
+        self._entries[digest] = (time.monotonic() + self.ttl, principal, limits)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_CACHES: weakref.WeakSet[KeyCache] = weakref.WeakSet()
+
+
+def forget_keys() -> None:
+    """Drop every verified key of this process (after a revocation or a limit change)."""
+    for cache in list(_CACHES):
+        cache.clear()
 
 
 class Authenticate:
     OPEN_PATHS = ("/healthz", "/readyz")
 
+    # Requests after which this process's cached keys may be stale: the admin routes that
+    # revoke keys, disable tenants or change their limits.
+    ADMIN_PREFIX = "/v1/admin/"
+
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(storage_url(settings))
+        self.keys = KeyCache(settings.auth_cache_seconds)
 
-    def _resolve(
-        self, authorization: str | None, upload_bytes: int | None
-    ) -> tuple[Principal, Limits, str | None]:
-        """(principal, its tenant's limits, why an announced upload cannot fit its storage)."""
+    def _resolve(self, authorization: str | None) -> tuple[Principal, Limits]:
+        """The caller and its tenant's limits: one query (key joined to tenant)."""
         with session_scope(self.settings) as session:
-            principal = (
-                resolve_token(session, authorization)[0]
-                if self.settings.auth_enabled
-                else ANONYMOUS
-            )
-            limits = tenant_limits(session, principal.tenant_id, self.settings)
-            # Content-Length includes the multipart framing: allow for it here; the route
-            # checks the exact file size once it is read.
-            over = (
-                storage_overrun(
-                    session,
-                    principal.tenant_id,
-                    limits.max_storage_bytes,
-                    upload_bytes,
-                    MULTIPART_SLACK,
-                )
-                if upload_bytes is not None
-                else None
-            )
-            return principal, limits, over
+            if self.settings.auth_enabled:
+                return authenticate(session, authorization, self.settings)
+            return ANONYMOUS, tenant_limits(session, ANONYMOUS.tenant_id, self.settings)
+
+    def _overrun(self, tenant_id: str, limit: int, upload_bytes: int) -> str | None:
+        """Why an announced upload cannot fit the tenant's storage. Content-Length includes
+        the multipart framing: allow for it here; the route checks the exact file size."""
+        with session_scope(self.settings) as session:
+            return storage_overrun(session, tenant_id, limit, upload_bytes, MULTIPART_SLACK)
+
+    async def _principal(self, authorization: str | None) -> tuple[Principal, Limits]:
+        if self.settings.auth_enabled:
+            _, token = parse_token(authorization)  # a malformed header needs no lookup
+            digest = hashlib.sha256(token.encode()).hexdigest()
+        else:
+            digest = "anonymous"
+        hit = self.keys.get(digest)
+        if hit is not None:
+            return hit
+        principal, limits = await anyio.to_thread.run_sync(self._resolve, authorization)
+        self.keys.put(digest, principal, limits)
+        return principal, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -107,8 +137,13 @@ class Authenticate:
             else None
         )
         try:
-            principal, limits, over = await anyio.to_thread.run_sync(
-                self._resolve, authorization, upload_bytes
+            principal, limits = await self._principal(authorization)
+            over = (
+                await anyio.to_thread.run_sync(
+                    self._overrun, principal.tenant_id, limits.max_storage_bytes, upload_bytes
+                )
+                if upload_bytes is not None
+                else None
             )
         except sqlalchemy.exc.TimeoutError:
             await send_error(send, POOL_EXHAUSTED)
@@ -124,7 +159,7 @@ class Authenticate:
             )
             return
         per_minute = limits.rate_limit_per_minute
-        wait = self.limiter.take(principal.tenant_id, per_minute)
+        wait = await self.limiter.take(principal.tenant_id, per_minute)
         if wait > 0:
             await send_error(
                 send,
@@ -142,4 +177,10 @@ class Authenticate:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["principal"] = principal
         state["limits"] = limits  # the routes enforce the others without reading them again
-        await self.app(scope, receive, send)
+        if scope.get("method") == "GET" or not path.startswith(self.ADMIN_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            forget_keys()  # a key revoked or a limit changed here counts from the next request

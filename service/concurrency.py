@@ -40,14 +40,17 @@ UPLOAD_RETRY_AFTER_SECONDS = 10
 # Threads one tenant's preview requests may use at once, and all tenants' together.
 TENANT_PREVIEW_THREADS = 4
 PREVIEW_THREADS = 8
+# The same for predictions: each holds decoded images and an onnxruntime run.
+TENANT_PREDICT_THREADS = 4
+PREDICT_THREADS = 8
 
 
 def database_threads(ingest_threads: int) -> int:
     """The most threads of the API that may hold a database connection at once: anyio's
     shared pool (sync routes and dependencies, the key lookup), ingest, previews, and the
-    reaper."""
+    reaper, predictions (each only for its ownership check)."""
     shared = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
-    return shared + ingest_threads + PREVIEW_THREADS + 1
+    return shared + ingest_threads + PREVIEW_THREADS + PREDICT_THREADS + 1
 
 
 def ingest_limiter(threads: int) -> anyio.CapacityLimiter:

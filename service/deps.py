@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from anyio import CapacityLimiter
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,11 +20,27 @@ from core.tenancy import Limits, Principal
 from service.concurrency import RenderSlots, TenantThreads
 from service.errors import ErrorCode, ServiceError
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+async def _settings(request: Request) -> Settings:
+    """get_settings (or the app's override of it, as tests set) without a thread: FastAPI
+    runs a sync dependency on the shared thread pool, one more hop on every request."""
+    return request.app.dependency_overrides.get(get_settings, get_settings)()  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 # How soon to ask again when every database connection was busy (DB_POOL_TIMEOUT_SECONDS).
 DB_BUSY_RETRY_AFTER_SECONDS = 5
+
+
+def _pool_exhausted(exc: PoolTimeout) -> ServiceError:
+    return ServiceError(
+        ErrorCode.STORAGE_UNAVAILABLE,
+        "the database has no free connection right now (DB_POOL_TIMEOUT_SECONDS); "
+        "try again shortly",
+        headers={"Retry-After": str(DB_BUSY_RETRY_AFTER_SECONDS)},
+    )
 
 
 def _session(settings: SettingsDep) -> Iterator[Session]:
@@ -35,14 +52,26 @@ def _session(settings: SettingsDep) -> Iterator[Session]:
     try:
         yield session
     except PoolTimeout as exc:
-        raise ServiceError(
-            ErrorCode.STORAGE_UNAVAILABLE,
-            "the database has no free connection right now (DB_POOL_TIMEOUT_SECONDS); "
-            "try again shortly",
-            headers={"Retry-After": str(DB_BUSY_RETRY_AFTER_SECONDS)},
-        ) from exc
+        raise _pool_exhausted(exc) from exc
     finally:
         session.close()
+
+
+T = TypeVar("T")
+
+
+async def in_session(settings: Settings, work: Callable[[Session], T]) -> T:
+    """`work(session)` on one thread of the pool, the session opened and closed there: the
+    hot read routes' one thread hop (SessionDep costs three: open, route, close)."""
+
+    def run() -> T:
+        with session_factory(settings)() as session:
+            try:
+                return work(session)
+            except PoolTimeout as exc:
+                raise _pool_exhausted(exc) from exc
+
+    return await anyio.to_thread.run_sync(run)
 
 
 SessionDep = Annotated[Session, Depends(_session)]

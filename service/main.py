@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from core.logs import configure_logging
 from core.reaper import Reaper
 from core.settings import Settings, get_settings
 from service.auth import Authenticate
 from service.concurrency import (
+    PREDICT_THREADS,
     PREVIEW_THREADS,
+    TENANT_PREDICT_THREADS,
     TENANT_PREVIEW_THREADS,
     RenderSlots,
     TenantThreads,
@@ -23,6 +26,7 @@ from service.concurrency import (
 )
 from service.errors import install_error_handlers
 from service.middleware import BodySizeLimit
+from service.observability import RequestObservability, metrics_router
 from service.routes import (
     admin,
     backbones,
@@ -42,9 +46,7 @@ from service.routes import (
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ingest_limiter = ingest_limiter(settings.ingest_threads)
     app.state.render_slots = RenderSlots(lost_after=previews.PREVIEW_RESEND_SECONDS)
     app.state.preview_threads = TenantThreads(TENANT_PREVIEW_THREADS, PREVIEW_THREADS)
+    app.state.predict_threads = TenantThreads(TENANT_PREDICT_THREADS, PREDICT_THREADS)
     for router in (
         health.router,
         previews.router,
@@ -96,9 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dashboard.page_router,
     ):
         app.include_router(router)
+    app.include_router(metrics_router(settings))
     app.mount("/static", dashboard.static_files(), name="static")
-    # The last added runs first: CORS (when configured), then the body limit, then auth,
-    # then the tenant's upload slots (which need the tenant that auth found).
+    # The last added runs first: request id and metrics, CORS (when configured), then the
+    # body limit, then auth, then the tenant's upload slots (which need the tenant that
+    # auth found).
     app.add_middleware(UploadSlots, per_tenant=settings.tenant_max_concurrent_uploads)
     app.add_middleware(Authenticate, settings=settings)
     app.add_middleware(
@@ -106,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_max=settings.max_upload_bytes,
         other_max=settings.max_json_body_bytes,
         image_max=settings.max_image_upload_bytes,
+        predict_max=settings.max_predict_body_bytes,
     )
     if settings.cors_allow_origins:
         app.add_middleware(
@@ -115,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    # Outermost: request id and metrics for every answer, the middlewares' own included.
+    app.add_middleware(RequestObservability, router_app=app)
     return app
 
 

@@ -15,20 +15,27 @@ class _TooLarge(Exception):
 
 class BodySizeLimit:
     """Dataset uploads may be up to `upload_max` bytes (MAX_UPLOAD_BYTES); one image posted
-    to be explained, or the images of one prediction request, up to `image_max`
-    (MAX_IMAGE_UPLOAD_BYTES); every other request body
+    to be explained up to `image_max` (MAX_IMAGE_UPLOAD_BYTES); the images of one
+    prediction request up to `predict_max` (MAX_PREDICT_BODY_BYTES); every other request body
     (JSON) up to `other_max` (MAX_JSON_BODY_BYTES)."""
 
     UPLOAD_PATHS = ("/v1/datasets",)
-    IMAGE_PATH_SUFFIXES = ("/explain", "/predict")
+    IMAGE_PATH_SUFFIXES = ("/explain",)
+    PREDICT_PATH_SUFFIX = "/predict"
 
     def __init__(
-        self, app: ASGIApp, upload_max: int, other_max: int, image_max: int | None = None
+        self,
+        app: ASGIApp,
+        upload_max: int,
+        other_max: int,
+        image_max: int | None = None,
+        predict_max: int | None = None,
     ) -> None:
         self.app = app
         self.upload_max = upload_max
         self.other_max = other_max
         self.image_max = other_max if image_max is None else image_max
+        self.predict_max = self.image_max if predict_max is None else predict_max
 
     async def _reject(self, send: Send, limit: int, setting: str) -> None:
         exc = ServiceError(
@@ -47,6 +54,8 @@ class BodySizeLimit:
         path = str(scope.get("path") or "")
         if scope.get("method") == "POST" and path.endswith(self.IMAGE_PATH_SUFFIXES):
             limit, setting = self.image_max, "MAX_IMAGE_UPLOAD_BYTES"
+        elif scope.get("method") == "POST" and path.endswith(self.PREDICT_PATH_SUFFIX):
+            limit, setting = self.predict_max, "MAX_PREDICT_BODY_BYTES"
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

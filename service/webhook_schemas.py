@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from core.db import as_utc
 from core.models import WebhookDelivery, WebhookEndpoint
-from service.schemas import JobPublic
+from service.schemas import NO_NUL, JobPublic
 
 Event = Literal["job.running", "job.succeeded", "job.failed", "job.canceled"]
 ALL_EVENTS: list[Event] = ["job.running", "job.succeeded", "job.failed", "job.canceled"]
@@ -31,7 +31,7 @@ class WebhookCreate(BaseModel):
         "refused (unless the operator set WEBHOOK_ALLOW_PRIVATE=true)",
     )
     events: list[Event] = Field(default_factory=lambda: list(ALL_EVENTS), min_length=1)
-    description: str | None = Field(None, max_length=200)
+    description: str | None = Field(None, max_length=200, pattern=NO_NUL)
 
 
 class WebhookPublic(BaseModel):

@@ -23,11 +23,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from celery import Celery, signals
 
+from core.logs import configure_logging
 from core.queue import EXPLAIN_TASK, PREVIEW_TASK, WEBHOOK_TASK
 from core.settings import get_settings
+from worker import metrics  # noqa: F401  (its signals: /metrics, the ids on log lines)
+
+if TYPE_CHECKING:
+    from worker.capabilities import Publisher
 
 settings = get_settings()
 
@@ -53,9 +59,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
 )
-logging.basicConfig(
-    level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-)
+configure_logging(settings)
 
 
 # Set from the SIGTERM handler (warm shutdown): the job in hand stops at its next step, is
@@ -68,13 +72,27 @@ def _on_shutdown(**_: object) -> None:
     SHUTTING_DOWN.set()  # only an Event.set(): this runs inside a signal handler
 
 
+_PUBLISHERS: list[Publisher] = []  # this process's (one), withdrawn at a clean stop
+
+
 @signals.worker_ready.connect
-def _start_reaper(**_: object) -> None:
-    """Each worker also looks for jobs whose worker died (see core/reaper.py), and keeps
-    its host's dataset cache tidy (see worker/cache.py)."""
+def _start_reaper(sender: object = None, **_: object) -> None:
+    """Each worker also looks for jobs whose worker died (see core/reaper.py), keeps its
+    host's dataset cache tidy (see worker/cache.py) and publishes what it can run, beat by
+    beat (see worker/capabilities.py)."""
     from core.reaper import Reaper
     from worker.cache import tidy
+    from worker.capabilities import Publisher, worker_identity
 
     for warning in settings.warnings():
         logging.getLogger(__name__).warning("%s", warning)
-    Reaper(settings, also=[tidy]).start()
+    publisher = Publisher(settings, *worker_identity(sender))
+    publisher.start()
+    _PUBLISHERS.append(publisher)
+    Reaper(settings, also=[tidy, publisher]).start()
+
+
+@signals.worker_shutdown.connect
+def _withdraw(**_: object) -> None:
+    for publisher in _PUBLISHERS:
+        publisher.withdraw()

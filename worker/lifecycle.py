@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import traceback
 import uuid
 from typing import Any
@@ -29,7 +30,7 @@ from core.models import Dataset, Job
 from core.queue import send_train
 from core.settings import Settings, get_settings
 from core.transitions import checkpoint_prefix
-from worker import cache
+from worker import cache, metrics
 from worker.attempt import Attempt, Claim, Trained, begin
 from worker.celery_app import SHUTTING_DOWN
 from worker.datasets import fetch_dataset
@@ -58,10 +59,14 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
         return claimed
     webhook_store.announce(settings, job_id)  # job.running (then how it ended, below)
     run = begin(claimed, worker_id, settings)
+    metrics.job_started()
+    started, status = time.monotonic(), "error"
     try:
         with cache.in_use(settings, claimed.dataset_id):  # not evicted while the job reads it
-            return run_attempt(run)
+            status = run_attempt(run)
+            return status
     finally:
+        metrics.job_finished(status, time.monotonic() - started)
         run.heartbeat.stopped.set()
         shutil.rmtree(run.workdir, ignore_errors=True)
         webhook_store.announce(settings, job_id)

@@ -13,6 +13,7 @@ from core.jobspec import JobConfig
 from worker.attempt import Attempt, Trained
 from worker.failures import JobLost
 from worker.training import recipe
+from worker.training.fit import spec_device
 from worker.training.runtime import pick_device
 from worker.training.weights import WeightsSource
 
@@ -35,7 +36,7 @@ def choose_recipe(
         config.pinned,
         archive,
         index,
-        device=pick_device(),
+        device=spec_device(config) or pick_device(),  # the job's `device`, as fit's
         weights=weights,
         deadline=budget_deadline(run, config),
         spent=run.claim.prior_seconds + run.ran(),

@@ -18,6 +18,7 @@ from core.db import session_scope
 from core.settings import Settings
 from core.storage import StorageError, get_store
 from core.transitions import checkpoint_prefix
+from worker import metrics as worker_metrics
 from worker.celery_app import SHUTTING_DOWN
 from worker.training.callbacks import Callbacks
 from worker.training.plots import curves_png
@@ -104,6 +105,7 @@ class DbReporter(Callbacks):
             if not transitions.record_epoch(s, self.job_id, self.worker_id, metrics, best):
                 self.lost.set()
         self.history.append(metrics)
+        worker_metrics.epoch_ended(metrics)
         try:  # live curves; a plotting hiccup must never fail the job
             self.store.put_bytes(
                 f"jobs/{self.job_id}/plots/curves.png", curves_png(self.history, self.job_id)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from core import jobs, webhook_store
 from core.models import Job, JobStatus
@@ -22,6 +23,7 @@ from service.deps import (
     StoreDep,
     WriteDep,
     client_of,
+    in_session,
     page,
 )
 from service.errors import ERROR_RESPONSES
@@ -78,27 +80,36 @@ def create_job(
     return JobCreated(**job_public(job).model_dump(), webhook_secret=secret)
 
 
+# The two routes that clients poll are `async def` around one thread hop (`in_session`).
 @router.get("", response_model=JobsPublic)
-def list_jobs(
+async def list_jobs(
     principal: ReadDep,
-    session: SessionDep,
+    settings: SettingsDep,
     status: Annotated[JobStatus | None, Query()] = None,
     dataset_id: QueryId = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Offset = 0,
 ) -> JobsPublic:
+    """The caller's jobs, newest first (served by the (tenant, [status|dataset], newest)
+    indexes of migration 0014, deep offsets included)."""
     where = [Job.tenant_id == principal.tenant_id]
     if status is not None:
         where.append(Job.status == status.value)
     if dataset_id is not None:
         where.append(Job.dataset_id == dataset_id)
-    rows, count = page(session, Job, where, (Job.created_at.desc(), Job.id), limit, offset)
-    return JobsPublic(data=[job_public(j) for j in rows], count=count)
+
+    def work(session: Session) -> JobsPublic:
+        rows, count = page(session, Job, where, (Job.created_at.desc(), Job.id), limit, offset)
+        return JobsPublic(data=[job_public(j) for j in rows], count=count)
+
+    return await in_session(settings, work)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: PathId, principal: ReadDep, session: SessionDep) -> JobPublic:
-    return job_public(jobs.get_owned_job(session, principal, job_id))
+async def read_job(job_id: PathId, principal: ReadDep, settings: SettingsDep) -> JobPublic:
+    return await in_session(
+        settings, lambda session: job_public(jobs.get_owned_job(session, principal, job_id))
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)

@@ -8,18 +8,24 @@ evaluated; every refusal names the file and what would be accepted.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Path, Query, UploadFile
+import anyio
+from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from core import imaging, jobs, registry
 from core.errors import ErrorCode, ServiceError
-from core.inference import Predictors
+from core.inference import Predictor, Predictors
 from core.models import Job
 from core.settings import Settings
 from core.storage import ObjectStore
+from core.tenancy import Principal
+from service.concurrency import TenantThreads
 from service.deps import PathId, ReadDep, SessionDep, SettingsDep, StoreDep
 from service.errors import ERROR_RESPONSES
 from service.registry_schemas import ModelRef
@@ -61,14 +67,34 @@ def predictors(size: int, threads: int) -> Predictors:
     return Predictors(size, threads)
 
 
-def _read_images(files: list[UploadFile], settings: Settings) -> list[tuple[str, Any]]:
+@dataclass(frozen=True)
+class Served:
+    """What a prediction needs from the job row, read once: the row is not touched again,
+    so the request's database connection goes back to the pool before any decoding."""
+
+    job_id: str
+    status: str
+    ready: bool
+    result: dict[str, Any]
+    missing_onnx: str | None
+
+
+def served(job: Job) -> Served:
+    result = dict(job.result or {})
+    missing = None if result.get("onnx_key") else jobs.missing_format(job, "onnx")
+    return Served(job.id, job.status, jobs.model_ready(job), result, missing)
+
+
+def _crops(files: list[UploadFile], model: Predictor, settings: Settings) -> list[Any]:
+    """Decode each file and keep only the model's crop of it (a few hundred KB), so one
+    request holds at most one full-size decoded image at a time."""
     if len(files) > settings.predict_max_images:
         raise ServiceError(
             ErrorCode.VALIDATION_ERROR,
             f"{len(files)} images in one request; at most {settings.predict_max_images} "
             "(PREDICT_MAX_IMAGES): send them in several requests",
         )
-    images = []
+    crops = []
     for i, upload in enumerate(files):
         name = upload.filename or f"files[{i}]"
         data = upload.file.read(settings.max_image_upload_bytes + 1)
@@ -78,51 +104,79 @@ def _read_images(files: list[UploadFile], settings: Settings) -> list[tuple[str,
                 f"{name}: over {settings.max_image_upload_bytes} bytes (MAX_IMAGE_UPLOAD_BYTES)",
             )
         try:
-            images.append((name, imaging.decode_upload(data, settings.max_image_pixels)))
+            image = imaging.decode_upload(data, settings.max_image_pixels)
         except ValueError as exc:
             raise ServiceError(
                 ErrorCode.IMAGE_INVALID,
                 f"{name}: {exc}; send a JPEG, PNG, BMP, GIF, WEBP or TIFF image of at most "
                 f"{settings.max_image_pixels} pixels (MAX_IMAGE_PIXELS)",
             ) from exc
-    return images
+        del data
+        crops.append(imaging.crop_for_model(image, model.metadata))
+    return crops
 
 
-def predict_job(
-    job: Job, files: list[UploadFile] | None, top_k: int, settings: Settings, store: ObjectStore
+def predict_served(
+    job: Served,
+    files: list[UploadFile] | None,
+    top_k: int,
+    settings: Settings,
+    store: ObjectStore,
 ) -> PredictionsPublic:
-    """Predict with `job`'s model (already checked to be the caller's: the ownership check
-    comes before anything about the body, so another tenant's job is a 404 whatever it is)."""
-    result = job.result or {}
-    if not jobs.model_ready(job):
+    """Predict with the caller's job's model (ownership already checked: before anything
+    about the body, so another tenant's job is a 404 whatever it is)."""
+    if not job.ready:
         raise ServiceError(
             ErrorCode.MODEL_NOT_AVAILABLE,
-            f"job {job.id} is {job.status}; predictions are served once it has a model",
+            f"job {job.job_id} is {job.status}; predictions are served once it has a model",
         )
-    if not result.get("onnx_key"):
-        raise ServiceError(ErrorCode.MODEL_NOT_AVAILABLE, jobs.missing_format(job, "onnx"))
+    if job.missing_onnx is not None:
+        raise ServiceError(ErrorCode.MODEL_NOT_AVAILABLE, job.missing_onnx)
     if not files:
         raise ServiceError(
             ErrorCode.VALIDATION_ERROR,
             "no image: send one or more as the multipart form field 'files' (JPEG, PNG, BMP, "
             "GIF, WEBP or TIFF)",
         )
-    images = _read_images(files, settings)
     model = predictors(settings.predict_cache_models, settings.predict_threads).get(
-        store, result["onnx_key"], result["metadata_key"]
+        store, job.result["onnx_key"], job.result["metadata_key"]
     )
-    answers = model.predict([img for _, img in images], top_k)
+    crops = _crops(files, model, settings)
+    answers = model.predict_crops(crops, top_k)
     return PredictionsPublic(
-        job_id=job.id,
+        job_id=job.job_id,
         task="multi-label" if model.multilabel else "single-label",
         backbone=str(model.metadata["backbone"]),
         input_size=int(model.metadata["input_size"][1]),
         data=[
-            ImagePrediction(filename=name, **answer)
-            for (name, _), answer in zip(images, answers, strict=True)
+            ImagePrediction(filename=f.filename or f"files[{i}]", **answer)
+            for i, (f, answer) in enumerate(zip(files, answers, strict=True))
         ],
-        count=len(images),
+        count=len(crops),
     )
+
+
+async def _run(
+    request: Request,
+    principal: Principal,
+    session: Session,
+    find: Callable[[], Job],
+    files: list[UploadFile] | None,
+    top_k: int,
+    settings: Settings,
+    store: ObjectStore,
+) -> PredictionsPublic:
+    """On the tenant's prediction threads (TENANT_PREDICT_THREADS, PREDICT_THREADS in all):
+    find the job, release the database connection, then decode and run the model."""
+
+    def work() -> PredictionsPublic:
+        job = served(find())
+        session.rollback()  # nothing below reads the database
+        return predict_served(job, files, top_k, settings, store)
+
+    threads: TenantThreads = request.app.state.predict_threads
+    async with threads.of(principal.tenant_id):
+        return await anyio.to_thread.run_sync(work, limiter=threads.total)
 
 
 Files = Annotated[
@@ -133,7 +187,8 @@ TopK = Annotated[int, Query(ge=1, le=1000, description="classes per image, best 
 
 
 @router.post("/v1/jobs/{job_id}/predict", response_model=PredictionsPublic)
-def predict(
+async def predict(
+    request: Request,
     job_id: PathId,
     principal: ReadDep,
     session: SessionDep,
@@ -145,12 +200,13 @@ def predict(
     """Per image, the top-k classes with their probabilities (multi-label models: every
     class's score, its threshold and the classes predicted). Preprocessing is exactly the
     training evaluation's. 409 while the job has no model."""
-    job = jobs.get_owned_job(session, principal, job_id)
-    return predict_job(job, files, top_k, settings, store)
+    find = partial(jobs.get_owned_job, session, principal, job_id)
+    return await _run(request, principal, session, find, files, top_k, settings, store)
 
 
 @router.post("/v1/models/{ref}/predict", response_model=PredictionsPublic)
-def predict_model(
+async def predict_model(
+    request: Request,
     ref: Annotated[ModelRef, Path(max_length=80)],
     principal: ReadDep,
     session: SessionDep,
@@ -161,5 +217,5 @@ def predict_model(
 ) -> PredictionsPublic:
     """As `POST /v1/jobs/{id}/predict`, with a registry reference: a model id, `name` (its
     latest version), `name@3` or `name@production`."""
-    job = registry.resolve(session, principal, ref)
-    return predict_job(job, files, top_k, settings, store)
+    find = partial(registry.resolve, session, principal, ref)
+    return await _run(request, principal, session, find, files, top_k, settings, store)

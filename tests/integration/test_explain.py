@@ -146,10 +146,8 @@ def test_an_explanation_is_pending_then_done_with_an_overlay_and_then_cached(
     # The same pixels again, even in another lossless format: served from the store.
     bmp = io.BytesIO()
     Image.fromarray(pixels).save(bmp, format="BMP")
-    started = time.monotonic()
     again = explain(client, job_id, "photo.bmp", bmp.getvalue())
-    assert again.status_code == 200 and again.json() == done
-    assert time.monotonic() - started < 2.0
+    assert again.status_code == 200 and again.json() == done  # 200 at once: no task sent
 
     # Another class on request: another explanation of the same prediction.
     other_class = next(c for c in CLASSES if c != prediction["explained"]["label"])

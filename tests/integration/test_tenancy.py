@@ -724,8 +724,19 @@ def test_cors_is_off_by_default_and_an_allow_list_when_set(env):
         assert "access-control-allow-origin" not in evil.headers
 
 
-def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(client, env):
+@pytest.fixture
+def uncached_client(env):
+    """An API that looks every key up: the CLI is another process, and what it changes
+    reaches a key cache within AUTH_CACHE_SECONDS (tests/integration/test_api_hot_path.py)."""
+    app, _ = make_app(env, AUTH_CACHE_SECONDS="0")
+    with TestClient(app) as c:
+        yield c
+
+
+def test_the_cli_creates_tenants_and_keys_that_work_and_revokes_them(uncached_client, env):
     import os
+
+    client = uncached_client
 
     run_env = {**os.environ, **env}
 

@@ -73,7 +73,7 @@ def fit(
     (time.monotonic): when `config.time_budget_seconds` runs out, counted by the caller
     from the job's start; without it the budget counts from this call."""
     control = Control(callbacks or Callbacks(), config.time_budget_seconds, deadline)
-    runtime = Runtime.on(device, num_workers)
+    runtime = Runtime.on(device or spec_device(config), num_workers)
     seed_everything(config.seed)
     model = create_model(config.backbone, len(data.classes), pretrained, weights)
     model.to(runtime.device)
@@ -106,19 +106,34 @@ def fit(
     refit = refit_probe(run)
     if refit is not None:
         run.extra["refit"] = refit
+    # Evaluate where the model trained (a GPU worker's report must not crawl on its CPU),
+    # then hand back a CPU model: export and delivery read it there.
+    report = final_report(model.eval(), run)
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return FitResult(
         model=model,
         classes=data.classes,
         history=run.record.history,
         best=best.metrics,
-        report=final_report(model, run),
+        report=report,
         stopped_reason=control.reason,
         device=str(runtime.device),
         extra=run.extra,
         probe_cache=run.probe_cache,
         val_logits=run.val_outputs,
     )
+
+
+def spec_device(config: JobSpec) -> torch.device | None:
+    """The device the job asked for (None: auto, the worker's best). `cpu` holds even on a
+    GPU host; `gpu` on a host without CUDA fails the job instead of crawling on the CPU."""
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if config.device == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("the job asked for device 'gpu' and this worker has no CUDA")
+        return torch.device("cuda")
+    return None
 
 
 def _loss(config: JobSpec, data: PreparedData, device: torch.device) -> tuple[str, nn.Module]:
@@ -156,7 +171,9 @@ def _multilabel_loss(
 
 
 def final_report(model: nn.Module, run: Run) -> dict[str, Any]:
-    """Full evaluation of the chosen model (on the CPU) on the validation and test splits.
+    """Full evaluation of the chosen model on the validation and test splits, on the
+    training device and at its precision (as the epochs were scored), logits gathered on
+    the CPU.
     Multi-label: each class's threshold is first tuned on the validation split (best F1,
     `multilabel.tune_thresholds`), recorded in `run.extra["thresholds"]`, and both splits
     are reported at those thresholds (the validation figures are thus optimistic; the
@@ -167,8 +184,9 @@ def final_report(model: nn.Module, run: Run) -> dict[str, Any]:
     for name, dataset in (("validation", data.val_set(config)), ("test", data.test_set(config))):
         if dataset is None or len(dataset) == 0:
             continue
-        loader = run.runtime.loader(dataset, config.batch_size * 2, pin_memory=False)
-        logits, targets = predict(model, loader, torch.device("cpu"))
+        rt = run.runtime
+        loader = rt.loader(dataset, config.batch_size * 2)
+        logits, targets = predict(model, loader, rt.device, rt.amp_dtype)
         if name == "validation":
             run.val_outputs = (logits, targets)
         if data.multilabel and name == "validation":

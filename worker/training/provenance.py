@@ -42,6 +42,15 @@ def preprocessing(config: JobSpec) -> dict[str, Any]:
     }
 
 
+# Job fields that must not travel with a model file someone may share: a webhook URL often
+# carries a token in its query string.
+PRIVATE_FIELDS = ("webhook_url",)
+
+
+def shareable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in PRIVATE_FIELDS}
+
+
 def model_card(config: JobSpec, classes: list[str]) -> dict[str, Any]:
     """The backbone and classes a set of weights belongs to, and the spec that trained it."""
     spec = config.spec
@@ -51,6 +60,6 @@ def model_card(config: JobSpec, classes: list[str]) -> dict[str, Any]:
         "architecture": spec.arch,
         "num_classes": len(classes),
         "class_names": list(classes),
-        "train_config": config.to_dict(),
+        "train_config": shareable(config.to_dict()),
         "library_versions": library_versions(),
     }

@@ -1,0 +1,161 @@
+"""The API's hot path (issue 15): the per-process cache of verified keys honours a revocation
+made elsewhere within AUTH_CACHE_SECONDS, and the rate limit is one limit for every API
+process that shares Redis (two `finetune serve --no-worker`, one of them with --workers 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from core.db import session_scope
+from core.models import DEFAULT_TENANT, Tenant
+from core.tenancy import create_key, create_tenant, revoke_key
+from service.ratelimit import RateLimiter
+from tests.conftest import REPO, free_port, wait_for
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def env(integration_env) -> dict[str, str]:
+    return {**integration_env, "AUTH_ENABLED": "true", "RATE_LIMIT_PER_MINUTE": "100000"}
+
+
+def new_key(name: str, **limits: int) -> tuple[str, str]:
+    """(key id, token) of a key of a new tenant, made out of band (as the CLI does)."""
+    with session_scope() as s:
+        tenant = create_tenant(s, f"{name}-{secrets.token_hex(3)}", **limits)
+        key, token = create_key(s, tenant, ["read", "write", "admin"], name)
+    return key.id, token
+
+
+def api(env: dict[str, str], **overrides: str) -> TestClient:
+    from core.settings import Settings, get_settings
+    from service.main import create_app
+
+    settings = Settings(**{k.lower(): v for k, v in {**env, **overrides}.items()})
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    return TestClient(app)
+
+
+def test_a_key_revoked_elsewhere_is_refused_within_the_cache_ttl(env):
+    ttl = 1.5
+    key_id, token = new_key("cache")
+    with api(env, AUTH_CACHE_SECONDS=str(ttl)) as client:
+        assert client.get("/v1/me", headers=bearer(token)).status_code == 200
+        with session_scope() as s:  # what `finetune keys revoke` does, in another process
+            revoke_key(s, key_id)
+        revoked_at = time.monotonic()
+        # Until the TTL runs out the verified key may still be served from the cache...
+        while time.monotonic() - revoked_at < ttl + 0.5:
+            resp = client.get("/v1/me", headers=bearer(token))
+            if resp.status_code == 401:
+                break
+            assert resp.status_code == 200
+            time.sleep(0.1)
+        # ...never after it.
+        assert time.monotonic() - revoked_at <= ttl + 0.5
+        assert resp.status_code == 401 and "revoked" in resp.json()["detail"]
+
+
+def test_a_key_revoked_through_this_api_is_refused_at_once(env):
+    with session_scope() as s:
+        _, operator = create_key(s, s.get(Tenant, DEFAULT_TENANT), ["read", "operator"], "op")
+    key_id, token = new_key("at-once")
+    with api(env, AUTH_CACHE_SECONDS="300") as client:
+        assert client.get("/v1/me", headers=bearer(token)).status_code == 200
+        resp = client.delete(f"/v1/admin/keys/{key_id}", headers=bearer(operator))
+        assert resp.status_code == 204
+        assert client.get("/v1/me", headers=bearer(token)).status_code == 401
+
+
+def test_a_bad_key_is_never_cached(env):
+    _, token = new_key("bad")
+    with api(env, AUTH_CACHE_SECONDS="300") as client:
+        wrong = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+        for _ in range(2):
+            assert client.get("/v1/me", headers=bearer(wrong)).status_code == 401
+        assert client.get("/v1/me", headers=bearer(token)).status_code == 200
+
+
+def test_the_memory_limiter_counts_per_tenant():
+    async def run() -> tuple[list[float], float]:
+        limiter = RateLimiter("memory://")
+        waits = [await limiter.take("tenant-a", 5) for _ in range(6)]
+        return waits, await limiter.take("tenant-b", 5)
+
+    waits, other = asyncio.run(run())
+    assert waits[:5] == [0.0] * 5 and 0 < waits[5] <= 60
+    assert other == 0.0
+
+
+@pytest.fixture(scope="module")
+def two_apis(env, tmp_path_factory) -> Iterator[list[str]]:
+    """Two API servers on one PostgreSQL and one Redis: the first with two worker processes."""
+    logs = tmp_path_factory.mktemp("apis")
+    procs, urls = [], []
+    for i, extra in enumerate((["--workers", "2"], [])):
+        port = free_port()
+        cmd = [sys.executable, "-m", "cli", "serve", "--no-worker", "--port", str(port), *extra]
+        with open(logs / f"api{i}.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**os.environ, **env},
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        urls.append(f"http://127.0.0.1:{port}")
+
+    def ready(url: str, proc: subprocess.Popen) -> bool:
+        assert proc.poll() is None, (logs / "api0.log").read_text()[-2000:]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        for url, proc in zip(urls, procs, strict=True):
+            wait_for(lambda u=url, p=proc: ready(u, p), 90, f"API at {url}")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(45)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_two_api_servers_share_one_rate_limit(two_apis):
+    limit = 12
+    _, token = new_key("shared", rate_limit_per_minute=limit)
+    codes: dict[str, list[int]] = {url: [] for url in two_apis}
+    # Fresh connections each time: the --workers 2 server spreads them over its processes.
+    for i in range(3 * limit):
+        url = two_apis[i % 2]
+        resp = httpx.get(f"{url}/v1/me", headers=bearer(token), timeout=10)
+        codes[url].append(resp.status_code)
+        if resp.status_code == 429:
+            assert resp.json()["error_code"] == "RATE_LIMITED"
+            assert int(resp.headers["Retry-After"]) >= 1
+    allowed = sum(c == 200 for per in codes.values() for c in per)
+    # One limit across three processes (a per-process bucket would allow 3 x limit).
+    assert allowed == limit, codes
+    assert all(429 in per for per in codes.values()), codes
+    assert set().union(*codes.values()) <= {200, 429}, codes
