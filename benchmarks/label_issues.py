@@ -13,7 +13,9 @@ calls it after export (sheets drawn; the store uploads are not counted). Reporte
   flipped images the job checked: its training and validation images, which under a short
   budget on a CPU are fewer than were uploaded (the recipe's `max_train_images`);
 - the list's length and the recall of the whole list;
-- the cost: the label issues' seconds as a share of the job's (target: at most 10%).
+- the cost: the label issues' seconds as a share of the job's (target: at most 10%);
+- recall@2F of the same job's label issues with the probes on the raw features (no signed
+  square root, `find_label_issues(power=False)`, the method before), for comparison.
 
     .venv/bin/python benchmarks/label_issues.py [--proxies digits digits-degraded lfw]
         [--seeds 0 1 2] [--budget 30] [--noise 0.05] [--threads 1] [--json out.json]
@@ -77,6 +79,9 @@ def run_one(proxy: Proxy, budget: float, work: Path, sheets: Path | None = None)
     t1 = time.monotonic()
     found = find_label_issues(result, data, spec, paths, duplicate_group_ids(entries), device)
     issues_s = time.monotonic() - t1
+    raw = find_label_issues(
+        result, data, spec, paths, duplicate_group_ids(entries), device, sheets=False, power=False
+    )
     if sheets is not None:
         sheets.mkdir(parents=True, exist_ok=True)
         for kind, png in (("label_issues", found.issues_png), ("top_losses", found.top_losses_png)):
@@ -92,6 +97,7 @@ def run_one(proxy: Proxy, budget: float, work: Path, sheets: Path | None = None)
     listed = [proxy_index[item["index"]] for item in found.issues]
     first = listed[: 2 * len(flipped)]
     hits = len(flipped & set(first))
+    raw_first = [proxy_index[item["index"]] for item in raw.issues][: 2 * len(flipped)]
     val = result.report.get("validation", {})
     return {
         "flipped_uploaded": len(proxy.flipped),
@@ -100,6 +106,7 @@ def run_one(proxy: Proxy, budget: float, work: Path, sheets: Path | None = None)
         "checked": found.images,
         "listed": len(listed),
         "recall_2f": hits / max(1, len(flipped)),
+        "recall_2f_raw": len(flipped & set(raw_first)) / max(1, len(flipped)),
         "precision_2f": hits / max(1, len(first)),
         "recall_all": len(flipped & set(listed)) / max(1, len(flipped)),
         "job_s": job_s,
@@ -118,8 +125,8 @@ def table(results: list[dict[str, Any]]) -> str:
     rows = [
         "| proxy | flipped of the images checked (uploaded) | recall@2F (mean, per seed) "
         "| precision@2F | listed | recall of the whole list | job s | label issues s "
-        "| share of job (mean / max) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| share of job (mean / max) | recall@2F on raw features (before) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by: dict[str, list[dict[str, Any]]] = {}
     for r in results:
@@ -137,7 +144,9 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {mean(r['recall_all'] for r in rs):.3f} "
             f"| {mean(r['job_s'] for r in rs):.1f} | {mean(r['issues_s'] for r in rs):.2f} "
             f"| **{100 * mean(r['share'] for r in rs):.1f}%** / "
-            f"{100 * max(r['share'] for r in rs):.1f}% |"
+            f"{100 * max(r['share'] for r in rs):.1f}% "
+            f"| {mean(r['recall_2f_raw'] for r in rs):.3f} "
+            f"[{' '.join(format(r['recall_2f_raw'], '.3f') for r in rs)}] |"
         )
     return "\n".join(rows)
 
@@ -176,7 +185,8 @@ def main() -> None:
                 shutil.rmtree(work, ignore_errors=True)
             results.append(r)
             print(
-                f"  {proxy.describe()}: recall@2F {r['recall_2f']:.3f} precision@2F "
+                f"  {proxy.describe()}: recall@2F {r['recall_2f']:.3f} "
+                f"(raw features {r['recall_2f_raw']:.3f}) precision@2F "
                 f"{r['precision_2f']:.3f}, {r['listed']} listed, {r['issues_s']:.2f} s of a "
                 f"{r['job_s']:.1f} s job ({100 * r['share']:.1f}%) {r['timings']}, "
                 f"{r['features']} features, penalty {r['penalty']:g}, {r['strategy']} at "

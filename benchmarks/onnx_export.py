@@ -9,8 +9,14 @@ digits, resized and normalised as in evaluation): top-1 agreement (target 100%) 
 largest absolute logit difference (target <= 1e-3). With `--int8`, the static int8 copy's
 agreement with fp32 and its size.
 
+With `--compare`, what a job pays after training, the old way and the new way in the same
+run, per backbone: the export, its check and the flip-TTA check on `--images` images (a job
+checks up to 256 validation images). Old: the dynamo exporter, PyTorch on every image, the
+TTA check running the plain images again. New: the exporters in `EXPORTERS` order, PyTorch
+on the `VERIFY_IMAGES` least certain images, the TTA check reusing the export's logits.
+
     .venv/bin/python benchmarks/onnx_export.py [--backbones a,b] [--images 64] [--int8]
-        [--smoke]
+        [--smoke] [--compare]
 """
 
 from __future__ import annotations
@@ -35,7 +41,13 @@ from core.settings import Settings  # noqa: E402
 from core.weights import weights_on_host  # noqa: E402
 from worker.training.backbones import create_model  # noqa: E402
 from worker.training.export import build_metadata  # noqa: E402
-from worker.training.onnx_export import OnnxMismatch, export_onnx, quantize_int8  # noqa: E402
+from worker.training.onnx_export import (  # noqa: E402
+    OnnxMismatch,
+    export_and_check,
+    export_onnx,
+    flip_tta_check,
+    quantize_int8,
+)
 
 
 def real_images(n: int) -> list[Image.Image]:
@@ -62,12 +74,39 @@ def real_images(n: int) -> list[Image.Image]:
     return out
 
 
+def compare(
+    model: torch.nn.Module, size: int, path: Path, batch: np.ndarray, labels: np.ndarray
+) -> dict[str, object]:
+    """Seconds for the export, its check and the TTA check: the old way, then the new."""
+    started = time.perf_counter()
+    old, _ = export_and_check(model, size, path, batch, verify=len(batch), exporters=("dynamo",))
+    flip_tta_check(path, batch, labels)
+    old_s = time.perf_counter() - started
+    started = time.perf_counter()
+    new, logits = export_and_check(model, size, path, batch)
+    flip_tta_check(path, batch, labels, logits)
+    new_s = time.perf_counter() - started
+    return {
+        "images": len(batch),
+        "old_s": old_s,
+        "old_export_s": old["export_seconds"],
+        "old_diff": old["max_abs_logit_diff"],
+        "new_s": new_s,
+        "new_export_s": new["export_seconds"],
+        "new_exporter": new["exporter"],
+        "new_checked": new["checked_images"],
+        "new_diff": new["max_abs_logit_diff"],
+        "new_agreement": new["top1_agreement"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbones", default=",".join(BACKBONES))
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--int8", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="lite0 at 64 px, 8 images")
+    parser.add_argument("--compare", action="store_true", help="old and new way, same run")
     args = parser.parse_args()
     names = args.backbones.split(",")
     size_override = None
@@ -79,6 +118,15 @@ def main() -> None:
     pictures = real_images(args.images)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
+        if args.compare:  # both exporters' first-call imports, paid once by a worker process
+            tiny = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+            )
+            tiny(torch.zeros(1, 3, 8, 8))
+            for exporter in ("dynamo", "torchscript"):
+                export_onnx(
+                    tiny.eval(), 8, Path(tmp) / "warm.onnx", np.zeros((0,)), exporters=(exporter,)
+                )
         for name in names:
             spec = BACKBONES[name]
             pretrained = weights_on_host(spec, settings) is not None
@@ -96,6 +144,14 @@ def main() -> None:
                 head.weight.copy_(w.T * 10)
                 head.bias.zero_()
             path = Path(tmp) / f"{name}.onnx"
+            if args.compare:
+                labels = np.arange(len(batch)) % 10
+                row = {"backbone": name, "weights": "ImageNet" if pretrained else "random"}
+                row["size"] = config.input_size
+                row |= compare(model, config.input_size, path, batch, labels)
+                rows.append(row)
+                print(row, flush=True)
+                continue
             started = time.perf_counter()
             try:
                 info = export_onnx(model, config.input_size, path, batch)
@@ -117,6 +173,19 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     print()
+    if args.compare:
+        print(
+            "| backbone | weights | px | old: dynamo, all checked, s | new: exporter "
+            "| new s | new / old | new: images PyTorch checked | new: max abs logit diff |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['backbone']} | {r['weights']} | {r['size']} | {r['old_s']:.1f} "
+                f"| {r['new_exporter']} | {r['new_s']:.1f} | {r['new_s'] / r['old_s']:.2f} "
+                f"| {r['new_checked']} of {r['images']} | {r['new_diff']:.1e} |"
+            )
+        return
     print(
         "| backbone | weights | px | exporter | export s | top-1 agreement | max abs logit diff |"
         + (" int8 agreement | int8 size |" if args.int8 else "")

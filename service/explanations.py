@@ -66,6 +66,9 @@ class Prediction(BaseModel):
     backbone: str
     input_size: int
     seconds: float  # the worker's time for this explanation, the model already loaded
+    # "hflip" when the model's metadata turns on flip TTA: the probabilities average the
+    # image and its mirror (as predictions do), and so does the heatmap
+    tta: str | None = None
 
 
 class ExplanationPublic(BaseModel):

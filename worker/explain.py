@@ -97,23 +97,63 @@ def _scores(logits: torch.Tensor, metadata: dict[str, Any]) -> np.ndarray:
     return torch.softmax(logits, dim=0).detach().numpy()  # type: ignore[no-any-return]
 
 
-def grad_cam(
-    model: nn.Module, x: torch.Tensor, index: int | None
+class _TopOfMean:
+    """pytorch-grad-cam target: the logit, in each image, of the class whose logit is the
+    highest on average over the batch (the flip-TTA prediction), read from the forward pass
+    the CAM has just made (`cam.outputs`), so no second pass is needed to know it."""
+
+    def __init__(self, cam: Any):
+        self.cam = cam
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output[..., int(self.cam.outputs.detach().float().mean(0).argmax())]
+
+
+def _cams(
+    model: nn.Module, x: torch.Tensor, index: int | None, top_of_mean: bool = False
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """(the HxW heatmap in [0, 1] of class `index`, the logits) for a 1x3xHxW input;
-    `index` None explains the highest logit (the top class)."""
+    """(NxHxW heatmaps, each in [0, 1], of class `index`; Nxclasses logits) for an Nx3xHxW
+    batch, in one forward and one backward pass. `index` None: each image's highest logit,
+    or with `top_of_mean` the class highest on average over the batch."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layers, reshape = target_layers(model)
     cam = GradCAM(model=model, target_layers=layers, reshape_transform=reshape)
     try:
-        targets = None if index is None else [ClassifierOutputTarget(index)]
+        targets: list[Any] | None = None
+        if index is not None:
+            targets = [ClassifierOutputTarget(index)] * len(x)
+        elif top_of_mean:
+            targets = [_TopOfMean(cam)] * len(x)
         # requires_grad on the input: gradients for the activations, none for the weights.
-        heatmap = cam(input_tensor=x.detach().requires_grad_(True), targets=targets)[0]
-        return heatmap, cam.outputs[0].detach()
+        heatmaps = cam(input_tensor=x.detach().requires_grad_(True), targets=targets)
+        return heatmaps, cam.outputs.detach()
     finally:
         cam.activations_and_grads.release()  # not `with`: its __exit__ swallows IndexError
+
+
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, index: int | None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """(the HxW heatmap in [0, 1] of class `index`, the logits) for a 1x3xHxW input;
+    `index` None explains the highest logit (the top class)."""
+    heatmaps, logits = _cams(model, x, index)
+    return heatmaps[0], logits[0]
+
+
+def flip_tta_grad_cam(
+    model: nn.Module, x: torch.Tensor, index: int | None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """As `grad_cam` for a model served with flip TTA (`"tta": "hflip"`, `core.inference`):
+    the logits are the mean of the image's and its mirror's, `index` None is the top class
+    of that mean, and the heatmap is the mean of the image's map and the mirror's map
+    flipped back onto the image, rescaled so that its peak is 1 (as a single map's is)."""
+    both = torch.cat([x, x.flip(-1)]).detach()
+    heatmaps, logits = _cams(model, both, index, top_of_mean=True)
+    heatmap = (heatmaps[0] + heatmaps[1][:, ::-1]) / 2
+    peak = float(heatmap.max())
+    return (heatmap / peak if peak > 0 else heatmap), logits.mean(0)
 
 
 def explain_image(
@@ -128,7 +168,9 @@ def explain_image(
     if target is not None and target not in classes:
         raise ValueError(f"target {target!r} is not one of the model's classes")
     wanted = None if target is None else classes.index(target)
-    heatmap, logits = grad_cam(model, model_input(crop, metadata), wanted)
+    tta = metadata.get("tta") == "hflip"  # predictions average the image and its mirror
+    explain = flip_tta_grad_cam if tta else grad_cam
+    heatmap, logits = explain(model, model_input(crop, metadata), wanted)
     index = int(logits.argmax()) if wanted is None else wanted
     scores = _scores(logits, metadata)
     overlay = show_cam_on_image(crop.astype(np.float32) / 255.0, heatmap, use_rgb=True)
@@ -148,6 +190,7 @@ def explain_image(
         "predicted": predicted,
         "backbone": metadata["backbone"],
         "input_size": int(metadata["input_size"][1]),
+        "tta": "hflip" if tta else None,
         "seconds": round(time.perf_counter() - started, 4),
     }
     return png.getvalue(), prediction

@@ -14,7 +14,14 @@ from sklearn.datasets import load_sample_image
 from core.backbones import BACKBONES
 from core.imaging import crop_for_model, preprocess
 from core.jobspec import JobSpec
-from worker.explain import explain_image, grad_cam, model_input, prepare, target_layers
+from worker.explain import (
+    explain_image,
+    flip_tta_grad_cam,
+    grad_cam,
+    model_input,
+    prepare,
+    target_layers,
+)
 from worker.training.backbones import build_architecture, create_model
 from worker.training.export import build_metadata
 
@@ -125,3 +132,40 @@ def test_every_backbone_has_a_target_layer_giving_a_heatmap_of_the_input_size(ba
     # A spatial layer: the map varies over the image (a layer after pooling would be flat).
     # With random weights one class may have no positive evidence anywhere (a zero map).
     assert max(spreads) > 0.05, spreads
+
+
+def test_a_model_served_with_flip_tta_is_explained_as_it_predicts(imagenet_lite0):
+    """`"tta": "hflip"` in the metadata: predictions average the image and its mirror
+    (core.inference), so the explanation reports those probabilities, explains the top
+    class of that average, and its heatmap is the mean of the image's map and the mirror's
+    map flipped back: mirroring the input mirrors the heatmap and leaves the prediction."""
+    model, plain = imagenet_lite0
+    metadata = {**plain, "tta": "hflip"}
+    crop = flower_on_one_side("left")
+    x = model_input(crop, metadata)
+    with torch.no_grad():
+        mean = (model(x)[0] + model(x.flip(-1))[0]) / 2
+    probs = torch.softmax(mean, dim=0)
+    _, prediction = explain_image(model, metadata, crop, None)
+    assert prediction["tta"] == "hflip"
+    assert prediction["explained"]["label"] == f"c{int(probs.argmax())}"
+    for item in prediction["top_k"]:
+        assert item["probability"] == pytest.approx(float(probs[int(item["label"][1:])]), abs=1e-5)
+    _, untta = explain_image(model, plain, crop, None)
+    assert untta["tta"] is None
+    assert untta["top_k"][0]["probability"] != pytest.approx(
+        prediction["top_k"][0]["probability"], abs=1e-4
+    )
+
+    heatmap, logits = flip_tta_grad_cam(model, x, None)
+    mirrored, mirrored_logits = flip_tta_grad_cam(model, x.flip(-1), None)
+    assert torch.allclose(logits, mean, atol=1e-4) and torch.allclose(
+        logits, mirrored_logits, atol=1e-4
+    )
+    assert heatmap.max() == pytest.approx(1.0, abs=1e-4) and heatmap.min() >= 0
+    assert np.abs(mirrored[:, ::-1] - heatmap).max() < 1e-3
+    assert heatmap[:, :112].sum() / heatmap.sum() > 0.75  # still on the flower
+    # Without TTA the map of the mirror is not the mirror of the map: the test can tell.
+    single, _ = grad_cam(model, x, None)
+    single_mirrored, _ = grad_cam(model, x.flip(-1), None)
+    assert np.abs(single_mirrored[:, ::-1] - single).max() > 1e-2

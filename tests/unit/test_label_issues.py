@@ -21,6 +21,7 @@ from worker.training.label_issues import (
     LabelIssuesSkipped,
     find_label_issues,
     fold_splits,
+    power_normalise,
     top_losses,
 )
 from worker.training.sheets import Tile, issues_sheet, sheet_png
@@ -72,6 +73,17 @@ def test_flipped_digits_are_listed_first_with_their_true_class_suggested():
     assert item["path"] == paths[item["index"]] and item["given_label"] != item["suggested_label"]
     assert sum(found.per_class.values()) == len(found.issues)
     assert found.summary()["count"] == len(found.issues)
+
+
+def test_the_probes_see_the_signed_square_roots_of_the_features_and_say_so():
+    assert power_normalise(torch.tensor([-4.0, 0.0, 0.25, 9.0])).tolist() == [-2, 0, 0.5, 3]
+    result, data, paths, flipped, _ = digits_job()
+    found = find_label_issues(result, data, JobSpec(), paths, sheets=False)
+    raw = find_label_issues(result, data, JobSpec(), paths, sheets=False, power=False)
+    assert found.summary()["transform"] == "signed square root"
+    assert raw.summary()["transform"] == "none"
+    # Different probabilities, so a different list (both find the flipped digits).
+    assert [i["index"] for i in found.issues] != [i["index"] for i in raw.issues]
 
 
 def test_clean_labels_give_few_issues():

@@ -39,7 +39,7 @@ from worker.training.backbones import build_architecture
 from worker.training.data import PreparedData
 from worker.training.onnx_export import (
     OnnxMismatch,
-    export_onnx,
+    export_and_check,
     flip_tta_check,
     quantize_int8,
 )
@@ -135,8 +135,9 @@ def export_model(
     save_file(state, str(paths["model.safetensors"]), metadata={"format": "pt"})
     size = metadata["input_size"][1]
     check = checks.images if checks is not None else np.zeros((0, 3, size, size), np.float32)
+    onnx_logits = None  # onnxruntime's logits of `check`: the checks below reuse them
     try:
-        metadata["onnx"] = export_onnx(model, size, paths["model.onnx"], check)
+        metadata["onnx"], onnx_logits = export_and_check(model, size, paths["model.onnx"], check)
     except Exception as exc:  # noqa: BLE001 - the job keeps its other files and says why
         log.warning("ONNX export failed: %s", exc, exc_info=not isinstance(exc, OnnxMismatch))
         metadata["onnx"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -146,7 +147,7 @@ def export_model(
     flips = metadata.get("train_config", {}).get("augmentation", {}).get("hflip", False)
     labels = checks.labels if checks is not None else None
     if flips and "error" not in metadata["onnx"] and labels is not None and len(labels) >= 50:
-        tta = flip_tta_check(paths["model.onnx"], check, labels)
+        tta = flip_tta_check(paths["model.onnx"], check, labels, onnx_logits)
         metadata["tta_check"] = tta
         if tta["use"]:  # predictions average the image and its mirror (core/inference)
             metadata["tta"] = "hflip"
@@ -154,7 +155,13 @@ def export_model(
         calibration = checks.calibration if checks.calibration is not None else check
         try:
             metadata["onnx_int8"] = quantize_int8(
-                paths["model.onnx"], paths["model.int8.onnx"], calibration, check, checks.labels
+                paths["model.onnx"],
+                paths["model.int8.onnx"],
+                calibration,
+                check,
+                checks.labels,
+                onnx_logits,
+                model,
             )
         except Exception as exc:  # noqa: BLE001
             log.warning("int8 quantization failed: %s", exc, exc_info=True)
