@@ -200,7 +200,9 @@ def run_search_job(proxy: Proxy, upload: Path, budget: float, work: Path) -> dic
         deadline=t0 + budget,
     )
     result = run_search(
-        planned.spec, lambda s: prepare(work / "images.zip", index, s, work / "cache")
+        planned.spec,
+        lambda s: prepare(work / "images.zip", index, s, work / "cache"),
+        started=t0,  # the search's budget counts from the job's start, planning included
     )
     wall = time.monotonic() - t0
     trials = result.extra["search"]["trials"]
@@ -212,6 +214,11 @@ def run_search_job(proxy: Proxy, upload: Path, budget: float, work: Path) -> dic
             "trials": len(trials),
             "pruned": sum(t["state"] == "pruned" for t in trials),
             "best_trial": result.extra["search"]["best_trial"],
+            "trials_run": [
+                f"{t['params'].get('strategy')} {t['params']['image_size']}px {t['state']} "
+                f"{t['value']} {t['seconds']}s"
+                for t in trials
+            ],
         },
     }
 

@@ -4,6 +4,10 @@ GPU with CUDA_VISIBLE_DEVICES (so it sees one device, `cuda:0`) and consuming GP
 One process per GPU, not one process driving several: a job holds its worker for its whole
 run, so N GPUs train N jobs at once, and a child that dies (out of memory) takes one GPU's
 job with it, restarted by its supervisor like `serve`'s embedded workers.
+
+`--per-job` instead: one worker that sees all the GPUs named and trains one job on them
+at once (a job's `gpus` > 1: one process per GPU, worker/training/distributed.py); it
+consumes the queues of jobs of 2 .. N GPUs (`core.fleet.multi_gpu_queues`), not GPU_QUEUE.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 
 from cli.processes import worker_command
 from cli.supervisor import WorkerSupervisor, exit_on_signal, stop_all
+from core import fleet
 from core.settings import Settings
 
 
@@ -60,8 +65,26 @@ def gpu_worker_env(base: dict[str, str], gpu: int) -> dict[str, str]:
     return env
 
 
-def gpu_supervisors(settings: Settings, gpus: list[int], pool: str) -> list[WorkerSupervisor]:
+def gpu_supervisors(
+    settings: Settings, gpus: list[int], pool: str, per_job: bool = False
+) -> list[WorkerSupervisor]:
     base = dict(os.environ)
+    if per_job:  # one worker that sees them all, for jobs with `gpus` 2 .. len(gpus)
+        if len(gpus) < 2:
+            raise GpuSpecError(f"--per-job trains one job on several GPUs; --gpus names {gpus}")
+        env = {**base, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        queues = fleet.multi_gpu_queues(settings, len(gpus))
+        name = "finetune-gpus" + "-".join(map(str, gpus))
+        return [
+            WorkerSupervisor(
+                worker_command(settings, pool, queues, name=name),
+                name=f"gpus{'-'.join(map(str, gpus))}-worker-supervisor",
+                max_restarts=settings.worker_max_restarts,
+                window_seconds=settings.worker_restart_window_seconds,
+                stop_grace_seconds=settings.stop_grace_seconds,
+                env=env,
+            )
+        ]
     return [
         WorkerSupervisor(
             worker_command(settings, pool, [settings.gpu_queue], name=f"finetune-gpu{gpu}"),
@@ -75,9 +98,9 @@ def gpu_supervisors(settings: Settings, gpus: list[int], pool: str) -> list[Work
     ]
 
 
-def run_gpu_workers(settings: Settings, gpus: list[int], pool: str) -> int:
+def run_gpu_workers(settings: Settings, gpus: list[int], pool: str, per_job: bool = False) -> int:
     """Supervise the children until a signal, or until every one has given up (exit 1)."""
-    supervisors = gpu_supervisors(settings, gpus, pool)
+    supervisors = gpu_supervisors(settings, gpus, pool, per_job)
     signal.signal(signal.SIGTERM, exit_on_signal)
     signal.signal(signal.SIGINT, exit_on_signal)
     try:

@@ -89,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="one worker per GPU (pinned with CUDA_VISIBLE_DEVICES) on GPU_QUEUE; "
         "--queues is then ignored",
     )
+    p.add_argument(
+        "--per-job",
+        action="store_true",
+        help="with --gpus: one worker that sees all those GPUs and trains one job on them "
+        "at once (jobs with `gpus` 2..N), instead of one worker per GPU",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("migrate", help="alembic upgrade head")

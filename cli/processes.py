@@ -119,10 +119,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         try:
             gpus = parse_gpus(args.gpus, cuda_device_count())
+            per_job = bool(getattr(args, "per_job", False))
+            if per_job and len(gpus) < 2:
+                raise GpuSpecError(f"--gpus {args.gpus} --per-job: name two GPUs or more")
         except GpuSpecError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        return run_gpu_workers(settings, gpus, args.pool)
+        return run_gpu_workers(settings, gpus, args.pool, per_job)
     os.execv(sys.executable, worker_command(settings, args.pool, queues_for(settings, args.queues)))
     return 0  # not reached
 
@@ -181,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "service.main:app",
             host=args.host,
             port=args.port,
-            log_level="info",
+            # LOG_LEVEL holds for uvicorn too: WARNING drops the access log's line a request
+            log_level=settings.log_level.lower(),
             # `--workers N`: uvicorn's supervisor forks N API processes; each has its own
             # key cache and (on the embedded default) its own rate-limit counters.
             workers=max(1, int(getattr(args, "workers", 1))),

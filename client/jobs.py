@@ -92,9 +92,24 @@ class Jobs:
         dataset_id: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        after: str | None = None,
     ) -> m.Jobs:
-        params = _drop_none(status=status, dataset_id=dataset_id, limit=limit, offset=offset)
+        """One page, newest first; `after=page.next_cursor` reads the next one by keyset."""
+        params = _drop_none(
+            status=status, dataset_id=dataset_id, limit=limit, offset=offset, after=after
+        )
         return self._t.call(m.Jobs, "GET", "/v1/jobs", params=params)
+
+    def iterate(self, status: str | None = None, dataset_id: str | None = None) -> Iterator[m.Job]:
+        """Every job of the caller, newest first, a page of 200 at a time (keyset cursors:
+        a job submitted meanwhile is never read twice)."""
+        after: str | None = None
+        while True:
+            page = self.list(status, dataset_id, limit=200, after=after)
+            yield from page.data
+            if page.next_cursor is None:
+                return
+            after = page.next_cursor
 
     def cancel(self, job_id: str, mode: str = "discard") -> m.Job:
         """`discard` keeps nothing; `stop-and-keep` makes the best epoch so far the model."""

@@ -200,6 +200,7 @@ class Datasets(Page):
 
 class Jobs(Page):
     data: list[Job]
+    next_cursor: str | None = None  # pass as `after` for the next page
 
 
 class Metrics(Page):

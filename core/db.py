@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings, get_settings
@@ -43,11 +45,36 @@ class PoolSize(NamedTuple):
         )
 
 
+# A pooled connection idle longer than this is pinged before it is handed out (a server may
+# have dropped it); one in use moments ago is not: a ping on every checkout was one more
+# round trip on every API request. A connection the server dropped meanwhile fails that one
+# statement, and SQLAlchemy then discards the whole pool (a disconnect error invalidates it).
+PING_AFTER_IDLE_SECONDS = 10.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT 1")
+            cur.close()
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as exc:  # the pool retries with a fresh connection
+            raise DisconnectionError(f"pooled connection dropped: {exc}") from exc
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str, pool: PoolSize) -> Engine:
-    # A server may have dropped a pooled connection: ping it at checkout. A SQLite file has
-    # no server to go away, and the ping would be one more statement on every request.
-    kwargs: dict[str, Any] = {"pool_pre_ping": not url.startswith("sqlite")}
+    kwargs: dict[str, Any] = {}
     path = url.split("///", 1)[1] if "///" in url else ""
     # An in-memory SQLite database lives in its one connection: no pool to size.
     if not (url.startswith("sqlite") and path in ("", ":memory:")):
@@ -58,6 +85,8 @@ def get_engine(url: str, pool: PoolSize) -> Engine:
         # The API and the worker process write the same file: wait rather than fail.
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
+    if not url.startswith("sqlite"):  # a SQLite file has no server to go away
+        _ping_after_idle(engine)
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")
@@ -79,6 +108,28 @@ def _session_factory(url: str, pool: PoolSize) -> sessionmaker[Session]:
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     settings = settings or get_settings()
     return _session_factory(settings.resolved_database_url, PoolSize.of(settings))
+
+
+@lru_cache(maxsize=8)
+def _read_engine(url: str, pool: PoolSize) -> Engine:
+    return get_engine(url, pool).execution_options(isolation_level="AUTOCOMMIT")
+
+
+def read_engine(settings: Settings | None = None) -> Engine:
+    """The engine for single-statement reads (the API's polled routes): the same pool, in
+    autocommit, so a read is one round trip: no BEGIN, and no ROLLBACK when the connection
+    goes back to the pool. Never for writes or for reads that must agree with each other."""
+    global _read_last
+    settings = settings or get_settings()
+    last = _read_last
+    if last is not None and last[0] is settings:  # the API's one Settings: no URL to build
+        return last[1]
+    engine = _read_engine(settings.resolved_database_url, PoolSize.of(settings))
+    _read_last = (settings, engine)
+    return engine
+
+
+_read_last: tuple[Settings, Engine] | None = None
 
 
 @contextmanager

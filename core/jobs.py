@@ -48,7 +48,7 @@ def get_owned_job(session: Session, principal: Principal, job_id: str) -> Job:
     return job
 
 
-def model_ready(job: Job) -> bool:
+def model_ready(job: Job | Any) -> bool:
     """Succeeded; canceled with stop-and-keep, or stopped at its time limit, after at least
     one epoch (the best epoch so far is the model)."""
     ended = job.status in (
@@ -82,7 +82,8 @@ def submit_job(
             f"{limits.max_queued_jobs}; submit again when some have started, or cancel some",
             headers={"Retry-After": "30"},
         )
-    fleet.check_submit(session, settings, spec.backbone, spec.device)  # the live workers'
+    # The live workers' say: a GPU, `gpus` of them, the backbone's weights.
+    fleet.check_submit(session, settings, spec.backbone, spec.device, spec.gpus)
     val_min = min(ds.class_counts.values())
     if val_min * spec.val_fraction < 1 and val_min < 2:
         raise ServiceError(
@@ -153,7 +154,12 @@ def _send(session: Session, job_id: str, settings: Settings) -> None:
 
 
 def cancel_job(
-    session: Session, principal: Principal, job_id: str, mode: str, client: str | None = None
+    session: Session,
+    principal: Principal,
+    job_id: str,
+    mode: str,
+    client: str | None = None,
+    settings: Settings | None = None,
 ) -> Job:
     """A queued job is canceled at once; a running one stops at its next step (`mode`:
     discard, or stop-and-keep). JOB_FINISHED if it has already ended."""
@@ -163,7 +169,7 @@ def cancel_job(
         raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id} has already ended ({job.status})")
     audit(session, principal, "job.cancel", "job", job_id, client, {"mode": mode})
     session.commit()
-    webhook_store.notify(session, job_id)  # job.canceled, if it was queued
+    webhook_store.notify(session, job_id, settings)  # job.canceled, if it was queued
     session.expire_all()
     return get_owned_job(session, principal, job_id)
 

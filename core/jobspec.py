@@ -110,6 +110,7 @@ class EarlyStopping(BaseModel):
     min_delta: float = Field(0.0, ge=0.0, le=1.0)
 
 
+MAX_GPUS = 8  # processes of one job (`gpus`): one host's GPUs
 _BACKBONE_NAMES: list[JsonValue] = list(sorted(BACKBONES))
 
 
@@ -215,6 +216,14 @@ class JobSpec(BaseModel):
         description="where the job trains: gpu (refused unless a live worker has a GPU), cpu, "
         "or auto (default: a GPU worker when one is live, else a CPU worker)",
     )
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=MAX_GPUS,
+        description="train this one job on this many GPUs at once (1 to 8: one process per "
+        "GPU, DistributedDataParallel; `batch_size` is per GPU). More than 1 needs a live "
+        "worker that sees that many GPUs (`finetune worker --gpus 0,1 --per-job`)",
+    )
     augmentation: Augmentation = Field(default_factory=Augmentation)
     search: SearchSpec | None = Field(
         None,
@@ -228,6 +237,15 @@ class JobSpec(BaseModel):
         if v not in BACKBONES:
             raise ValueError(f"unknown backbone {v!r}; available: {', '.join(sorted(BACKBONES))}")
         return v
+
+    @model_validator(mode="after")
+    def _one_process_per_search_trial(self) -> JobSpec:
+        if self.gpus > 1 and self.search is not None:
+            raise ValueError(
+                f"gpus {self.gpus} with `search`: search trials train in one process each; "
+                "set gpus to 1, or drop `search`"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resolve_backbone_defaults(self) -> JobSpec:

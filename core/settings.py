@@ -8,6 +8,7 @@ same names, and a test checks that they agree.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -75,6 +76,9 @@ class Settings(BaseSettings):
     # Off by default: a backbone is accepted only when its weights are on this host, so a
     # job never fails an hour later on an air-gapped machine. `finetune weights pull`.
     allow_weight_downloads: bool = False
+    # A job with `gpus` > 1 on a worker without CUDA: off, it fails naming the reason (N
+    # processes on one CPU are no faster); on, its ranks run on the CPU with gloo (tests).
+    allow_cpu_distributed: bool = False
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     # A running job whose heartbeat is older than this is taken as lost: requeued (and
     # resumed from its last checkpoint) until it has had MAX_ATTEMPTS, then failed.
@@ -317,7 +321,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'finetune.db').resolve()}"
+        # abspath, not resolve(): no system call, and this runs on every request
+        return self.database_url or f"sqlite:///{os.path.abspath(self.data_dir / 'finetune.db')}"
 
     @property
     def resolved_broker_url(self) -> str:

@@ -9,11 +9,11 @@ import anyio
 from anyio import CapacityLimiter
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from core.db import session_factory
+from core.db import read_engine, session_factory
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
 from core.tenancy import Limits, Principal
@@ -71,6 +71,24 @@ async def in_session(settings: Settings, work: Callable[[Session], T]) -> T:
             except PoolTimeout as exc:
                 raise _pool_exhausted(exc) from exc
 
+    return await anyio.to_thread.run_sync(run)
+
+
+async def in_read(settings: Settings, work: Callable[[Connection], T], bounded: bool = False) -> T:
+    """`work(connection)` on the autocommit read engine (one round trip a statement,
+    SQLAlchemy Core rows, no ORM session): the polled routes' reads. On one thread of the
+    pool; except, on SQLite, a `bounded` read (one primary-key lookup): in WAL mode a reader
+    never waits for a writer, and the lookup costs less than the hop to a thread and back."""
+
+    def run() -> T:
+        try:
+            with read_engine(settings).connect() as conn:
+                return work(conn)
+        except PoolTimeout as exc:
+            raise _pool_exhausted(exc) from exc
+
+    if bounded and read_engine(settings).dialect.name == "sqlite":
+        return run()
     return await anyio.to_thread.run_sync(run)
 
 

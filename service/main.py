@@ -81,9 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predict_threads = TenantThreads(TENANT_PREDICT_THREADS, PREDICT_THREADS)
     for router in (
         health.router,
+        jobs.router,  # first after health: the routes clients poll are matched soonest
         previews.router,
         datasets.router,
-        jobs.router,
         events.router,
         webhooks.router,
         webhooks.deliveries_router,

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
 from core.db import as_utc, utcnow
 from core.jobs import model_ready
@@ -146,7 +147,8 @@ class JobPublic(BaseModel):
     )
 
 
-def job_public(job: Job) -> JobPublic:
+def job_public(job: Job | Row[Any]) -> JobPublic:
+    """From a `Job` or a Core row of its columns (core/job_reads.py)."""
     total = job.total_steps or 0
     fraction = (
         1.0
@@ -200,6 +202,9 @@ class JobCancel(BaseModel):
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int
+    next_cursor: str | None = Field(
+        None, description="pass as `after` for the next page; null on the last page"
+    )
 
 
 class MetricPublic(BaseModel):

@@ -19,6 +19,7 @@ import socket
 import time
 import traceback
 import uuid
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -41,6 +42,7 @@ from worker.label_issues import label_issues
 from worker.planning import budget_deadline, choose_recipe
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.data import prepare
+from worker.training.distributed import fit_distributed
 from worker.training.fit import fit
 from worker.training.search import run_search, searched_config
 from worker.training.weights import WeightsSource
@@ -144,6 +146,7 @@ def train(run: Attempt, config: JobConfig) -> Trained:
             config,
             lambda spec: prepare(archive, index, spec, archive.parent),
             run.reporter,
+            started=run.started,  # budget_seconds counts from this attempt's start
             weights=weights,
             num_workers=s.dataloader_workers,
         )
@@ -157,7 +160,11 @@ def train(run: Attempt, config: JobConfig) -> Trained:
     except Exception:  # noqa: BLE001
         log.warning("job %s: could not trim the dataset cache", run.job_id, exc_info=True)
     resume = fetch_checkpoint(run)
-    result = fit(
+    # `gpus` > 1: one process per GPU (worker/training/distributed.py), the same result.
+    train_fit = (
+        partial(fit_distributed, allow_cpu=s.allow_cpu_distributed) if config.gpus > 1 else fit
+    )
+    result = train_fit(
         config,
         data,
         run.reporter,

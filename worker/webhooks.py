@@ -8,7 +8,8 @@ whole URL if any address is not public (unless WEBHOOK_ALLOW_PRIVATE), and conne
 address it checked. So a name that resolved to a public address when it was registered and
 to 127.0.0.1 now (DNS rebinding) is refused at the connection, not after it. Redirects are
 not followed (a 3xx is a failed try), environment proxies are ignored, the timeout is
-WEBHOOK_TIMEOUT_SECONDS, and the answer's body is never read.
+WEBHOOK_TIMEOUT_SECONDS for the whole try (connect, send, the answer's status and headers;
+`DeadlineStream`), and the answer's body is never read.
 """
 
 from __future__ import annotations
@@ -31,12 +32,51 @@ log = logging.getLogger(__name__)
 USER_AGENT = "finetune-webhooks/1"
 
 
-class PublicOnlyBackend(httpcore.NetworkBackend):
-    """httpcore's sync backend, connecting only to addresses `checked_addresses` allows."""
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read, write and TLS handshake gets only what is left of one
+    deadline: a server that drips its answer a byte at a time, each inside the per-read
+    timeout, still ends the try at WEBHOOK_TIMEOUT_SECONDS."""
 
-    def __init__(self, allow_private: bool):
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float):
+        self.inner = inner
+        self.deadline = deadline
+
+    def _left(self, timeout: float | None) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the webhook's whole try ran past WEBHOOK_TIMEOUT_SECONDS")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, self._left(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, self._left(timeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: typing.Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        tls = self.inner.start_tls(ssl_context, server_hostname, self._left(timeout))
+        return DeadlineStream(tls, self.deadline)
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        return self.inner.get_extra_info(info)
+
+
+class PublicOnlyBackend(httpcore.NetworkBackend):
+    """httpcore's sync backend, connecting only to addresses `checked_addresses` allows, each
+    connection bounded by one overall deadline (`DeadlineStream`) from `total` seconds."""
+
+    def __init__(self, allow_private: bool, total: float | None = None):
         self.allow_private = allow_private
         self.inner = httpcore.SyncBackend()
+        self.deadline = None if total is None else time.monotonic() + total
 
     def connect_tcp(
         self,
@@ -53,7 +93,10 @@ class PublicOnlyBackend(httpcore.NetworkBackend):
         error: Exception | None = None
         for address in addresses:
             try:
-                return self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                stream = self.inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+                return stream if self.deadline is None else DeadlineStream(stream, self.deadline)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
         assert error is not None
@@ -77,7 +120,9 @@ def client(settings: Settings) -> httpx.Client:
     transport._pool = httpcore.ConnectionPool(
         ssl_context=httpx.create_ssl_context(trust_env=False),
         max_connections=1,
-        network_backend=PublicOnlyBackend(settings.webhook_allow_private),
+        network_backend=PublicOnlyBackend(
+            settings.webhook_allow_private, total=settings.webhook_timeout_seconds
+        ),
     )
     return httpx.Client(
         transport=transport,
@@ -112,6 +157,9 @@ def post(
     try:
         with client(settings) as http, http.stream("POST", url, content=body, headers=headers) as r:
             code = r.status_code
+    except httpx.TimeoutException as exc:
+        limit = settings.webhook_timeout_seconds
+        return None, f"{type(exc).__name__}: no answer within {limit:g}s (WEBHOOK_TIMEOUT_SECONDS)"
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {exc}"[:1000]
     if 200 <= code < 300:

@@ -159,3 +159,74 @@ def test_two_api_servers_share_one_rate_limit(two_apis):
     assert allowed == limit, codes
     assert all(429 in per for per in codes.values()), codes
     assert set().union(*codes.values()) <= {200, 429}, codes
+
+
+def test_keyset_pages_walk_every_job_once_in_the_order_offset_gives(env):
+    """`after=<next_cursor>` pages through a tenant's jobs exactly as offset pages do, ties on
+    created_at included; a malformed cursor is a 422 naming `after`."""
+    from datetime import timedelta
+
+    from core.db import utcnow
+    from core.models import ApiKey, Dataset, Job, new_id
+
+    key_id, token = new_key("keyset")
+    with session_scope() as s:
+        tenant_id = s.get(ApiKey, key_id).tenant_id
+        ds = Dataset(
+            id=new_id("ds"), tenant_id=tenant_id, name="k", archive_key="a", index_key="i",
+            size_bytes=1, sha256="0" * 64, num_images=2, classes=["a", "b"], class_counts={},
+            report={},
+        )  # fmt: skip
+        s.add(ds)
+        s.flush()
+        now = utcnow()
+        for i in range(23):  # three share one created_at: the tie is broken by id
+            when = now - timedelta(seconds=i if i not in (5, 6, 7) else 5)
+            s.add(Job(id=new_id("job"), tenant_id=tenant_id, dataset_id=ds.id,
+                      status="failed", config={}, created_at=when))  # fmt: skip
+    with api(env) as client:
+        by_offset = [
+            j["id"]
+            for off in range(0, 23, 5)
+            for j in client.get(
+                "/v1/jobs", params={"limit": 5, "offset": off}, headers=bearer(token)
+            ).json()["data"]
+        ]
+        walked, cursor, pages = [], None, 0
+        while True:
+            params = {"limit": 5, **({"after": cursor} if cursor else {})}
+            page = client.get("/v1/jobs", params=params, headers=bearer(token)).json()
+            assert page["count"] == 23
+            walked += [j["id"] for j in page["data"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == 5 and len(walked) == 23 == len(set(walked))
+        assert walked == by_offset
+        bad = client.get("/v1/jobs", params={"after": "not-a-cursor"}, headers=bearer(token))
+        assert bad.status_code == 422 and "after" in bad.json()["detail"]
+        far = client.get("/v1/jobs", params={"after": "99999999999999999~x"}, headers=bearer(token))
+        assert far.status_code == 200 and len(far.json()["data"]) == 23
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced_after_idling(env, monkeypatch):
+    """No ping on every checkout, but one after PING_AFTER_IDLE_SECONDS: a connection the
+    server killed while idle is replaced without failing the request."""
+    from core import db
+    from core.settings import Settings
+
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.2)
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    url = settings.resolved_database_url
+    engine = db.create_engine(url, pool_size=1, max_overflow=0)
+    db._ping_after_idle(engine)
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with db.get_engine(url, db.PoolSize.of(settings)).connect() as admin:
+        admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        admin.commit()
+    time.sleep(0.3)
+    with engine.connect() as conn:  # pinged, found dead, replaced
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+    engine.dispose()

@@ -150,6 +150,9 @@ def test_a_queued_job_is_listed_canceled_and_waited_for(api, tmp_path):
     job = api.jobs.submit(ds.id, epochs=1, image_size=32, recipe="manual")
     assert job.status == "queued" and job.config["epochs"] == 1
     assert job.id in [j.id for j in api.jobs.list(status="queued").data]
+    everyone = [j.id for j in api.jobs.iterate()]  # keyset pages, newest first
+    assert everyone[0] == job.id and len(everyone) == len(set(everyone))
+    assert len(everyone) == api.jobs.list(limit=1).count
     with pytest.raises(ApiError) as exc:
         api.jobs.download(job.id, tmp_path)
     assert (exc.value.status, exc.value.error_code) == (409, "MODEL_NOT_AVAILABLE")

@@ -107,6 +107,7 @@ def test_every_trial_is_listed_and_the_first_is_the_config_as_given(searched):
         "image_size": 40,
         "augmentation": "light",
         "epochs": 2,
+        "strategy": "full",  # pinned by the config (not a recipe's probe): never searched
     }
     assert trials[0]["state"] == "complete" and trials[0]["best_epoch"] is not None
     for t in trials[1:]:
@@ -193,3 +194,50 @@ def test_a_stop_request_ends_the_search_with_the_model_so_far(few_digits):
     assert [t["state"] for t in trials] == ["stopped"]
     assert result.stopped_reason == "callback" and result.stopped
     assert np.isfinite(result.report["validation"]["loss"])
+
+
+def test_the_default_pruner_prunes_short_trials_after_one_finished_trial():
+    """Trials of one to three epochs: after one finished trial, a trial whose first
+    fine-tuning epoch is below it is pruned there; the probe (epoch 0) never is."""
+    from worker.training.search import default_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=default_pruner())
+    first = study.ask()
+    first.report(0.60, 0)
+    first.report(0.80, 1)
+    study.tell(first, 0.80)
+    weak = study.ask()
+    weak.report(0.10, 0)
+    assert not weak.should_prune()  # the probe: fine-tuning may lift it
+    weak.report(0.50, 1)
+    assert weak.should_prune()
+    study.tell(weak, state=optuna.trial.TrialState.PRUNED)
+    good = study.ask()
+    good.report(0.85, 1)
+    assert not good.should_prune()
+
+
+def test_the_budget_counts_from_the_jobs_start(few_digits):
+    """`started`: the search's budget began before it was called (the recipe's planning,
+    a download); it ends by then + budget_seconds, everything included."""
+    config, recorder = searching(3, 24, epochs=200), Recorder()
+    started = time.monotonic() - 6.0  # six seconds already spent
+    result = run_search(config, Preparer(few_digits), recorder, started=started, num_workers=0)
+    elapsed = time.monotonic() - started
+    assert result.extra["search"]["seconds"] == pytest.approx(elapsed, abs=0.5)
+    assert all(t["state"] in ("complete", "pruned") for t in result.extra["search"]["trials"])
+    # Within the budget, but for the step under way when it ran out.
+    assert elapsed <= 24 + 2 * recorder.slowest_step, (elapsed, recorder.slowest_step)
+
+
+def test_a_probe_the_recipe_chose_is_searched_against_lp_ft():
+    """One job's budget fitted only a linear probe; a search's may fit fine-tuning."""
+    from worker.training.recipe import LP_FT_LEARNING_RATE
+    from worker.training.search_space import SearchSpace
+
+    chosen = JobSpec(strategy="linear_probe", image_size=96)
+    space = SearchSpace.around(chosen)
+    assert space.strategies == ("linear_probe", "lp_ft")
+    assert space.learning_rate[0] < LP_FT_LEARNING_RATE < space.learning_rate[1]
+    assert space.baseline(chosen)["strategy"] == "linear_probe"
+    assert SearchSpace.around(JobSpec(recipe="manual", strategy="linear_probe")).strategies == ()

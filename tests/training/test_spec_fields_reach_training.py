@@ -67,8 +67,9 @@ def all_fields(model_class: type[BaseModel], prefix: str = "") -> set[str]:
 
 # Read by the worker around `fit`, not by `fit`: the auto recipe plans before it, the
 # search calls it once per trial (tests/training/test_recipe.py, test_search.py), the export
-# after it writes the int8 file (worker/delivery.py; tests/training/test_training.py).
-AROUND_FIT = {"recipe", "search", "export_int8"}
+# after it writes the int8 file (worker/delivery.py; tests/training/test_training.py), and
+# `gpus` chooses `fit_distributed`, which runs `fit` in each rank (test_distributed.py).
+AROUND_FIT = {"recipe", "search", "export_int8", "gpus"}
 
 # What each strategy has no use for, and why. Every other field of the spec must be read.
 NOT_USED_BY: dict[str, dict[str, str]] = {

@@ -171,3 +171,66 @@ def test_the_job_device_is_auto_by_default_and_checked():
 def test_gpu_queue_must_be_a_queue_of_its_own():
     with pytest.raises(ValidationError, match="GPU_QUEUE"):
         Settings(task_queue="training", gpu_queue="training")
+
+
+def test_a_multi_gpu_job_needs_a_live_worker_that_sees_that_many_gpus(settings):
+    def check(gpus: int, device: str = "auto") -> None:
+        with session_scope(settings) as session:
+            fleet.check_submit(session, settings, "efficientnet_lite0", device, gpus)
+
+    def route(gpus: int, device: str = "auto") -> str:
+        with session_scope(settings) as session:
+            return fleet.train_queue(session, settings, device, gpus)
+
+    # Per-GPU workers (one device each) and a CPU worker cannot take a 2-GPU job.
+    fleet.publish(settings, "w1@host-a", caps(settings))
+    fleet.publish(settings, "gpu0@host-b", caps(settings, "cuda", [settings.gpu_queue]))
+    with pytest.raises(ServiceError, match="no live worker sees 2 GPUs") as caught:
+        check(2)
+    assert "finetune-gpu-x2" in caught.value.detail and "--per-job" in caught.value.detail
+    assert "gpu0@host-b (cuda)" in caught.value.detail
+    with pytest.raises(ServiceError, match="device 'cpu'.*ALLOW_CPU_DISTRIBUTED"):
+        check(2, "cpu")
+    check(1)  # one GPU: as before
+
+    # A worker that sees four GPUs (`--gpus 0,1,2,3 --per-job`) takes 2, 3 and 4; not 5.
+    four = fleet.multi_gpu_queues(settings, 4)
+    assert four == ["finetune-gpu-x2", "finetune-gpu-x3", "finetune-gpu-x4"]
+    fleet.publish(settings, "gpus0-3@host-c", caps(settings, "cuda", four))
+    for n in (2, 3, 4):
+        check(n)
+        check(n, "gpu")
+        assert route(n) == route(n, "gpu") == f"finetune-gpu-x{n}"
+    with pytest.raises(ServiceError, match="no live worker sees 5 GPUs"):
+        check(5)
+    assert route(1) == settings.gpu_queue  # single-GPU jobs still go to the per-GPU workers
+
+
+def test_gloo_ranks_on_cpu_workers_only_where_the_operator_allows_them(tmp_path):
+    s = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path}/fleet.db",
+        allow_cpu_distributed=True,
+    )
+    migrate(s)
+    fleet.publish(s, "w1@host-a", caps(s))
+    with session_scope(s) as session:
+        fleet.check_submit(session, s, "efficientnet_lite0", "cpu", 2)
+        fleet.check_submit(session, s, "efficientnet_lite0", "auto", 2)
+        assert fleet.train_queue(session, s, "cpu", 2) == s.task_queue
+        assert fleet.train_queue(session, s, "auto", 2) == s.task_queue
+        # `gpu` still means GPUs: it waits for a worker that sees two.
+        assert fleet.train_queue(session, s, "gpu", 2) == "finetune-gpu-x2"
+        with pytest.raises(ServiceError, match="no live worker sees 2 GPUs"):
+            fleet.check_submit(session, s, "efficientnet_lite0", "gpu", 2)
+
+
+def test_the_job_gpus_field_is_1_by_default_and_bounded():
+    assert JobCreate(dataset_id="ds_1").gpus == 1
+    assert JobCreate(dataset_id="ds_1", gpus=8).gpus == 8
+    for bad, message in ((0, "greater than or equal to 1"), (9, "less than or equal to 8")):
+        with pytest.raises(ValidationError, match=message) as caught:
+            JobCreate(dataset_id="ds_1", gpus=bad)
+        assert caught.value.errors()[0]["loc"] == ("gpus",)
+    with pytest.raises(ValidationError, match="gpus 2 with `search`.*set gpus to 1"):
+        JobCreate(dataset_id="ds_1", gpus=2, search={"trials": 2, "budget_seconds": 60})

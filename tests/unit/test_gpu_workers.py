@@ -52,7 +52,9 @@ def test_worker_gpus_starts_one_child_per_named_gpu(monkeypatch):
     started = {}
     monkeypatch.setattr(gpus, "cuda_device_count", lambda: 4)
     monkeypatch.setattr(
-        gpus, "run_gpu_workers", lambda s, ids, pool: started.update(ids=ids, pool=pool) or 0
+        gpus,
+        "run_gpu_workers",
+        lambda s, ids, pool, per_job=False: started.update(ids=ids, pool=pool) or 0,
     )
     assert main(["worker", "--gpus", "0,2", "--pool", "threads"]) == 0
     assert started == {"ids": [0, 2], "pool": "threads"}
@@ -68,6 +70,17 @@ def test_each_gpu_child_sees_its_gpu_only_and_consumes_the_gpu_queue():
     names = [c.command[c.command.index("--hostname") + 1] for c in children]
     assert names[0].startswith("finetune-gpu0-") and names[1].startswith("finetune-gpu3-")
     assert children[0].env["PATH"] == os.environ["PATH"]  # the rest is inherited
+
+
+def test_a_per_job_worker_sees_all_its_gpus_and_takes_only_multi_gpu_jobs(capsys, monkeypatch):
+    settings = Settings()
+    (child,) = gpus.gpu_supervisors(settings, [1, 2, 3], "solo", per_job=True)
+    assert child.env["CUDA_VISIBLE_DEVICES"] == "1,2,3"
+    q = child.command[child.command.index("-Q") + 1]
+    assert q == "finetune-gpu-x2,finetune-gpu-x3"  # jobs of 2 or 3 GPUs, not GPU_QUEUE's
+    monkeypatch.setattr(gpus, "cuda_device_count", lambda: 4)
+    assert main(["worker", "--gpus", "2", "--per-job"]) == 2
+    assert "name two GPUs or more" in capsys.readouterr().err
 
 
 def test_the_supervised_child_really_gets_its_environment(tmp_path):

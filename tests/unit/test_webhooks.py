@@ -245,3 +245,40 @@ def test_the_readmes_verification_snippet_accepts_our_signature_and_nothing_else
     assert not scope["verify"]("whsec_other", header, body)
     old = signature("whsec_abc", int(time.time()) - 3600, body)
     assert not scope["verify"]("whsec_abc", old, body)
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_at_the_overall_timeout():
+    """Each byte arrives inside the per-read timeout; the whole try still ends at
+    WEBHOOK_TIMEOUT_SECONDS (plus one read), not when the drip ends."""
+    import socket
+
+    from worker.webhooks import post
+
+    stop = threading.Event()
+
+    def drip(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        thread = threading.Thread(target=drip, args=(listener,), daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/drip"
+        settings = Settings(webhook_allow_private=True, webhook_timeout_seconds=1.0)
+        started = time.monotonic()
+        code, error = post(settings, url, "s", delivery())
+        took = time.monotonic() - started
+        stop.set()
+    assert code is None and "Timeout" in error and "WEBHOOK_TIMEOUT_SECONDS" in error
+    assert took < 2.0  # the drip alone would take over 20 s

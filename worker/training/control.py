@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from worker.training.callbacks import Callbacks
@@ -24,6 +25,9 @@ class Control(Callbacks):
         # export): `epochs_within_budget` plans epochs only up to `deadline - reserve`.
         self.reserve = 0.0
         self.reason: str | None = None
+        # The ranks of a distributed fit (`Runtime.agree`): each rank's stop flags and
+        # epoch plan are agreed on, so that all stop at the same step and plan alike.
+        self.agree: Callable[[list[float], str], list[float]] | None = None
 
     @property
     def keeps_checkpoints(self) -> bool:
@@ -46,9 +50,13 @@ class Control(Callbacks):
         return self.inner.checkpoint_on_stop()
 
     def should_stop(self) -> bool:
-        if self.inner.should_stop():
+        asked = self.inner.should_stop()
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        if self.agree is not None:
+            asked, late = (v > 0 for v in self.agree([float(asked), float(late)], "max"))
+        if asked:
             self.reason = "callback"
-        elif self.deadline is not None and time.monotonic() > self.deadline:
+        elif late:
             self.reason = "time_budget"
         return self.reason is not None
 
@@ -59,4 +67,5 @@ class Control(Callbacks):
         if self.deadline is None:
             return planned
         left = max(0.0, self.deadline - self.reserve - time.monotonic())
-        return min(planned, epoch + int(left // per_epoch))
+        fits = min(planned, epoch + int(left // per_epoch))
+        return fits if self.agree is None else int(self.agree([float(fits)], "min")[0])

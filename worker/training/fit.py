@@ -74,6 +74,8 @@ def fit(
     from the job's start; without it the budget counts from this call."""
     control = Control(callbacks or Callbacks(), config.time_budget_seconds, deadline)
     runtime = Runtime.on(device or spec_device(config), num_workers)
+    if runtime.distributed:  # one rank of `distributed.py`: the ranks stop and plan alike
+        control.agree = runtime.agree
     seed_everything(config.seed)
     model = create_model(config.backbone, len(data.classes), pretrained, weights)
     model.to(runtime.device)
@@ -108,7 +110,8 @@ def fit(
         run.extra["refit"] = refit
     # Evaluate where the model trained (a GPU worker's report must not crawl on its CPU),
     # then hand back a CPU model: export and delivery read it there.
-    report = final_report(model.eval(), run)
+    # One rank of a distributed fit: rank 0 reports (and hands the model back) for all.
+    report = final_report(model.eval(), run) if runtime.rank == 0 else {}
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return FitResult(
         model=model,

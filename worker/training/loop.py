@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,25 +40,42 @@ class EpochSampler(Sampler[int]):
     """Each epoch a seeded permutation of the training set (or, with `weights`, a weighted
     draw with replacement), like RandomSampler / WeightedRandomSampler with a generator;
     and it can skip the first samples of the next epoch only, so that a job resumed from a
-    mid-epoch checkpoint gets exactly the batches it had not trained on yet."""
+    mid-epoch checkpoint gets exactly the batches it had not trained on yet.
+
+    One rank of `world_size` (distributed.py) takes DistributedSampler's share of that
+    order: padded by repeating it to a multiple of `world_size`, then every
+    `world_size`-th sample from `rank`. Every rank draws the same order (the same seeded
+    generator), so the shares are disjoint (but for the padding) and equal: the ranks take
+    the same number of steps, and each about 1/world_size of one process's."""
 
     def __init__(
-        self, n: int, generator: torch.Generator, weights: torch.Tensor | None = None
+        self,
+        n: int,
+        generator: torch.Generator,
+        weights: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.n, self.generator, self.weights = n, generator, weights
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(n / world_size)
         self._skip = 0
 
     def skip_next(self, count: int) -> None:
-        self._skip = max(0, min(count, self.n))
+        self._skip = max(0, min(count, self.per_rank))
 
     def __len__(self) -> int:
-        return self.n - self._skip
+        return self.per_rank - self._skip
 
     def __iter__(self) -> Any:
         if self.weights is None:
             order = torch.randperm(self.n, generator=self.generator)
         else:
             order = torch.multinomial(self.weights, self.n, True, generator=self.generator)
+        if self.world_size > 1:
+            total = self.per_rank * self.world_size
+            order = order.repeat(math.ceil(total / max(self.n, 1)))[:total]
+            order = order[self.rank :: self.world_size]
         skip, self._skip = self._skip, 0
         yield from order[skip:].tolist()
 

@@ -49,7 +49,8 @@ def train_probe(run: Run, report_epochs: bool) -> dict[str, Any]:
     head = model.get_classifier()  # type: ignore[operator]
     control.on_phase("extracting features")
     t0 = time.perf_counter()
-    train_x, train_y, val_x, val_y = extract_features(run)
+    # Distributed: rank 0 extracts, every rank fits the same head on the same features.
+    train_x, train_y, val_x, val_y = run.runtime.from_rank0(lambda: extract_features(run))
     extract_seconds = time.perf_counter() - t0
 
     control.on_phase("probing")

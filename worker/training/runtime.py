@@ -1,16 +1,23 @@
-"""Where a `fit` runs: device, mixed precision, data loader workers, seeding."""
+"""Where a `fit` runs: device, mixed precision, data loader workers, seeding; and, inside a
+torch.distributed process group (a rank started by `distributed.py`), which rank it is and
+the few collectives that keep the ranks in step."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -45,11 +52,51 @@ def _ignore_interrupts(_: int) -> None:
 
 @dataclass(frozen=True)
 class Runtime:
-    """The device, its autocast dtype (None: full precision) and the loader settings."""
+    """The device, its autocast dtype (None: full precision), the loader settings, and this
+    process's `rank` of `world_size` (1: a plain, single-process fit)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def parallel(self, model: nn.Module, find_unused: bool = False) -> nn.Module:
+        """The model as the training steps run it: wrapped in DistributedDataParallel (its
+        gradients averaged over the ranks; rank 0's weights broadcast at the wrap) when
+        distributed, else itself. `find_unused`: some parameters are frozen (gradual)."""
+        if not self.distributed:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=find_unused
+        )
+
+    def from_rank0(self, compute: Callable[[], T]) -> T:
+        """`compute()` on rank 0 only, its value on every rank: what the ranks decide from
+        (validation logits, the probe's features) is then the same everywhere."""
+        if not self.distributed:
+            return compute()
+        box = [compute() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=self._collective_device)
+        return box[0]  # type: ignore[return-value]
+
+    def agree(self, values: list[float], op: str = "max") -> list[float]:
+        """Each value's max (or min) over the ranks: a stop any rank saw stops them all."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+        return [float(v) for v in t.tolist()]
+
+    @property
+    def _collective_device(self) -> torch.device:
+        # NCCL moves CUDA tensors only; gloo CPU ones.
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     @classmethod
     def on(cls, device: torch.device | None, num_workers: int | None) -> Runtime:
@@ -60,7 +107,10 @@ class Runtime:
         )
         if workers > 0:
             loader_kwargs["worker_init_fn"] = _ignore_interrupts
-        return cls(device, amp_dtype_for(device), loader_kwargs)
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():  # one rank of distributed.py's
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(device, amp_dtype_for(device), loader_kwargs, rank, world)
 
     def loader(self, dataset: Dataset[Any], batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, **{**self.loader_kwargs, **kwargs})

@@ -1,7 +1,8 @@
 """Hyper-parameter search: `config.search.trials` runs of `fit` inside `budget_seconds` in all.
 
 An in-memory Optuna study (TPE, seeded by the job's seed) samples the learning rate, weight
-decay, input size, augmentation preset and epochs around the job's own values. The first
+decay, input size, augmentation preset and epochs around the job's own values
+(`search_space.py`; and lp_ft against the probe when the recipe chose a probe). The first
 trial is the job's config as given (with the job's own time budget, when it has one and
 that leaves the other trials room), so a search never delivers a worse validation accuracy
 than the single run would have. Every other trial gets an equal share of what is left of
@@ -9,7 +10,9 @@ the budget (a trial that ends early leaves its time to the next ones); one that 
 the median of the finished ones at the same epoch is pruned (stopped: its model so far is
 kept as a candidate). Trials at the same input size share one image cache (`prepare_data`
 is called once per size). The best trial by validation accuracy (ties: the earlier) is the
-result, with every trial listed in `extra["search"]`.
+result, with every trial listed in `extra["search"]`. `budget_seconds` counts from the
+job's start when the caller says when that was (`started`), planning included; no trial
+starts with less time left than the quickest one took to its first epoch and evaluation.
 
 The config given must be concrete (the auto recipe already resolved): every trial runs its
 fields as they are (`recipe="manual"`). A search is never resumed: an interrupted one
@@ -19,7 +22,6 @@ starts over.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,107 +33,29 @@ from core.jobspec import JobSpec
 from worker.training.callbacks import Callbacks
 from worker.training.data import PreparedData
 from worker.training.fit import FitResult, fit
+from worker.training.search_space import MIN_FIT_SECONDS, SearchSpace, trial_params, trial_spec
 
 log = logging.getLogger(__name__)
 
-# Input sizes a trial may use: the config's own, and the three largest of these below it.
-IMAGE_SIZES = (32, 48, 64, 96, 128, 160)
-PRESETS = ("none", "light", "standard")
-LR_SPREAD = 10.0  # learning rate: log-uniform in [lr / 10, lr x 10]
-WD_SPREAD = 5.0  # weight decay: log-uniform in [wd / 5, wd x 5]
-WD_WHEN_ZERO = 1e-4  # the centre of the weight-decay range when the config has none
-PRUNE_WARMUP_EPOCHS = 2  # epochs 0 (lp_ft's probe) and 1 are never pruned
-MIN_FIT_SECONDS = 5.0  # JobSpec's least time_budget_seconds
+# Pruning: a trial is compared with the finished ones at the same epoch from its first
+# fine-tuning epoch on (epoch 0, lp_ft's probe, is never pruned: fine-tuning may lift any
+# probe), as soon as one trial has finished. Short trials have one to three epochs: a
+# rule that waits for epoch 2 and two finished trials (Optuna's defaults) prunes nothing.
+PRUNE_WARMUP_EPOCHS = 1
+PRUNE_STARTUP_TRIALS = 1
+# Kept for what follows the search inside its budget: the worker's export and upload of
+# the best model (recipe.EXPORT_SECONDS measures them), at most this share of the budget.
+EXPORT_SECONDS, EXPORT_SHARE = 5.0, 0.05
 PHASE_CHARS = 40  # jobs.phase is a VARCHAR(40)
 
 C = TypeVar("C", bound=JobSpec)
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """What the trials sample, centred on the config's values."""
-
-    learning_rate: tuple[float, float]
-    weight_decay: tuple[float, float]
-    image_sizes: tuple[int, ...]
-    presets: tuple[str, ...] | None  # None: the config lists explicit ops, kept as they are
-    epochs: tuple[int, int]
-
-    @classmethod
-    def around(cls, config: JobSpec) -> SearchSpace:
-        lr = config.learning_rate
-        wd = config.effective_weight_decay or WD_WHEN_ZERO
-        size = config.input_size
-        below = [s for s in IMAGE_SIZES if s < size][-3:]
-        aug = config.augmentation
-        presets = None if aug.ops is not None else tuple(dict.fromkeys((*PRESETS, aug.preset)))
-        return cls(
-            learning_rate=(lr / LR_SPREAD, min(1.0, lr * LR_SPREAD)),
-            weight_decay=(wd / WD_SPREAD, min(1.0, wd * WD_SPREAD)),
-            image_sizes=(*below, size),
-            presets=presets,
-            epochs=(max(1, math.ceil(config.epochs / 2)), min(500, 2 * config.epochs)),
-        )
-
-    def baseline(self, config: JobSpec) -> dict[str, Any]:
-        """The config's own values as a point of this space (the first, enqueued trial)."""
-        point: dict[str, Any] = {
-            "learning_rate": config.learning_rate,
-            "weight_decay": _clamp(config.effective_weight_decay, self.weight_decay),
-            "image_size": config.input_size,
-            "epochs": config.epochs,
-        }
-        if self.presets is not None:
-            point["augmentation"] = config.augmentation.preset
-        return point
-
-    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "learning_rate": trial.suggest_float("learning_rate", *self.learning_rate, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", *self.weight_decay, log=True),
-            "image_size": trial.suggest_categorical("image_size", self.image_sizes),
-            "epochs": trial.suggest_int("epochs", *self.epochs),
-        }
-        if self.presets is not None:
-            params["augmentation"] = trial.suggest_categorical("augmentation", self.presets)
-        return params
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "learning_rate": list(self.learning_rate),
-            "weight_decay": list(self.weight_decay),
-            "image_size": list(self.image_sizes),
-            "augmentation": list(self.presets) if self.presets is not None else None,
-            "epochs": list(self.epochs),
-        }
-
-
-def _clamp(value: float, bounds: tuple[float, float]) -> float:
-    return min(max(value, bounds[0]), bounds[1])
-
-
-def trial_spec(config: JobSpec, params: dict[str, Any] | None, budget: float) -> JobSpec:
-    """The spec one trial trains with: the config's training fields, `params` over them
-    (None: the config as given), no search, `budget` seconds. Rebuilt by validation, so
-    every derived field follows."""
-    fields = {k: v for k, v in config.model_dump(mode="json").items() if k in JobSpec.model_fields}
-    fields.update(search=None, recipe="manual", time_budget_seconds=max(MIN_FIT_SECONDS, budget))
-    if params is not None:
-        fields.update({k: v for k, v in params.items() if k != "augmentation"})
-        if "augmentation" in params:
-            fields["augmentation"] = {**fields["augmentation"], "preset": params["augmentation"]}
-    return JobSpec.model_validate(fields)
-
-
-def trial_params(spec: JobSpec) -> dict[str, Any]:
-    """What a trial trained with, as the report lists it."""
-    return {
-        "learning_rate": spec.learning_rate,
-        "weight_decay": spec.effective_weight_decay,
-        "image_size": spec.input_size,
-        "augmentation": spec.augmentation.preset,
-        "epochs": spec.epochs,
-    }
+def default_pruner() -> optuna.pruners.BasePruner:
+    """Optuna's median rule, from the first fine-tuning epoch and the first finished trial."""
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS
+    )
 
 
 class TrialCallbacks(Callbacks):
@@ -146,6 +70,7 @@ class TrialCallbacks(Callbacks):
         self.label = label
         self.deadline = deadline
         self.pruned = self.canceled = self.out_of_time = False
+        self.first_epoch_at: float | None = None  # time.monotonic() of its first epoch's end
 
     def on_phase(self, phase: str) -> None:
         self.outer.on_phase(f"{self.label}: {phase}"[:PHASE_CHARS])
@@ -154,6 +79,8 @@ class TrialCallbacks(Callbacks):
         self.outer.on_step(epoch, step, steps_per_epoch)
 
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
+        if self.first_epoch_at is None:
+            self.first_epoch_at = time.monotonic()
         value = metrics.get("val_accuracy")
         if value is None:
             return
@@ -202,12 +129,17 @@ class Search:
         outer: Callbacks,
         pruner: optuna.pruners.BasePruner | None,
         fit_kwargs: dict[str, Any],
+        started: float | None = None,
     ):
         assert config.search is not None
         self.config, self.spec = config, config.search
         self.prepare_data, self.outer, self.fit_kwargs = prepare_data, outer, fit_kwargs
-        self.start = time.monotonic()
-        self.deadline = self.start + self.spec.budget_seconds
+        # The budget counts from the job's start (planning, downloads included), and ends
+        # early enough for the best model's export.
+        self.start = time.monotonic() if started is None else started
+        budget = self.spec.budget_seconds
+        self.end = self.start + budget  # what the user reads as the budget
+        self.deadline = self.end - min(EXPORT_SECONDS, EXPORT_SHARE * budget)
         # The least time worth starting a trial for: half an equal share, not under fit's least.
         self.floor = max(MIN_FIT_SECONDS, 0.5 * self.spec.budget_seconds / self.spec.trials)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial
@@ -216,8 +148,7 @@ class Search:
             sampler=optuna.samplers.TPESampler(
                 seed=config.seed, n_startup_trials=max(2, self.spec.trials // 2)
             ),
-            pruner=pruner
-            or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=PRUNE_WARMUP_EPOCHS),
+            pruner=pruner or default_pruner(),
         )
         self.space = SearchSpace.around(config)
         self.study.enqueue_trial(self.space.baseline(config))
@@ -226,12 +157,15 @@ class Search:
         self.best: Best | None = None
         self.first_error: Exception | None = None
         self.overrun: float | None = None  # the most a fit ran past its deadline (evaluation)
+        # What the quickest trial took to finish its first epoch (its feature pass and
+        # probe: never cut) and its evaluation: no trial starts with less time than that.
+        self.least_trial = 0.0
         self.canceled = False
 
     def run(self) -> FitResult:
         for number in range(self.spec.trials):
             left = self.deadline - time.monotonic()
-            if number > 0 and left < self.floor:
+            if number > 0 and left < max(self.floor, self.least_trial):
                 log.info("search: %.1f s left, too little for trial %d", left, number + 1)
                 break
             if number > 0 and self.outer.should_stop():  # the first runs, as a plain fit would
@@ -253,11 +187,15 @@ class Search:
         # or a tenth of the share until one trial has shown it.
         margin = 0.1 * share if self.overrun is None else max(0.5, 1.5 * self.overrun)
         own = self.config.time_budget_seconds
+        if own and number == 0:
+            # The job as planned: its budget counts from the job's start, planning included.
+            own = max(MIN_FIT_SECONDS, own - (time.monotonic() - self.start))
         seconds = share - margin
         if number == 0 and own:
             seconds = max(seconds, min(own, left - (trials_left - 1) * self.floor - margin))
         seconds = min(seconds, own) if own else seconds
-        return max(MIN_FIT_SECONDS, seconds), margin
+        # Never past the search's deadline, whatever fit's least budget is.
+        return min(max(MIN_FIT_SECONDS, seconds), max(1.0, left - margin)), margin
 
     def trial(self, number: int) -> None:
         t0 = time.monotonic()
@@ -287,6 +225,9 @@ class Search:
                 | {"error": f"{type(exc).__name__}: {exc}"[:500]}
             )
             return
+        if hooks.first_epoch_at is not None:
+            first = hooks.first_epoch_at - t0 + (self.overrun or 0.0)
+            self.least_trial = first if not self.least_trial else min(self.least_trial, first)
         if result.stopped_reason == "time_budget" or hooks.out_of_time:
             stop_at = min(t_fit + budget, hooks.deadline)
             late = max(0.0, time.monotonic() - stop_at)
@@ -349,6 +290,7 @@ def run_search(
     callbacks: Callbacks | None = None,
     *,
     pruner: optuna.pruners.BasePruner | None = None,
+    started: float | None = None,
     **fit_kwargs: Any,
 ) -> FitResult:
     """Run `config.search`; return the best trial's `FitResult` with `extra["search"]`:
@@ -358,13 +300,15 @@ def run_search(
 
     `prepare_data(spec)` gives the data at `spec`'s input size (called once per size);
     `fit_kwargs` go to every `fit` (device, weights, num_workers, pretrained). `pruner`
-    replaces the default median pruner. A trial that raises is recorded as failed and the
+    replaces the default median pruner. `started` (time.monotonic): when the job started;
+    `budget_seconds` counts from there (default: from this call), everything included,
+    a few seconds kept for the export. A trial that raises is recorded as failed and the
     search goes on; when every trial failed, the first error is raised."""
     if config.search is None:
         raise ValueError("run_search needs a config with `search`")
     if fit_kwargs.pop("resume", None) is not None:
         log.warning("a search is never resumed: it starts over")
-    return Search(config, prepare_data, callbacks or Callbacks(), pruner, fit_kwargs).run()
+    return Search(config, prepare_data, callbacks or Callbacks(), pruner, fit_kwargs, started).run()
 
 
 def searched_config(config: C, result: FitResult) -> C:

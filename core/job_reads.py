@@ -1,0 +1,120 @@
+"""The reads every client polls, in SQLAlchemy Core on the autocommit read engine
+(`core.db.read_engine`): one statement, one round trip, plain rows. An ORM session costs
+about four times as much per request (identity map, BEGIN, ROLLBACK on release), and these
+routes are what the API serves all day (BENCHMARKS.md, "API hot path").
+
+A row has the job's columns as attributes, so `service.schemas.job_public` reads it as it
+reads a `Job`. Deep pages: `offset` works (the list indexes of migration 0014 make it cheap),
+and `after`, the cursor each page returns as `next_cursor`, reads the next page by
+keyset (created_at, id) without counting rows it skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, Integer, Row, Select, and_, bindparam, func, or_, select
+
+from core.db import as_utc
+from core.errors import ErrorCode, ServiceError
+from core.models import Job
+from core.tenancy import Principal
+
+JOBS = Job.__table__
+# What `job_public` reads: every column but the worker's bookkeeping.
+_COLUMNS = [c for c in JOBS.c if c.name not in ("worker_id", "resent_at", "run_seconds")]
+
+
+# Built once: a statement's construction and cache key cost more than its execution.
+_BY_ID = select(*_COLUMNS).where(
+    JOBS.c.id == bindparam("job_id"), JOBS.c.tenant_id == bindparam("tenant_id")
+)
+_COUNT = select(func.count()).select_from(JOBS)
+
+
+@lru_cache(maxsize=8)
+def _page_query(by_status: bool, by_dataset: bool, after: bool) -> tuple[Select[Any], Select[Any]]:
+    """(the count, the page) for one combination of filters, with bound parameters."""
+    where = [JOBS.c.tenant_id == bindparam("tenant_id")]
+    if by_status:
+        where.append(JOBS.c.status == bindparam("status"))
+    if by_dataset:
+        where.append(JOBS.c.dataset_id == bindparam("dataset_id"))
+    page = select(*_COLUMNS).where(*where)
+    if after:
+        when = bindparam("after_when", type_=JOBS.c.created_at.type)
+        last = bindparam("after_id", type_=JOBS.c.id.type)
+        page = page.where(
+            or_(JOBS.c.created_at < when, and_(JOBS.c.created_at == when, JOBS.c.id > last))
+        )
+    page = (
+        page.order_by(JOBS.c.created_at.desc(), JOBS.c.id)
+        .offset(bindparam("offset", type_=Integer))
+        .limit(bindparam("limit", type_=Integer))
+    )
+    return _COUNT.where(*where), page
+
+
+def owned_job(conn: Connection, principal: Principal, job_id: str) -> Row[Any]:
+    """The caller's job as a row; another tenant's answers exactly like a missing one."""
+    row = conn.execute(_BY_ID, {"job_id": job_id, "tenant_id": principal.tenant_id}).first()
+    if row is None:
+        raise ServiceError(ErrorCode.JOB_NOT_FOUND, f"job {job_id!r} not found")
+    return row
+
+
+# `<microseconds since 1970 UTC>~<job id>`: the (created_at, id) of a page's last job. Every
+# string of this shape is a position in the list, so the API can promise a 200 for it.
+CURSOR_PATTERN = r"^[0-9]{1,17}~[A-Za-z0-9_.-]{1,100}$"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def encode_cursor(row: Any) -> str:
+    micros = (as_utc(row.created_at) - _EPOCH) // timedelta(microseconds=1)  # type: ignore[operator]
+    return f"{micros}~{row.id}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    micros, sep, job_id = cursor.partition("~")
+    if not (sep and micros.isdigit() and len(micros) <= 17 and job_id):
+        raise ServiceError(
+            ErrorCode.VALIDATION_ERROR,
+            f"after={cursor[:60]!r} is not a cursor this API issued: pass the `next_cursor` "
+            "of the previous page, or leave `after` out for the first page",
+        )
+    return _EPOCH + timedelta(microseconds=int(micros)), job_id
+
+
+def job_page(
+    conn: Connection,
+    principal: Principal,
+    *,
+    status: str | None,
+    dataset_id: str | None,
+    limit: int,
+    offset: int,
+    after: str | None,
+) -> tuple[Sequence[Row[Any]], int, str | None]:
+    """One page of the caller's jobs, newest first (ties by id), the count of all that
+    match, and the cursor of the page after this one (None on the last page)."""
+    params: dict[str, Any] = {
+        "tenant_id": principal.tenant_id,
+        "status": status,
+        "dataset_id": dataset_id,
+        "offset": offset,
+        "limit": limit + 1,
+    }
+    count_query, query = _page_query(status is not None, dataset_id is not None, after is not None)
+    count = conn.execute(count_query, params).scalar() or 0
+    if after is not None:
+        when, params["after_id"] = decode_cursor(after)
+        if conn.dialect.name == "sqlite":  # stored without a zone, in UTC
+            when = when.replace(tzinfo=None)
+        params["after_when"] = when
+    rows = conn.execute(query, params).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, count, (encode_cursor(rows[-1]) if more and rows else None)

@@ -1,0 +1,170 @@
+"""One job in two processes (gloo on the CPU, torch's elastic launcher, DDP): it learns as
+one process does, each rank takes half the optimizer steps, progress and checkpoints
+reach the caller's callbacks, a stop ends both ranks at the same step, and a run resumes
+from a checkpoint a distributed run wrote. NCCL on two GPUs: the last test, skipped here."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from core.jobspec import Augmentation, JobSpec
+from worker.training.callbacks import Callbacks
+from worker.training.data import prepare
+from worker.training.distributed import DistributedRefused, fit_distributed
+from worker.training.fit import fit
+
+pytestmark = pytest.mark.timeout(300)
+EPOCHS = 2
+
+
+class Record(Callbacks):
+    """What a caller (the worker's reporter) sees; optionally asks to stop after `stop_at`
+    steps, with a mid-epoch checkpoint (a worker shutting down)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.phases: list[str] = []
+        self.steps: list[tuple[int, int, int]] = []
+        self.epochs: list[dict] = []
+        self.states: list[dict] = []
+        self.stop_at = stop_at
+
+    def on_phase(self, phase: str) -> None:
+        self.phases.append(phase)
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        self.steps.append((epoch, step, steps_per_epoch))
+
+    def on_epoch_end(self, metrics: dict, best: dict) -> None:
+        self.epochs.append(metrics)
+
+    def on_checkpoint(self, state: dict) -> None:
+        self.states.append(state)
+
+    def should_stop(self) -> bool:
+        return self.stop_at is not None and len(self.steps) >= self.stop_at
+
+    def checkpoint_on_stop(self) -> bool:
+        return True
+
+
+def spec(**overrides) -> JobSpec:
+    params = dict(
+        recipe="manual",
+        strategy="lp_ft",  # the default: the probe (rank 0 extracts), then fine-tuning
+        probe_epochs=15,
+        epochs=EPOCHS,
+        image_size=32,
+        batch_size=16,
+        learning_rate=2e-3,
+        augmentation=Augmentation(hflip=False),
+        refit=False,
+        device="cpu",
+        seed=0,
+    )
+    params.update(overrides)
+    return JobSpec(**params)
+
+
+@pytest.fixture(scope="module")
+def prepared(digits):
+    archive, index, tmp = digits
+    config = spec()
+    return prepare(archive, index, config, tmp / "cache")
+
+
+def test_two_gloo_processes_learn_as_one_does_in_half_the_steps_each(prepared):
+    # The reference: one process on the same global batch (2 ranks x 16 images a step).
+    one = Record()
+    single = fit(spec(batch_size=32), prepared, one, num_workers=0)
+
+    two = Record()
+    started = time.monotonic()
+    result = fit_distributed(spec(gpus=2), prepared, two, allow_cpu=True, num_workers=0)
+    took = time.monotonic() - started
+
+    n_train = len(prepared.train_idx)
+    # Each rank: its half of every epoch (DistributedSampler's split), 16 images a step:
+    # half the steps one process takes on 16 images a step.
+    per_rank = math.ceil(n_train / 2) // 16
+    assert per_rank == (n_train // 16) // 2
+    assert {s[2] for s in two.steps} == {per_rank} == {s[2] for s in one.steps}
+    assert len(two.steps) == EPOCHS * per_rank
+    assert result.extra["distributed"] == {"processes": 2, "backend": "gloo"}
+
+    # It learns, within noise of one process on the same global batch: the probe (rank 0's
+    # features) as well, and the fine-tuned epochs (DDP) too.
+    acc_one, acc_two = single.best["val_accuracy"], result.best["val_accuracy"]
+    assert acc_two > 0.5, result.history  # chance is 0.1
+    assert abs(acc_two - acc_one) < 0.1, (acc_one, acc_two)
+    tuned_one, tuned_two = single.history[-1]["val_accuracy"], result.history[-1]["val_accuracy"]
+    assert tuned_two > 0.5 and abs(tuned_two - tuned_one) < 0.15, (single.history, result.history)
+    assert result.report["validation"]["top1_accuracy"] == pytest.approx(acc_two, abs=1e-6)
+
+    # The callbacks saw what one process would have shown them.
+    assert "training" in two.phases
+    epochs = list(range(1, EPOCHS + 1))
+    assert [m["epoch"] for m in two.epochs] == [0, *epochs] == [h["epoch"] for h in result.history]
+    assert [(s["phase"], s["epoch"]) for s in two.states] == [("probe", 0)] + [
+        ("fine_tune", e) for e in epochs
+    ]
+    assert result.stopped_reason is None and not result.stopped
+
+    # A CPU model, as export expects, that agrees with its own report.
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+    logits, targets = result.val_logits
+    assert float((logits.argmax(1) == targets).float().mean()) == pytest.approx(acc_two)
+    print(
+        f"1 process {acc_one:.3f} (last epoch {tuned_one:.3f}), 2 gloo processes {acc_two:.3f} "
+        f"(last epoch {tuned_two:.3f}) in {took:.1f}s"
+    )
+
+
+def test_a_stop_ends_both_ranks_at_one_step_and_the_run_resumes_from_its_checkpoint(
+    prepared,
+):
+    config = spec(gpus=2, strategy="full", epochs=1, batch_size=8)  # room to stop in
+    stopping = Record(stop_at=4)
+    stopped = fit_distributed(config, prepared, stopping, allow_cpu=True, num_workers=0)
+    per_rank = math.ceil(len(prepared.train_idx) / 2) // 8
+    assert stopped.stopped_reason == "callback" and stopped.history == []
+    # The stop is agreed (all-reduce) at the first step after the parent wrote it: both
+    # ranks left the loop at the same step, or the run would have hung in DDP.
+    assert 4 <= len(stopping.steps) < per_rank
+    (state,) = stopping.states  # the mid-epoch checkpoint a shutdown asks for
+    assert state["phase"] == "fine_tune" and state["epoch"] == 0
+    assert state["partial"]["steps"] == len(stopping.steps)
+
+    going_on = Record()
+    resumed = fit_distributed(
+        config, prepared, going_on, allow_cpu=True, num_workers=0, resume=state
+    )
+    assert resumed.extra["resumed_from"] == {
+        "phase": "fine_tune",
+        "epoch": 0,
+        "step": len(stopping.steps),
+    }
+    # The interrupted epoch goes on from the step after the checkpoint's.
+    assert going_on.steps[0] == (1, len(stopping.steps) + 1, per_rank)
+    assert going_on.steps[-1] == (1, per_rank, per_rank)
+    assert [h["epoch"] for h in resumed.history] == [1]
+    assert resumed.best["val_accuracy"] > 0.2, resumed.history  # chance is 0.1
+
+
+def test_a_cpu_worker_refuses_several_processes_unless_allowed(prepared):
+    with pytest.raises(DistributedRefused, match=r"gpus=2 .*ALLOW_CPU_DISTRIBUTED"):
+        fit_distributed(spec(gpus=2), prepared, allow_cpu=False, num_workers=0)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL needs two CUDA devices",
+)
+def test_two_gpus_train_one_job_with_nccl(prepared):
+    result = fit_distributed(spec(gpus=2, device="gpu"), prepared, Record(), num_workers=0)
+    assert result.extra["distributed"] == {"processes": 2, "backend": "nccl"}
+    assert result.best["val_accuracy"] > 0.5, result.history
+    assert result.device.startswith("cuda")
