@@ -87,7 +87,10 @@ async def in_read(settings: Settings, work: Callable[[Connection], T], bounded: 
         except PoolTimeout as exc:
             raise _pool_exhausted(exc) from exc
 
-    if bounded and read_engine(settings).dialect.name == "sqlite":
+    engine = read_engine(settings)
+    # Inline only with a connection idle in the pool: opening one, or waiting for one
+    # (DB_POOL_TIMEOUT_SECONDS), must never stall the event loop and every other request.
+    if bounded and engine.dialect.name == "sqlite" and engine.pool.checkedin() > 0:  # type: ignore[attr-defined]
         return run()
     return await anyio.to_thread.run_sync(run)
 

@@ -92,6 +92,13 @@ class PublicOnlyBackend(httpcore.NetworkBackend):
             raise httpcore.ConnectError(str(exc)) from exc
         error: Exception | None = None
         for address in addresses:
+            if self.deadline is not None:  # each address gets only what is left
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise httpcore.ConnectTimeout(
+                        "the webhook's whole try ran past WEBHOOK_TIMEOUT_SECONDS"
+                    )
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 stream = self.inner.connect_tcp(
                     address, port, timeout, local_address, socket_options

@@ -61,16 +61,45 @@ def test_the_fast_exporter_ships_a_verified_file_with_a_dynamic_batch(tmp_path):
         assert np.abs(out - ref[:n]).max() <= MAX_LOGIT_DIFF
 
 
-def test_pytorch_checks_the_least_certain_images():
-    logits = np.zeros((6, 3), np.float32)
-    logits[:, 0] = [5.0, 0.5, 3.0, 0.0005, 4.0, 0.2]  # top-1 margins over class 1 (zero)
+def test_pytorch_checks_the_least_certain_images_and_a_random_few():
+    n = 60
+    logits = np.zeros((n, 3), np.float32)
+    logits[:, 0] = np.linspace(1.0, 5.0, n)  # top-1 margins over class 1 (zero)
+    logits[[7, 40], 0] = [0.0005, 0.2]
     picked, left = onnx_export._least_certain(logits, 2)
-    # The two smallest margins (rows 3 and 5), and every row under 2 * MAX_LOGIT_DIFF.
-    assert picked.tolist() == [3, 5] and left == pytest.approx(0.5)
-    logits[[1, 5], 0] = [0.001, 0.0015]  # three near-ties the allowed difference could flip
-    picked, left = onnx_export._least_certain(logits, 2)
-    assert picked.tolist() == [1, 3, 5] and left == pytest.approx(3.0)
-    assert onnx_export._least_certain(logits, 6)[0].tolist() == list(range(6))
+    # The two smallest margins, every row under 2 * MAX_LOGIT_DIFF, and RANDOM_CHECKED more.
+    assert {7, 40} <= set(picked.tolist())
+    assert len(picked) == 2 + onnx_export.RANDOM_CHECKED == len(set(picked.tolist()))
+    unchecked = sorted(set(range(n)) - set(picked.tolist()))
+    assert left == pytest.approx(float(logits[unchecked, 0].min()))
+    again, _ = onnx_export._least_certain(logits, 2)
+    assert again.tolist() == picked.tolist()  # a fixed seed: the same check every time
+    logits[[1, 5], 0] = [0.001, 0.0015]  # near-ties the allowed difference could flip
+    picked, _ = onnx_export._least_certain(logits, 2)
+    assert {1, 5, 7} <= set(picked.tolist()) and len(picked) == 3 + onnx_export.RANDOM_CHECKED
+    assert onnx_export._least_certain(logits, n)[0].tolist() == list(range(n))
+
+
+class NanOnSome(nn.Module):
+    """Finite logits for most images, NaN for the brightest: a margin never picks NaN rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        bright = (x.mean(dim=(1, 2, 3)) > 0.6).unsqueeze(1).expand_as(y)
+        return torch.where(bright, torch.log(torch.zeros_like(y) - 1.0), y)  # log(-1): NaN
+
+
+def test_a_file_that_returns_nan_for_some_images_never_ships(tmp_path):
+    batch = images(80)
+    batch[:5] += 1.0  # five bright images
+    path = tmp_path / "m.onnx"
+    with pytest.raises(OnnxMismatch, match="NaN or infinite logits for 5 of 80"):
+        export_onnx(NanOnSome().eval(), 16, path, batch, verify=8)
+    assert not path.exists()
 
 
 def test_a_traced_file_that_computes_something_else_never_ships(tmp_path):

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often the parent relays the ranks' events and its stop requests
+
+# How long a rank waits in one collective for the others (see init_process_group below).
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
 
 
 class DistributedRefused(RuntimeError):
@@ -317,7 +321,9 @@ def _rank_main(inputs: RankInputs, tmp: str) -> None:
     else:  # the host's cores shared among the ranks, not each rank taking them all
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // inputs.processes))
-    dist.init_process_group(inputs.backend)
+    # Rank 0 alone extracts the probe's features and validates while the others wait in a
+    # collective: NCCL's 10-minute default watchdog would end a job on a large dataset.
+    dist.init_process_group(inputs.backend, timeout=COLLECTIVE_TIMEOUT)
     try:
         work, rank = Path(tmp), dist.get_rank()
         callbacks = (RankZeroCallbacks if rank == 0 else RankCallbacks)(work, inputs.parent_pid)

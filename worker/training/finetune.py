@@ -125,8 +125,10 @@ def back_off(
     best = run.record.best
     assert best.state is not None
     model.load_state_dict(best.state)
+    run.runtime.same_weights(model)  # distributed: each rank's best was its own copy
     if ema is not None:
         ema.module.load_state_dict(best.state)
+        run.runtime.same_weights(ema.module)
     # The optimizer's moments are kept: fresh Adam moments make the first steps full-size
     # (lr per weight) and blew up a 32-px run that the backoff was meant to calm.
     plan.scale *= 0.5

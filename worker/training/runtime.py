@@ -85,6 +85,19 @@ class Runtime:
         dist.broadcast_object_list(box, src=0, device=self._collective_device)
         return box[0]  # type: ignore[return-value]
 
+    def same_weights(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (in place): after the ranks each
+        loaded a state of their own (a backoff to the best epoch), DDP would not re-sync."""
+        if not self.distributed:
+            return
+        for tensor in module.state_dict().values():
+            if self._collective_device.type == tensor.device.type:
+                dist.broadcast(tensor, src=0)
+            else:
+                moved = tensor.to(self._collective_device)
+                dist.broadcast(moved, src=0)
+                tensor.copy_(moved)
+
     def agree(self, values: list[float], op: str = "max") -> list[float]:
         """Each value's max (or min) over the ranks: a stop any rank saw stops them all."""
         if not self.distributed:

@@ -226,7 +226,8 @@ class Search:
             )
             return
         if hooks.first_epoch_at is not None:
-            first = hooks.first_epoch_at - t0 + (self.overrun or 0.0)
+            # From the fit's start: a size's data is prepared once, for its first trial only.
+            first = hooks.first_epoch_at - t_fit + (self.overrun or 0.0)
             self.least_trial = first if not self.least_trial else min(self.least_trial, first)
         if result.stopped_reason == "time_budget" or hooks.out_of_time:
             stop_at = min(t_fit + budget, hooks.deadline)
