@@ -25,6 +25,7 @@ from service.concurrency import (
     ingest_limiter,
 )
 from service.errors import install_error_handlers
+from service.fastpath import FastJobPoll
 from service.middleware import BodySizeLimit
 from service.observability import RequestObservability, metrics_router
 from service.routes import (
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first: request id and metrics, CORS (when configured), then the
     # body limit, then auth, then the tenant's upload slots (which need the tenant that
     # auth found).
+    app.add_middleware(FastJobPoll, router_app=app)  # innermost: the poll, after auth
     app.add_middleware(UploadSlots, per_tenant=settings.tenant_max_concurrent_uploads)
     app.add_middleware(Authenticate, settings=settings)
     app.add_middleware(

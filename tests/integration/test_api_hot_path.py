@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -230,3 +231,59 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_after_idling(env, mo
     with engine.connect() as conn:  # pinged, found dead, replaced
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
     engine.dispose()
+
+
+def test_the_poll_fast_path_answers_exactly_as_the_route_and_leaves_the_rest_to_it(
+    env, monkeypatch
+):
+    """`GET /v1/jobs/{id}` is served by service/fastpath.py: the same bytes and headers as the
+    FastAPI route, its metrics labelled with the route's template; a 404, a missing scope
+    and a malformed id fall through to the route's own answers."""
+    from core.models import ApiKey, Dataset, Job, new_id
+    from service import fastpath
+    from service.observability import REQUESTS
+    from service.routes import jobs as job_routes
+
+    key_id, token = new_key("fastpath")
+    with session_scope() as s:
+        tenant = s.get(Tenant, s.get(ApiKey, key_id).tenant_id)
+        _, write_only = create_key(s, tenant, ["write"], "no-read")
+        ds = Dataset(
+            id=new_id("ds"), tenant_id=tenant.id, name="f", archive_key="a", index_key="i",
+            size_bytes=1, sha256="0" * 64, num_images=2, classes=["a", "b"], class_counts={},
+            report={},
+        )  # fmt: skip
+        s.add(ds)
+        s.flush()
+        job_id = new_id("job")
+        s.add(Job(id=job_id, tenant_id=tenant.id, dataset_id=ds.id, status="running",
+                  config={"epochs": 3}, epoch=1, total_epochs=3, step=4, total_steps=12,
+                  phase="fine_tune", latest_metrics={"val_accuracy": 0.5}))  # fmt: skip
+    path = f"/v1/jobs/{job_id}"
+
+    def route_in_read(*args, **kwargs):
+        raise AssertionError("the FastAPI route served the poll")
+
+    with api(env) as client:
+        with monkeypatch.context() as m:
+            m.setattr(job_routes, "in_read", route_in_read)
+            served = REQUESTS.labels("GET", "/v1/jobs/{job_id}", "200")
+            before = served._value.get()
+            fast = client.get(path, headers=bearer(token))
+            assert served._value.get() == before + 1  # labelled with the route's template
+        with monkeypatch.context() as m:  # the fast path matches nothing: the route answers
+            m.setattr(fastpath, "PATH", re.compile(r"(?!)"))
+            slow = client.get(path, headers=bearer(token))
+        assert fast.status_code == slow.status_code == 200
+        assert fast.content == slow.content
+        assert fast.json()["progress"]["step"] == 4
+        for name in ("content-type", "content-length"):
+            assert fast.headers[name] == slow.headers[name]
+        assert fast.headers["x-request-id"]
+        # What the fast path does not serve, the route answers.
+        missing = client.get("/v1/jobs/job_nope", headers=bearer(token))
+        assert missing.status_code == 404 and missing.json()["error_code"] == "JOB_NOT_FOUND"
+        no_scope = client.get(path, headers=bearer(write_only))
+        assert no_scope.status_code == 403 and "read" in no_scope.json()["detail"]
+        assert client.get("/v1/jobs/a%20b", headers=bearer(token)).status_code == 422
+        assert client.get(path, headers=bearer("ft_wrong")).status_code == 401

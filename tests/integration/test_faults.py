@@ -89,6 +89,9 @@ def submit(client, data, **config):
     ds = client.post("/v1/datasets", files={"file": ("d.zip", data, "application/zip")}).json()
     body = {
         "dataset_id": ds["id"],
+        # These tests are about surviving faults: no auto-recipe planning (seconds a job;
+        # tests/integration/test_auto_recipe.py covers it).
+        "recipe": "manual",
         "image_size": 32,
         "probe_epochs": 5,
         "augmentation": {"hflip": False},
