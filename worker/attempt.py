@@ -3,7 +3,6 @@ the attempt's reporter, lease and scratch folder, and what training produced."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from core.storage import ObjectStore, get_store
 from worker.ending import Observed
 from worker.lease import Heartbeat
 from worker.reporting import DbReporter
+from worker.training import scratch
 from worker.training.data import PreparedData
 from worker.training.fit import FitResult
 
@@ -84,7 +84,7 @@ def begin(claimed: Claim, worker_id: str, settings: Settings) -> Attempt:
         reporter,
         hard_deadline=soft_deadline + settings.job_stop_grace_seconds,
     )
-    workdir = Path(tempfile.mkdtemp(prefix=f"{claimed.job_id}-"))
+    workdir = scratch.make(claimed.job_id)  # removed by a sweep if this worker is killed
     return Attempt(
         claimed, worker_id, settings, get_store(settings), reporter, heartbeat, workdir, started
     )

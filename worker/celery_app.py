@@ -78,11 +78,15 @@ _PUBLISHERS: list[Publisher] = []  # this process's (one), withdrawn at a clean 
 @signals.worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
     """Each worker also looks for jobs whose worker died (see core/reaper.py), keeps its
-    host's dataset cache tidy (see worker/cache.py) and publishes what it can run, beat by
+    host's dataset cache tidy (see worker/cache.py), removes the scratch folders of workers
+    killed on this host (see worker/training/scratch.py) and publishes what it can run, beat by
     beat (see worker/capabilities.py)."""
     from core.reaper import Reaper
     from worker.cache import tidy
     from worker.capabilities import Publisher, worker_identity
+    from worker.training import scratch
+
+    scratch.sweep()  # what workers killed on this host left on its disk
 
     for warning in settings.warnings():
         logging.getLogger(__name__).warning("%s", warning)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -40,6 +39,7 @@ from worker.ending import EndReason, Observed, decide_end
 from worker.failures import JobLost, error_code, is_transient
 from worker.label_issues import label_issues
 from worker.planning import budget_deadline, choose_recipe
+from worker.training import scratch
 from worker.training.checkpoint import CheckpointRefused, load_checkpoint
 from worker.training.data import prepare
 from worker.training.distributed import fit_distributed
@@ -70,7 +70,7 @@ def run_job(job_id: str, settings: Settings | None = None, worker_id: str | None
     finally:
         metrics.job_finished(status, time.monotonic() - started)
         run.heartbeat.stopped.set()
-        shutil.rmtree(run.workdir, ignore_errors=True)
+        scratch.release(run.workdir)
         webhook_store.announce(settings, job_id)
 
 

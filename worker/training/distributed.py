@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -42,6 +41,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from core.jobspec import JobSpec
+from worker.training import scratch
 from worker.training.backbones import create_model
 from worker.training.callbacks import Callbacks
 from worker.training.checkpoint import load_checkpoint
@@ -120,8 +120,8 @@ def fit_distributed(
     if deadline is None and config.time_budget_seconds:
         # time.monotonic is system-wide on Linux: the ranks read the same clock.
         deadline = time.monotonic() + config.time_budget_seconds  # starting the ranks counts
-    with tempfile.TemporaryDirectory(prefix="finetune-ddp-") as tmp:
-        work = Path(tmp)
+    work = scratch.make("ddp")  # the ranks' shared files; swept if this worker is killed
+    try:
         resume_file = None
         if resume is not None:
             torch.save(resume, work / "resume.pt")
@@ -156,7 +156,7 @@ def fit_distributed(
 
         def run_ranks() -> None:
             try:
-                elastic_launch(launch, _rank_main)(inputs, tmp)
+                elastic_launch(launch, _rank_main)(inputs, str(work))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 outcome["error"] = exc
 
@@ -178,6 +178,8 @@ def fit_distributed(
         if "error" in outcome:
             raise _failure(outcome["error"], config.gpus) from outcome["error"]
         return _result(work, config)
+    finally:
+        scratch.release(work)
 
 
 class Relay:
