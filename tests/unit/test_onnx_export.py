@@ -3,6 +3,8 @@ ships, which images PyTorch checks, and a file that computes something else neve
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -31,15 +33,17 @@ def small_net() -> nn.Module:
 
 
 class BranchOnInput(nn.Module):
-    """Data-dependent control flow: a trace records the branch its example takes."""
+    """Data-dependent control flow: a trace records the branch its example takes (the
+    logits times `scale`; 1.05 keeps the top-1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scale: float = -1.0) -> None:
         super().__init__()
         self.net = small_net()
+        self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x)
-        return y if x.mean() > 0 else -y
+        return y if x.mean() > 0 else y * self.scale
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -112,6 +116,54 @@ def test_a_traced_file_that_computes_something_else_never_ships(tmp_path):
     assert not path.exists()
 
 
+def test_a_file_with_the_same_top1_but_other_logits_fails_the_float64_check_too(tmp_path):
+    path = tmp_path / "m.onnx"
+    with pytest.raises(OnnxMismatch, match="top-1 agreement 1.0000") as caught:
+        export_onnx(BranchOnInput(1.05).eval(), 16, path, images(40), exporters=("torchscript",))
+    # The float64 run agrees with PyTorch's float32, not with the file.
+    found = re.search(r"onnxruntime is (\S+) away, PyTorch's float32 (\S+)", str(caught.value))
+    assert found, str(caught.value)
+    assert float(found[1]) > 1e-3 > 100 * float(found[2])
+    assert not path.exists()
+
+
+def least_squares_vit(images: np.ndarray) -> nn.Module:
+    """A 1-block ViT with benchmarks/onnx_export.py's head: least squares on its own pooled
+    features, as many images as feature dimensions. The fit cancels large terms (weights in
+    the thousands for logits of 10), so each float32 result rounds about 1e-2 from exact."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=128, depth=1, num_heads=2, num_classes=10
+    ).eval()
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(torch.from_numpy(images)), True)
+        target = nn.functional.one_hot(torch.arange(len(images)) % 10, 10).float()
+        model.head.weight.copy_(torch.linalg.lstsq(feats, target).solution.T * 10)
+        model.head.bias.zero_()
+    return model
+
+
+def test_a_vit_whose_float32_results_both_round_far_from_exact_ships(tmp_path):
+    """onnxruntime and PyTorch differ by more than MAX_LOGIT_DIFF, with the same top-1; in
+    float64 onnxruntime is about as close as PyTorch's float32 (the ViT-B case)."""
+    batch = np.random.default_rng(0).standard_normal((128, 3, 32, 32)).astype(np.float32)
+    model = least_squares_vit(batch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info, logits = export_and_check(model, 32, tmp_path / "m.onnx", batch, verify=32)
+    assert info["exporter"] == "torchscript" and "failed_exporters" not in info
+    assert info["top1_agreement"] == 1.0 and info["max_abs_logit_diff"] > MAX_LOGIT_DIFF
+    fp64 = info["fp64_check"]
+    assert fp64["images"] == onnx_export.FP64_IMAGES
+    assert fp64["onnxruntime_error"] <= fp64["allowed"] < info["max_abs_logit_diff"] * 10
+    assert info["graph_optimization"] == "ORT_ENABLE_ALL"
+    assert (tmp_path / "m.onnx").exists() and logits.shape == (128, 10)
+    # The float64 run gave the model back as it was: float32, the same weights.
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_the_maintained_exporter_takes_over_when_the_first_is_gone(tmp_path, monkeypatch):
     def gone(*args, **kwargs):
         raise RuntimeError("the TorchScript-based exporter was removed")
@@ -120,3 +172,15 @@ def test_the_maintained_exporter_takes_over_when_the_first_is_gone(tmp_path, mon
     info = export_onnx(small_net(), 16, tmp_path / "m.onnx", images(10))
     assert info["exporter"] == "dynamo" and info["top1_agreement"] == 1.0
     assert "was removed" in info["failed_exporters"][0]
+
+
+def test_hosted_predictions_run_the_file_as_the_check_verified_it(tmp_path):
+    from core import inference
+
+    path = tmp_path / "m.onnx"
+    info = export_onnx(small_net(), 16, path, images(10))
+    served = inference._session(path.read_bytes(), 1).get_session_options()
+    checked = onnx_export._session(path).get_session_options()
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert served.graph_optimization_level == checked.graph_optimization_level == level
+    assert info["graph_optimization"] == level.name
