@@ -168,3 +168,20 @@ def test_two_gpus_train_one_job_with_nccl(prepared):
     assert result.extra["distributed"] == {"processes": 2, "backend": "nccl"}
     assert result.best["val_accuracy"] > 0.5, result.history
     assert result.device.startswith("cuda")
+
+
+def test_ranks_augment_differently_from_one_seed_and_reproducibly():
+    """Every rank draws the same sample order; its loader workers' augmentation seeds are its
+    own (else rank r's i-th image would get rank 0's i-th crop). Rank 0 keeps the job's."""
+    import random
+
+    from worker.training.runtime import _RankWorkerInit, rank_seed
+
+    def worker_draws(rank: int) -> tuple[list[float], float]:
+        torch.manual_seed(1234)  # a loader worker's seed, as PyTorch sets it
+        _RankWorkerInit(rank)(0)
+        return torch.rand(4).tolist(), random.random()
+
+    assert worker_draws(0) != worker_draws(1)
+    assert worker_draws(1) == worker_draws(1)
+    assert rank_seed(7, 0) == 7 and rank_seed(7, 1) != rank_seed(7, 2)

@@ -50,6 +50,29 @@ def _ignore_interrupts(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+RANK_SEED_STRIDE = 1_000_003  # a prime: rank r's seeds never meet rank 0's nearby ones
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank `rank`'s seed for its loader workers' augmentation. Every rank draws the same
+    sample order (the sampler's generator), so the same seed would give rank r's i-th image
+    the crop of rank 0's i-th image: correlated augmentation across the batch DDP averages.
+    Loader workers only: with `num_workers=0` the ranks' main processes still share a seed."""
+    return (seed + RANK_SEED_STRIDE * rank) % 2**63
+
+
+class _RankWorkerInit:
+    """A loader worker of rank `rank`: interrupts ignored, and its seeds (the loader's base
+    seed + worker id, as PyTorch sets them) moved to this rank's."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        _ignore_interrupts(worker_id)
+        seed_everything(rank_seed(torch.initial_seed(), self.rank))
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The device, its autocast dtype (None: full precision), the loader settings, and this
@@ -118,11 +141,12 @@ class Runtime:
         loader_kwargs: dict[str, Any] = dict(
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0
         )
-        if workers > 0:
-            loader_kwargs["worker_init_fn"] = _ignore_interrupts
         rank, world = 0, 1
         if dist.is_available() and dist.is_initialized():  # one rank of distributed.py's
             rank, world = dist.get_rank(), dist.get_world_size()
+        if workers > 0:
+            init = _RankWorkerInit(rank) if world > 1 else _ignore_interrupts
+            loader_kwargs["worker_init_fn"] = init
         return cls(device, amp_dtype_for(device), loader_kwargs, rank, world)
 
     def loader(self, dataset: Dataset[Any], batch_size: int, **kwargs: Any) -> DataLoader:
