@@ -8,8 +8,11 @@ import time
 import pytest
 import torch
 
+from benchmarks.proxies import build_pairs
 from core.jobspec import JobSpec, pinned_fields
-from worker.training import recipe
+from tests.helpers import ingest_bytes
+from worker.training import measure, recipe
+from worker.training.augment import train_transform
 from worker.training.data import prepare
 from worker.training.fit import fit
 
@@ -87,3 +90,70 @@ def test_a_planned_job_honours_its_budget_and_beats_chance(digits, tmp_path, bud
     assert result.history[0]["phase"] == "probe"
     assert took < budget * 1.6, took
     assert result.report["validation"]["top1_accuracy"] > 0.7
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A multi-label upload: 300 digit pairs (two digits side by side on a 16-px square),
+    each labelled with the digits present, in a CSV manifest's `labels` column."""
+    tmp = tmp_path_factory.mktemp("recipe-pairs")
+    proxy = build_pairs(0, n_pairs=300)
+    upload = proxy.write_manifest_zip(tmp / "upload.zip", square=True)
+    return tmp / "images.zip", ingest_bytes(upload.read_bytes(), tmp / "images.zip").index(), tmp
+
+
+def test_a_multi_label_plan_scores_by_map_and_never_crops_a_label_out(pairs):
+    plan = planned(pairs, time_budget_seconds=30, image_size=96)
+    rec = plan.record
+    assert rec["scored_on"] == "mAP"
+    # Candidates and flips were scored by one-vs-rest probes' mean average precision.
+    assert all(0.0 < c["cv_accuracy"] <= 1.0 for c in rec["candidates"])
+    flips = rec["flip_check"]
+    assert set(flips) == {"map", "with_mirrored_map", "hflip"}
+    assert flips["hflip"] is (flips["with_mirrored_map"] >= flips["map"] - recipe.FLIP_TOLERANCE)
+    # Images carrying each class (every digit is in about a fifth of the pairs), not the
+    # first classes' counts (9 is first only in 9|9 pairs).
+    assert rec["dataset"]["imbalance"] < 2
+    # The augmentation only shifts the image: a digit at either side is never cropped out.
+    ops = [op.params() for op in plan.spec.augmentation.ops]
+    assert not any(op["name"] == "random_resized_crop" for op in ops)
+    image = torch.zeros(3, 110, 110, dtype=torch.uint8)  # the cache's size for 96 px
+    image[:, 50:60, 15:20] = 255  # an object near each side, 15 px from the border
+    image[:, 50:60, 90:95] = 255
+    transform = train_transform(plan.spec)
+    for _ in range(50):
+        out = transform(image)[0]
+        assert out.shape == (96, 96)
+        seen = out > out.min()
+        assert seen[:, :48].sum() >= 50 and seen[:, 48:].sum() >= 50  # both wholly kept
+
+
+def test_a_single_label_plan_keeps_its_area_crop(digits):
+    plan = planned(digits, time_budget_seconds=30, image_size=96)
+    ops = [op.params() for op in plan.spec.augmentation.ops]
+    assert ops[0] == {"name": "random_resized_crop", "scale_min": recipe.AUTO_CROP_SCALE_MIN}
+
+
+def test_the_flip_check_scores_multi_label_by_map():
+    # Two classes present per image; the mirrored copy of an image shows another label set
+    # (as a mirrored digit pair swaps and mirrors its digits): training on the copies with
+    # the original labels is label noise, and the check measures it by mAP.
+    gen = torch.Generator().manual_seed(0)
+    n, classes = 240, 6
+    targets = torch.zeros(n, classes)
+    first = torch.arange(n) % classes
+    targets[torch.arange(n), first] = 1
+    targets[
+        torch.arange(n), (first + 1 + torch.randint(0, classes - 1, (n,), generator=gen)) % classes
+    ] = 1
+    basis = torch.randn(classes, 32, generator=gen)
+    feats = targets @ basis + 0.5 * torch.randn(n, 32, generator=gen)
+    shuffled = targets[:, torch.roll(torch.arange(classes), 1)]
+    mirrored = shuffled @ basis + 0.5 * torch.randn(n, 32, generator=gen)
+    noisy = measure.flip_check(feats, mirrored, targets, classes)
+    assert set(noisy) == {"map", "with_mirrored_map"}
+    assert noisy["map"] > 0.9 and noisy["with_mirrored_map"] < noisy["map"] - 0.05
+    same = measure.flip_check(
+        feats, feats + 0.01 * torch.randn(n, 32, generator=gen), targets, classes
+    )
+    assert abs(same["with_mirrored_map"] - same["map"]) < 0.02

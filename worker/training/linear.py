@@ -134,7 +134,7 @@ def fit_linear(
 
     With float multi-hot `y` (N, classes), a multi-label fit: `loss_fn` is then BCE (one
     logistic regression per class, fitted together), the folds are stratified on each
-    image's first class and scored by mean average precision (`_fold_map`)."""
+    image's first class and scored by mean average precision (`fold_map`)."""
     x = x.float()
     mean, std = _standardise(x)
     z = (x - mean) / std
@@ -157,7 +157,7 @@ def fit_linear(
                 w, b = _solve((x[ftr] - m) / s, y[ftr], n_classes, lam, loss_fn, max_iter)
                 out = ((x[fte] - m) / s) @ w.T + b
                 if multilabel:
-                    fold_maps.append(_fold_map(out, y[fte]))
+                    fold_maps.append(fold_map(out, y[fte]))
                 else:
                     correct += int((out.argmax(1) == y[fte]).sum())
             scores[f"{lam:g}"] = float(np.mean(fold_maps)) if multilabel else correct / len(labels)
@@ -173,7 +173,7 @@ def fit_linear(
     return LinearFit(weight, bias, chosen, scores, k, "map" if multilabel else "accuracy")
 
 
-def _fold_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
+def fold_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean average precision of a fold, over the classes with a positive in it."""
     truth = (targets > 0.5).cpu().numpy()
     present = truth.any(0)

@@ -16,7 +16,7 @@ from torch import nn
 
 from core.backbones import BACKBONES
 from worker.training.data import resize_center_crop, to_rgb
-from worker.training.linear import fit_linear
+from worker.training.linear import fit_linear, fold_map
 from worker.training.weights import WeightsSource
 
 
@@ -126,22 +126,34 @@ def flip_check(feats: torch.Tensor, mirrored: torch.Tensor, y: torch.Tensor, n: 
     training folds as they are, and on the folds plus their mirror images (what flip
     augmentation trains on), both scored on the held-out fold as it is. ImageNet features
     are nearly mirror-invariant, so this asks the labels, not the features: a mirrored "2"
-    labelled 2 is noise for digits and a free extra picture for faces."""
+    labelled 2 is noise for digits and a free extra picture for faces.
+
+    With multi-hot `y` (multi-label) the probes are one-vs-rest (BCE) and scored by mean
+    average precision, the task's own metric: `map` and `with_mirrored_map`."""
     from sklearn.model_selection import StratifiedKFold
 
-    labels = y.numpy()
-    k = int(min(3, np.bincount(labels)[np.bincount(labels) > 0].min()))
+    multilabel = y.ndim == 2
+    # Multi-label: the folds are stratified on each image's first class, as the probe's are.
+    labels = (y > 0.5).int().argmax(1).numpy() if multilabel else y.numpy()
+    metric = "map" if multilabel else "accuracy"
+    counts = np.bincount(labels)
+    k = int(min(3, counts[counts > 0].min()))
     if k < 2:
-        return {"accuracy": None, "with_mirrored_accuracy": None}
-    plain = augmented = 0
-    loss = nn.CrossEntropyLoss()
+        return {metric: None, f"with_mirrored_{metric}": None}
+    plain: list[float] = []
+    augmented: list[float] = []
+    loss: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     for tr, te in StratifiedKFold(k, shuffle=True, random_state=0).split(labels, labels):
         a = fit_linear(feats[tr], y[tr], n, loss, penalties=(1e-2,))
         both = torch.cat([feats[tr], mirrored[tr]])
         b = fit_linear(both, torch.cat([y[tr], y[tr]]), n, loss, penalties=(1e-2,))
-        plain += int((a.logits(feats[te]).argmax(1) == y[te]).sum())
-        augmented += int((b.logits(feats[te]).argmax(1) == y[te]).sum())
+        for fitted, scores in ((a, plain), (b, augmented)):
+            out = fitted.logits(feats[te])
+            if multilabel:  # weighted by the fold's size, as accuracy's counts are
+                scores.append(fold_map(out, y[te]) * len(te))
+            else:
+                scores.append(float((out.argmax(1) == y[te]).sum()))
     return {
-        "accuracy": round(plain / len(y), 4),
-        "with_mirrored_accuracy": round(augmented / len(y), 4),
+        metric: round(sum(plain) / len(y), 4),
+        f"with_mirrored_{metric}": round(sum(augmented) / len(y), 4),
     }

@@ -8,7 +8,8 @@ Run by the worker before the image cache is built (`plan`), inside the job's tim
    each pretrained backbone at each size, timed (this device's images/s), and a
    cross-validated logistic regression on them (`linear.fit_linear`, the probe's own
    solver). A size is worth its cost only when it scores measurably better than a cheaper
-   one: the cheapest candidate within `TOLERANCE` of the best wins.
+   one: the cheapest candidate within `TOLERANCE` of the best wins. A multi-label dataset
+   is scored by its own metric: one-vs-rest (BCE) probes' cross-validated mAP.
 3. **Flips**: a cross-validated probe fitted with and without mirrored copies of its
    training images; when the copies cost accuracy (digits, text) flips stay out of
    augmentation.
@@ -39,7 +40,9 @@ from torch import nn
 
 from core.jobspec import JobSpec
 from worker.training import measure
+from worker.training import multilabel as multilabel_lib
 from worker.training.backbones import create_model
+from worker.training.data import MULTI_LABEL
 from worker.training.linear import fit_linear
 from worker.training.weights import WeightsSource
 
@@ -51,6 +54,7 @@ FLIP_TOLERANCE = 0.01  # flips stay on unless mirrored copies cost more accuracy
 SUBSAMPLE = 320  # images decoded and scored per candidate (fewer for tiny budgets)
 EPOCHS_CAP = 30  # fine-tuning epochs the plan never exceeds
 AUTO_CROP_SCALE_MIN = 0.6  # random resized crops keep at least this share of the area
+MULTI_LABEL_SHIFT = 1 / 16  # multi-label: shifts of at most this share of the side, no crop
 MIN_PROBE_PER_CLASS = 20  # a budget-limited probe still learns from this many a class
 PLAN_SHARE = 0.12  # no further candidate is measured once planning took this share
 PASS_SHARE = 0.3  # one feature pass over every image may take this share of the budget
@@ -72,6 +76,17 @@ def default_budget_cap(n_images: int, device: str) -> float:
     """The longest default budget for a dataset of `n_images` (seconds)."""
     per_image = 0.1 if device == "cpu" else 0.02
     return max(MIN_DEFAULT_BUDGET, min(3600.0, 50.0 + per_image * n_images))
+
+
+def augmentation_crop(multilabel: bool, size: int) -> dict[str, Any]:
+    """The crop the plan trains with. Single-label: crops that keep most of the picture (a
+    fine-tune of a few epochs on small images loses more to 35%-of-the-area crops, the
+    `light` preset, than it learns from them). Multi-label: a crop that can cut an object
+    out changes the image's label set, so the training images are only shifted, by at
+    most `MULTI_LABEL_SHIFT` of their side (zero fill), never cropped to a part."""
+    if multilabel:
+        return {"name": "random_crop", "padding": max(1, round(size * MULTI_LABEL_SHIFT))}
+    return {"name": "random_resized_crop", "scale_min": AUTO_CROP_SCALE_MIN}
 
 
 @dataclass
@@ -114,20 +129,29 @@ def plan(
     t0 = time.monotonic()
     keep = set(pinned or [])
     entries = index["entries"]
-    labels = np.asarray([int(e["label"]) for e in entries])
+    labels = np.asarray([int(e["label"]) for e in entries])  # multi-label: the first class
+    multilabel = index.get("task") == MULTI_LABEL
     splits = np.asarray([e.get("split") or "train" for e in entries])
     pool = np.flatnonzero(splits == "train")
     n_classes = len(index["classes"])
     n_val_given = int((splits == "val").sum())
     n_train = len(pool) if n_val_given else int(round(len(pool) * (1 - spec.val_fraction)))
     n_eval = len(entries) - n_train  # validation and test images: evaluated at the end
-    counts = np.bincount(labels[pool], minlength=n_classes)
+    if multilabel:
+        lists = [e.get("labels") or [e["label"]] for e in entries]
+        targets = multilabel_lib.targets_matrix(lists, n_classes)
+        counts = multilabel_lib.positive_counts(targets[pool])  # images carrying each class
+    else:
+        counts = np.bincount(labels[pool], minlength=n_classes)
     sides = np.asarray([min(e.get("w") or 0, e.get("h") or 0) for e in entries], dtype=float)
     native = float(np.median(sides[sides > 0])) if (sides > 0).any() else 224.0
     budget_left = None if deadline is None else deadline - time.monotonic()
     k = SUBSAMPLE if budget_left is None or budget_left >= 90 else max(n_classes * 4, 160)
     sub = measure.subsample(labels, pool, k, spec.seed)
-    y = torch.as_tensor(labels[sub])
+    # What the candidates' probes learn and are scored on: the task's own targets and
+    # metric (multi-label: multi-hot rows, BCE, cross-validated mAP).
+    y = torch.as_tensor(targets[sub]) if multilabel else torch.as_tensor(labels[sub])
+    scoring_loss: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     record: dict[str, Any] = {
         "dataset": {
             "train_images": n_train,
@@ -140,8 +164,8 @@ def plan(
         "device": device.type,
         "pinned": sorted(keep),
     }
-    if index.get("task") == "multi-label":  # candidates score single-label accuracy
-        record["scored_on"] = "first label"
+    if multilabel:
+        record["scored_on"] = "mAP"
     if on_phase:
         on_phase("planning")
     images = measure.decode(archive, [entries[i]["path"] for i in sub], max(SIZES) * 2)
@@ -193,7 +217,7 @@ def plan(
                 feats,
                 y,
                 n_classes,
-                nn.CrossEntropyLoss(),
+                scoring_loss,
                 seed=spec.seed,
                 penalties=SCORING_PENALTIES,
             )
@@ -216,8 +240,9 @@ def plan(
         model, measure.tensor(images, chosen.backbone, chosen.size, True), device
     )
     flips = measure.flip_check(feats, mirrored, y, n_classes)
-    flip_ok = flips["accuracy"] is None or (
-        flips["with_mirrored_accuracy"] >= flips["accuracy"] - FLIP_TOLERANCE
+    metric = "map" if multilabel else "accuracy"
+    flip_ok = flips[metric] is None or (
+        flips[f"with_mirrored_{metric}"] >= flips[metric] - FLIP_TOLERANCE
     )
     record["flip_check"] = {**flips, "hflip": flip_ok}
     train_rate = measure.train_rate(model, x, n_classes, device)
@@ -279,9 +304,7 @@ def plan(
         choices.update(warmup_epochs=min(2.0, choices["epochs"] / 2))
         if strategy == "lp_ft":
             choices.update(learning_rate=LP_FT_LEARNING_RATE)
-    # Crops that keep most of the picture: a fine-tune of a few epochs on small images
-    # loses more to 35%-of-the-area crops (the `light` preset) than it learns from them.
-    crop = {"name": "random_resized_crop", "scale_min": AUTO_CROP_SCALE_MIN}
+    crop = augmentation_crop(multilabel, choices["image_size"])
     choices["augmentation"] = {
         **spec.augmentation.model_dump(),
         "hflip": flip_ok,
