@@ -79,21 +79,27 @@ _PUBLISHERS: list[Publisher] = []  # this process's (one), withdrawn at a clean 
 def _start_reaper(sender: object = None, **_: object) -> None:
     """Each worker also looks for jobs whose worker died (see core/reaper.py), keeps its
     host's dataset cache tidy (see worker/cache.py), removes the scratch folders of workers
-    killed on this host (see worker/training/scratch.py) and publishes what it can run, beat by
-    beat (see worker/capabilities.py)."""
+    killed on this host, at start and each round (see worker/training/scratch.py), and
+    publishes what it can run, beat by beat (see worker/capabilities.py)."""
     from core.reaper import Reaper
     from worker.cache import tidy
     from worker.capabilities import Publisher, worker_identity
     from worker.training import scratch
 
-    scratch.sweep()  # what workers killed on this host left on its disk
+    def sweep_scratch(_: object) -> None:  # what workers killed on this host left on disk
+        scratch.sweep()
+
+    try:
+        sweep_scratch(settings)
+    except Exception:  # noqa: BLE001 - housekeeping: the reaper's rounds try again
+        logging.getLogger(__name__).warning("scratch sweep failed", exc_info=True)
 
     for warning in settings.warnings():
         logging.getLogger(__name__).warning("%s", warning)
     publisher = Publisher(settings, *worker_identity(sender))
     publisher.start()
     _PUBLISHERS.append(publisher)
-    Reaper(settings, also=[tidy, publisher]).start()
+    Reaper(settings, also=[tidy, publisher, sweep_scratch]).start()
 
 
 @signals.worker_shutdown.connect

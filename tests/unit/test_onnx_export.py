@@ -184,3 +184,19 @@ def test_hosted_predictions_run_the_file_as_the_check_verified_it(tmp_path):
     level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert served.graph_optimization_level == checked.graph_optimization_level == level
     assert info["graph_optimization"] == level.name
+
+
+def test_a_file_wrong_only_at_batch_size_one_never_ships(tmp_path, monkeypatch):
+    """The single-image answer (how predictions run it) counts in every test, the float64
+    second opinion included: off by 5% at batch 1 only, the top-1 kept, it is refused."""
+    real = onnx_export.run_onnx
+
+    def off_at_one(session, batch, chunk=64):
+        out = real(session, batch, chunk)
+        return out * 1.05 if len(batch) == 1 else out
+
+    monkeypatch.setattr(onnx_export, "run_onnx", off_at_one)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(OnnxMismatch, match="in float64"):
+        export_onnx(small_net(), 16, path, images(40), exporters=("torchscript",))
+    assert not path.exists()

@@ -6,7 +6,9 @@ by the kernel's OOM killer) removes nothing, and every such folder would stay on
 good. So each folder holds an `flock` on its `.owner` file for as long as its maker lives
 (the kernel drops the lock when the process dies, however it dies), and a worker, at start,
 removes every scratch folder whose lock it can take: their makers are gone. Folders of jobs
-running in other workers on the same host keep their locks and are left alone.
+running in other workers on the same host keep their locks and are left alone. Workers sweep
+at start and at each reaper round (a prefork child killed alone is replaced without a
+restart; a killed maker's forked data-loader processes may hold its lock a few seconds).
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ _held: dict[Path, int] = {}  # folder -> the descriptor holding its lock
 def make(label: str, root: str | None = None) -> Path:
     """A new scratch folder, locked by this process until `release`."""
     path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{label}-", dir=root))
-    fd = os.open(path / OWNER, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    # Locked under another name, then renamed (the same inode, still locked): a sweep never
+    # sees an `.owner` it could lock between its creation and our flock.
+    pending = path / f"{OWNER}.pending"
+    fd = os.open(pending, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(pending, path / OWNER)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     _held[path] = fd
     return path
 
