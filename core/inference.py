@@ -91,6 +91,11 @@ def _session(model: bytes, threads: int) -> Any:
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # No spinning: onnxruntime's pool threads otherwise busy-wait for the next run after
+    # each one, on the cores the event loop and the decoding threads need to answer this
+    # request and parse the next (measured on 2 cores under load: a single image's p50
+    # 88 ms spinning, 70 ms not, bare session.run 59 ms; BENCHMARKS.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

@@ -229,7 +229,7 @@ def open_model(
     return ModelFile(key, media_type, disposition, url)
 
 
-def missing_format(job: Job, fmt: str) -> str:
+def missing_format(job: Job | Any, fmt: str) -> str:
     """Why a finished job's model has no file in format `fmt`."""
     said = [w for w in (job.result or {}).get("warnings") or [] if "onnx" in w]
     if fmt == "onnx_int8" and not said:

@@ -8,7 +8,7 @@ evaluated; every refusal names the file and what would be accepted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Annotated, Any
@@ -16,9 +16,9 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Row
 
-from core import imaging, jobs, registry
+from core import imaging, job_reads, jobs, registry
 from core.errors import ErrorCode, ServiceError
 from core.inference import Predictor, Predictors
 from core.models import Job
@@ -26,7 +26,7 @@ from core.settings import Settings
 from core.storage import ObjectStore
 from core.tenancy import Principal
 from service.concurrency import TenantThreads
-from service.deps import PathId, ReadDep, SessionDep, SettingsDep, StoreDep
+from service.deps import PathId, ReadDep, SettingsDep, StoreDep, in_read, in_session
 from service.errors import ERROR_RESPONSES
 from service.registry_schemas import ModelRef
 
@@ -79,7 +79,7 @@ class Served:
     missing_onnx: str | None
 
 
-def served(job: Job) -> Served:
+def served(job: Job | Row[Any]) -> Served:
     result = dict(job.result or {})
     missing = None if result.get("onnx_key") else jobs.missing_format(job, "onnx")
     return Served(job.id, job.status, jobs.model_ready(job), result, missing)
@@ -159,19 +159,18 @@ def predict_served(
 async def _run(
     request: Request,
     principal: Principal,
-    session: Session,
-    find: Callable[[], Job],
+    find: Callable[[], Awaitable[Served]],
     files: list[UploadFile] | None,
     top_k: int,
     settings: Settings,
     store: ObjectStore,
 ) -> PredictionsPublic:
-    """On the tenant's prediction threads (TENANT_PREDICT_THREADS, PREDICT_THREADS in all):
-    find the job, release the database connection, then decode and run the model."""
+    """Find the job (its connection back in the pool before any decoding), then decode and
+    run the model on the tenant's prediction threads (TENANT_PREDICT_THREADS,
+    PREDICT_THREADS in all)."""
+    job = await find()
 
     def work() -> PredictionsPublic:
-        job = served(find())
-        session.rollback()  # nothing below reads the database
         return predict_served(job, files, top_k, settings, store)
 
     threads: TenantThreads = request.app.state.predict_threads
@@ -191,7 +190,6 @@ async def predict(
     request: Request,
     job_id: PathId,
     principal: ReadDep,
-    session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
     files: Files = None,
@@ -200,8 +198,14 @@ async def predict(
     """Per image, the top-k classes with their probabilities (multi-label models: every
     class's score, its threshold and the classes predicted). Preprocessing is exactly the
     training evaluation's. 409 while the job has no model."""
-    find = partial(jobs.get_owned_job, session, principal, job_id)
-    return await _run(request, principal, session, find, files, top_k, settings, store)
+    # One Core read on the autocommit engine (inline on SQLite): the predict route is
+    # latency-bound, and an ORM session costs two more thread hops (open, close).
+    find = partial(in_read, settings, partial(_owned, principal, job_id), bounded=True)
+    return await _run(request, principal, find, files, top_k, settings, store)
+
+
+def _owned(principal: Principal, job_id: str, conn: Connection) -> Served:
+    return served(job_reads.owned_job(conn, principal, job_id))
 
 
 @router.post("/v1/models/{ref}/predict", response_model=PredictionsPublic)
@@ -209,7 +213,6 @@ async def predict_model(
     request: Request,
     ref: Annotated[ModelRef, Path(max_length=80)],
     principal: ReadDep,
-    session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
     files: Files = None,
@@ -217,5 +220,5 @@ async def predict_model(
 ) -> PredictionsPublic:
     """As `POST /v1/jobs/{id}/predict`, with a registry reference: a model id, `name` (its
     latest version), `name@3` or `name@production`."""
-    find = partial(registry.resolve, session, principal, ref)
-    return await _run(request, principal, session, find, files, top_k, settings, store)
+    find = partial(in_session, settings, lambda s: served(registry.resolve(s, principal, ref)))
+    return await _run(request, principal, find, files, top_k, settings, store)

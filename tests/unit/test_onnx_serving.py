@@ -166,3 +166,19 @@ def test_flip_test_time_augmentation_averages_the_image_and_its_mirror(tmp_path)
     expected = (plain.logits(batch) + plain.logits(mirrored)) / 2
     assert not np.allclose(plain.logits(batch), plain.logits(mirrored), atol=1e-3)
     np.testing.assert_allclose(tta.logits(batch), expected, atol=1e-4)
+
+
+def test_normalize_is_bit_identical_to_the_float32_formula():
+    """The lookup table gives exactly `(x / 255 - mean) / std` in float32, as training's
+    ToTensor + Normalize compute it, for every crop of a batch."""
+    rng = np.random.default_rng(3)
+    crops = [rng.integers(0, 256, (29, 29, 3), dtype=np.uint8) for _ in range(3)]
+    meta = metadata()
+    mean = np.asarray(meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(meta["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+    batch = np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    out = imaging.normalize(crops, meta)
+    assert out.dtype == np.float32 and out.shape == (3, 3, 29, 29) and out.flags.c_contiguous
+    assert np.array_equal(out, (batch - mean) / std)
+    other = imaging.normalize(crops[:1], {**meta, "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert np.array_equal(other[0, 1], (crops[0][..., 1].astype(np.float32) / 255 - 0.5) / 0.25)
