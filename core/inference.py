@@ -91,10 +91,11 @@ def _session(model: bytes, threads: int) -> Any:
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # No spinning: onnxruntime's pool threads otherwise busy-wait for the next run after
-    # each one, on the cores the event loop and the decoding threads need to answer this
-    # request and parse the next (measured on 2 cores under load: a single image's p50
-    # 88 ms spinning, 70 ms not, bare session.run 59 ms; BENCHMARKS.md).
+    # No spinning: onnxruntime's pool threads otherwise busy-wait after each run for the
+    # next one, on the cores the event loop, the decoding threads and every other process
+    # of the host need (2 cores, measured: a spinning API slowed a bare `session.run` in
+    # another process from 11.9 to 22.6 ms; under load a single prediction's p50 was 88 ms
+    # spinning, 70 ms not). Waking the threads costs a run about 1.5 ms (BENCHMARKS.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

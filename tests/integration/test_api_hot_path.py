@@ -102,6 +102,38 @@ def test_the_memory_limiter_counts_per_tenant():
     assert other == 0.0
 
 
+def test_processes_take_redis_requests_in_batches_and_never_exceed_the_limit():
+    """Three limiters on one Redis (three API processes), a limit of 1,000 a minute: each
+    takes 10 requests a round trip, and together they allow at most the limit, at most
+    (batch - 1) a process fewer; a small limit stays exact (batches of one)."""
+    from tests.conftest import REDIS_URL
+
+    async def run(per_minute: int) -> tuple[int, int, int]:
+        limiters = [RateLimiter(REDIS_URL) for _ in range(3)]
+        trips = 0
+        for limiter in limiters:
+            hit = limiter._limiter.hit
+
+            async def counted(*args, _hit=hit, **kwargs):
+                nonlocal trips
+                trips += 1
+                return await _hit(*args, **kwargs)
+
+            limiter._limiter.hit = counted  # type: ignore[method-assign]
+        tenant = f"batch-{secrets.token_hex(4)}"
+        waits = [await limiters[i % 3].take(tenant, per_minute) for i in range(per_minute + 60)]
+        allowed = sum(w == 0.0 for w in waits)
+        spent = next(i for i, w in enumerate(waits) if w > 0)
+        return allowed, trips, spent
+
+    allowed, trips, spent = asyncio.run(run(1000))
+    assert 1000 - 3 * 9 <= allowed <= 1000
+    assert spent >= 1000 - 3 * 9  # no refusal before the limit is (nearly) reached
+    assert trips < 180  # about 100 batches, then one ask a request (the last ones, the 429s)
+    allowed, trips, _ = asyncio.run(run(12))
+    assert allowed == 12 and trips == 12 + 60
+
+
 @pytest.fixture(scope="module")
 def two_apis(env, tmp_path_factory) -> Iterator[list[str]]:
     """Two API servers on one PostgreSQL and one Redis: the first with two worker processes."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from worker.training.linear import PENALTIES, fit_linear
+from worker.training import linear
+from worker.training.linear import PENALTIES, fit_linear, out_of_fold_logits
 
 
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int = 0):
@@ -68,3 +72,44 @@ def test_a_class_with_one_image_means_no_cross_validation():
     fit = fit_linear(x, y, 4, nn.CrossEntropyLoss())
     assert fit.folds == 0 and fit.cv_scores == {}
     assert fit.weight.shape == (4, 8)
+
+
+class SummedBCE(nn.Module):
+    """BCE summed over the classes, averaged over the images: `out_of_fold_logits`'s
+    multi-label loss, for the separate fits to compare with."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        return loss.sum(1).mean()
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_the_folds_solved_together_give_each_folds_own_probe(
+    monkeypatch, multilabel, one_at_a_time
+):
+    """The joint problem's minimum is every fold's own: its held-out logits match one
+    `fit_linear` per fold (same penalty, same standardisation), also when the folds are too
+    many to hold together and are solved one at a time."""
+    x, labels = blobs(40, 4, 24, 2.5, seed=4)
+    if multilabel:  # each image also carries the next class, half the time
+        y = nn.functional.one_hot(labels, 4).float()
+        extra = torch.rand(len(labels), generator=torch.Generator().manual_seed(1)) < 0.5
+        y[extra, (labels[extra] + 1) % 4] = 1.0
+        loss_fn: nn.Module = SummedBCE()
+    else:
+        y, loss_fn = labels, nn.CrossEntropyLoss()
+    if one_at_a_time:
+        monkeypatch.setattr(linear, "FOLD_LOGITS_MAX", 1)
+    splits = list(StratifiedKFold(4, shuffle=True, random_state=0).split(x, labels))
+    joint = out_of_fold_logits(x, y, 4, splits, 1e-2, max_iter=500)
+    separate = torch.zeros_like(joint)
+    for train, held in splits:
+        fit = fit_linear(x[train], y[train], 4, loss_fn, penalties=(1e-2,), max_iter=500)
+        separate[held] = fit.logits(x[held])
+    assert not torch.allclose(separate, torch.zeros_like(separate))
+    diff = (joint - separate).abs().max()
+    assert diff < 1e-2 * separate.abs().max(), (diff, separate.abs().max())
+    probs = joint.sigmoid() if multilabel else joint.softmax(1)
+    reference = separate.sigmoid() if multilabel else separate.softmax(1)
+    assert np.abs((probs - reference).numpy()).max() < 2e-3

@@ -5,16 +5,17 @@ Confident learning needs out-of-sample predicted probabilities for every labelle
 (the training and validation splits): a model that has seen an image's label cannot say
 that label is wrong (it learnt it). So the images' features are split into K folds
 (stratified; group-aware when the dataset has duplicate groups, so a copy never vouches
-for itself) and each fold is scored by a linear probe (`linear.fit_linear`) fitted on the
-other folds. The features are the probe's cached ones when the job probed (the pretrained
-backbone's, which never saw a label, and cost nothing more); otherwise (a `full` or
-`gradual` job, or one resumed past its probe) the delivered model's pooled features of the
-un-augmented images: one more pass, and features that were trained on these labels, so a
-weaker judge of them. The probes see the features' signed square roots (power
-normalisation: sign(x) * sqrt(|x|), which tames the few large activations of pooled CNN
-features; measured on the proxies, it lifted the probes' held-out accuracy by 1 to 3 points
-and recall of planted label noise by 3 to 7, BENCHMARKS.md). cleanlab
-then estimates each class's noise rates from those probabilities
+for itself) and each fold is scored by a linear probe (logistic regression, as
+`linear.fit_linear` fits it) fitted on the other folds, the K probes solved as one problem
+(`linear.out_of_fold_logits`). The features are the probe's cached ones when the job
+probed (the pretrained backbone's, which never saw a label, and cost nothing more);
+otherwise (a `full` or `gradual` job, or one resumed past its probe) the delivered model's
+pooled features of the un-augmented images: one more pass, and features that were trained
+on these labels, so a weaker judge of them. The probes see the features' signed square
+roots (power normalisation: sign(x) * sqrt(|x|), which tames the few large activations of
+pooled CNN features; measured on the proxies, it lifted the probes' held-out accuracy by 1
+to 3 points and recall of planted label noise by 3 to 7, BENCHMARKS.md). cleanlab then
+estimates each class's noise rates from those probabilities
 (`cleanlab.filter.find_label_issues`, pruning by noise rate) and ranks the flagged images
 by their label quality (`cleanlab.rank.get_label_quality_scores`, self-confidence: the
 out-of-sample probability of the label given; low is suspect).
@@ -47,7 +48,7 @@ from torch import nn
 from core.jobspec import JobSpec
 from worker.training.data import PreparedData
 from worker.training.fit import FitResult
-from worker.training.linear import fit_linear
+from worker.training.linear import out_of_fold_logits
 from worker.training.loop import predict
 from worker.training.runtime import Runtime
 from worker.training.sheets import issues_sheet, losses_sheet
@@ -140,16 +141,6 @@ def fold_splits(
         return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(x, strata))
 
 
-class PerImageBCE(nn.Module):
-    """BCE summed over the classes, averaged over the images: each class a logistic
-    regression of its own weight, as the single-label loss is per image. (The job's BCE
-    averages over classes too, which makes any L2 penalty C times stronger.)"""
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        return loss.sum(1).mean()
-
-
 def out_of_sample_probs(
     features: torch.Tensor,
     targets: torch.Tensor,
@@ -161,22 +152,14 @@ def out_of_sample_probs(
 ) -> np.ndarray:
     """(images, classes) probabilities, each row from a probe that never saw that image:
     softmax of a multinomial logistic regression, or (float multi-hot `targets`) a sigmoid
-    per class. The plain loss (no class weights, no smoothing): cleanlab wants
-    probabilities, and smoothing would squeeze them."""
-    multilabel = targets.ndim == 2
-    loss_fn: nn.Module = PerImageBCE() if multilabel else nn.CrossEntropyLoss()
-    probs = np.zeros((len(targets), n_classes), dtype=np.float32)
-    for train, held in splits:
-        tr = torch.as_tensor(train, device=features.device)
-        te = torch.as_tensor(held, device=features.device)
-        solved = fit_linear(
-            features[tr], targets[tr], n_classes, loss_fn, penalties=(penalty,), max_iter=max_iter
-        )
-        with torch.no_grad():
-            out = solved.logits(features[te].float())
-            p = out.sigmoid() if multilabel else out.softmax(1)
-        probs[held] = p.float().cpu().numpy()
-    return probs
+    per class (BCE summed over the classes, averaged over the images: each class a logistic
+    regression of its own weight, as the single-label loss is per image; the job's BCE
+    averages over classes too, which would make the penalty C times stronger). The plain
+    loss (no class weights, no smoothing): cleanlab wants probabilities, and smoothing
+    would squeeze them. The K probes are fitted together (`linear.out_of_fold_logits`)."""
+    logits = out_of_fold_logits(features, targets, n_classes, splits, penalty, max_iter=max_iter)
+    probs = logits.sigmoid() if targets.ndim == 2 else logits.softmax(1)
+    return probs.float().cpu().numpy()
 
 
 def rank_issues(given: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
