@@ -49,7 +49,11 @@ def resize_center_crop(img: Image.Image, size: int, interpolation: str = "bicubi
         img = img.resize((nw, nh), _INTERP.get(interpolation, Image.Resampling.BICUBIC))
     left, top = (nw - size) // 2, (nh - size) // 2
     arr = np.asarray(img, dtype=np.uint8)  # slicing the array: one copy fewer than img.crop
-    return np.ascontiguousarray(arr[top : top + size, left : left + size])
+    if arr.shape[:2] == (size, size):
+        return arr
+    # A copy, never a view: a view would keep the whole resized image alive (training
+    # caches one crop per image; a portrait's view holds h / w times its bytes).
+    return arr[top : top + size, left : left + size].copy()
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:

@@ -6,18 +6,22 @@ the limit at a window's edge as a fixed window allows. On Redis (RATE_LIMIT_STOR
 else a redis:// BROKER_URL) N API processes together allow the tenant's limit, not N times
 it; on the embedded default each process counts in its own memory.
 
-On Redis a process takes its tenant's requests in small batches (`batch_size`: 1% of the
-per-minute limit, at most 50, 1 for a limit under 200) with one round trip, and spends them
+On Redis a process takes a tenant's requests in batches with one round trip and spends them
 locally for at most BATCH_SECONDS: the Redis round trip was half of a job poll's cost
-(BENCHMARKS.md, "API hot path"). The processes together still never allow more than the
-limit; what a process took and did not spend in time is lost, so the limit a tenant gets
-is at worst (batch - 1) requests per process lower. Near the limit, a batch that no longer
-fits is asked for one request at a time (for BATCH_SECONDS), so the last requests of the
-window are usable and a refused request costs one round trip, as before.
+(BENCHMARKS.md, "API hot path"). A batch is sized to the process's demand (`_Batch.
+next_size`: from 1, doubling while batches are spent before they expire, cut to what was
+spent when one expires), at most 1% of the per-minute limit and MAX_BATCH, and 1 for a
+limit under 200. The processes together still never allow more than the limit; what a
+process took and did not spend in time is dropped (counted, not used), a fraction of its
+own recent demand. Near the limit, a batch that no longer fits is asked for one request at
+a time for BATCH_SECONDS, so the last requests of the window are usable and a refused
+request costs one round trip. One fetch per tenant is in flight per process: concurrent
+requests that find the batch empty wait for it instead of each taking a batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -57,15 +61,32 @@ def _storage(url: str) -> Storage:
 
 
 def batch_size(per_minute: int) -> int:
-    """Requests taken from Redis at once: 1% of the limit, between 1 and MAX_BATCH."""
+    """The most requests taken from Redis at once: 1% of the limit, between 1 and MAX_BATCH."""
     return max(1, min(MAX_BATCH, per_minute // 100))
 
 
 @dataclass
 class _Batch:
-    left: int  # requests taken from the store and not yet spent
-    until: float  # time.monotonic() after which they are dropped
-    single: bool = False  # a batch no longer fitted: ask one at a time until `until`
+    """A process's requests of one tenant taken from the store in advance."""
+
+    left: int = 0  # taken and not yet spent
+    until: float = 0.0  # time.monotonic() after which they are dropped
+    taken: int = 0  # the size of the last batch taken
+    single_until: float = 0.0  # a batch no longer fitted: one at a time until then
+    # The fetch in flight, which the other requests that find the batch empty wait for (a
+    # future of the running loop, never a lock: a limiter outlives a test's event loop).
+    fetching: asyncio.Future[None] | None = None
+
+    def next_size(self, now: float, most: int) -> int:
+        """Sized to this process's demand: twice the last batch when it was spent before it
+        expired, what was spent of it when it expired (so what is dropped unspent each
+        second stays a fraction of what the process actually uses), 1 to start."""
+        if self.single_until > now or self.taken == 0:
+            return 1
+        spent = self.taken - self.left
+        if self.left == 0 and self.until > now:
+            return min(most, 2 * self.taken)
+        return max(1, min(most, spent))
 
 
 class RateLimiter:
@@ -82,24 +103,47 @@ class RateLimiter:
         """0 if the request may go on, else the seconds until it could. A Redis that does
         not answer lets requests through (logged): an outage of the limiter's store must
         not take the API down with it."""
-        now = time.monotonic()
-        if self._down_until > now:
+        if self._down_until > time.monotonic():
             return 0.0
+        most = batch_size(per_minute) if self.shared else 1
+        if most == 1:  # every request asks the store, as without batches
+            return await self._ask(tenant_id, per_minute, None)
         key = (tenant_id, per_minute)
         batch = self._batches.get(key)
-        if batch is not None and batch.left > 0 and batch.until > now:
+        if batch is None:
+            self._prune()
+            batch = self._batches[key] = _Batch()
+        if batch.left > 0 and batch.until > time.monotonic():
             batch.left -= 1
             return 0.0
+        loop = asyncio.get_running_loop()
+        while (fetch := batch.fetching) is not None and fetch.get_loop() is loop:
+            await asyncio.shield(fetch)  # one fetch per tenant in flight in this process
+            if batch.left > 0 and batch.until > time.monotonic():
+                batch.left -= 1
+                return 0.0
+        batch.fetching = fetch = loop.create_future()
+        try:
+            size = batch.next_size(time.monotonic(), most)
+            return await self._ask(tenant_id, per_minute, batch, size)
+        finally:
+            batch.fetching = None
+            fetch.set_result(None)
+
+    async def _ask(
+        self, tenant_id: str, per_minute: int, batch: _Batch | None, size: int = 1
+    ) -> float:
         item = RateLimitItemPerMinute(per_minute)
-        near = batch is not None and batch.single and batch.until > now
-        size = batch_size(per_minute) if self.shared and not near else 1
+        now = time.monotonic()
         try:
             if size > 1:
                 if await self._limiter.hit(item, tenant_id, cost=size):
-                    self._keep(key, size - 1, now)
+                    self._refill(batch, size, now)
                     return 0.0
-                self._keep(key, 0, now, single=True)
+                if batch is not None:
+                    batch.single_until = now + BATCH_SECONDS
             if await self._limiter.hit(item, tenant_id):
+                self._refill(batch, 1, now)
                 return 0.0
             stats = await self._limiter.get_window_stats(item, tenant_id)
         except Exception as exc:  # noqa: BLE001 - any storage failure: fail open, loudly
@@ -108,15 +152,19 @@ class RateLimiter:
             return 0.0
         return max(0.1, stats.reset_time - time.time())
 
-    def _keep(self, key: tuple[str, int], left: int, now: float, single: bool = False) -> None:
-        """Keep a batch's unspent requests (added to what another coroutine of this process
-        took meanwhile). Expired batches are dropped as the dict grows: one entry per tenant
-        active in the last second, not per tenant ever seen."""
-        batch = self._batches.get(key)
-        if batch is not None and batch.until > now:
-            batch.left += left
-            batch.single = batch.single or single
-            return
-        if len(self._batches) >= 1024:
-            self._batches = {k: b for k, b in self._batches.items() if b.until > now}
-        self._batches[key] = _Batch(left, now + BATCH_SECONDS, single)
+    @staticmethod
+    def _refill(batch: _Batch | None, size: int, now: float) -> None:
+        """`size` requests taken: one for this request, the rest kept (what was left of
+        the previous batch had expired or was spent)."""
+        if batch is not None:
+            batch.taken, batch.left, batch.until = size, size - 1, now + BATCH_SECONDS
+
+    def _prune(self) -> None:
+        """One entry per tenant active in the last few seconds, not per tenant ever seen."""
+        if len(self._batches) > 1024:
+            now = time.monotonic()
+            self._batches = {
+                k: b
+                for k, b in self._batches.items()
+                if b.until + BATCH_SECONDS > now or b.fetching is not None
+            }

@@ -102,36 +102,83 @@ def test_the_memory_limiter_counts_per_tenant():
     assert other == 0.0
 
 
+def _counted(limiters: list[RateLimiter]) -> list[int]:
+    """Count each limiter's round trips to the store (`hit` calls)."""
+    trips = [0]
+    for limiter in limiters:
+        hit = limiter._limiter.hit
+
+        async def counted(*args, _hit=hit, **kwargs):
+            trips[0] += 1
+            return await _hit(*args, **kwargs)
+
+        limiter._limiter.hit = counted  # type: ignore[method-assign]
+    return trips
+
+
 def test_processes_take_redis_requests_in_batches_and_never_exceed_the_limit():
-    """Three limiters on one Redis (three API processes), a limit of 1,000 a minute: each
-    takes 10 requests a round trip, and together they allow at most the limit, at most
-    (batch - 1) a process fewer; a small limit stays exact (batches of one)."""
+    """Three limiters on one Redis (three API processes), 1,000 a minute: batches grow to
+    10 a round trip, and together they allow at most the limit; a small limit stays exact."""
     from tests.conftest import REDIS_URL
 
     async def run(per_minute: int) -> tuple[int, int, int]:
         limiters = [RateLimiter(REDIS_URL) for _ in range(3)]
-        trips = 0
-        for limiter in limiters:
-            hit = limiter._limiter.hit
-
-            async def counted(*args, _hit=hit, **kwargs):
-                nonlocal trips
-                trips += 1
-                return await _hit(*args, **kwargs)
-
-            limiter._limiter.hit = counted  # type: ignore[method-assign]
+        trips = _counted(limiters)
         tenant = f"batch-{secrets.token_hex(4)}"
         waits = [await limiters[i % 3].take(tenant, per_minute) for i in range(per_minute + 60)]
         allowed = sum(w == 0.0 for w in waits)
-        spent = next(i for i, w in enumerate(waits) if w > 0)
-        return allowed, trips, spent
+        return allowed, trips[0], next(i for i, w in enumerate(waits) if w > 0)
 
-    allowed, trips, spent = asyncio.run(run(1000))
+    allowed, trips, first_refused = asyncio.run(run(1000))
     assert 1000 - 3 * 9 <= allowed <= 1000
-    assert spent >= 1000 - 3 * 9  # no refusal before the limit is (nearly) reached
-    assert trips < 180  # about 100 batches, then one ask a request (the last ones, the 429s)
+    assert first_refused >= 1000 - 3 * 9  # no refusal before the limit is (nearly) reached
+    assert trips < 200  # about 100 batches, then one ask a request (the last ones, the 429s)
     allowed, trips, _ = asyncio.run(run(12))
     assert allowed == 12 and trips == 12 + 60
+
+
+def test_a_slow_tenant_wastes_nothing_and_concurrent_requests_share_one_fetch(monkeypatch):
+    """Batches follow demand: a process seeing one request a second takes one at a time,
+    so a later burst still gets the whole limit; 100 requests arriving at once wait for
+    one fetch each round instead of each taking a batch."""
+    import service.ratelimit as ratelimit
+    from tests.conftest import REDIS_URL
+
+    clock = [1000.0]
+    fake = type("T", (), {"monotonic": lambda: clock[0], "time": time.time})
+    monkeypatch.setattr(ratelimit, "time", fake)
+
+    async def slow_then_burst() -> tuple[int, int]:
+        limiters = [RateLimiter(REDIS_URL) for _ in range(2)]
+        tenant = f"slow-{secrets.token_hex(4)}"
+        for _ in range(60):  # a minute of one request a second in each process
+            for limiter in limiters:
+                assert await limiter.take(tenant, 5000) == 0.0
+            clock[0] += 1.01
+        burst = [await limiters[i % 2].take(tenant, 5000) for i in range(1000)]
+        stats = await limiters[0]._limiter.get_window_stats(
+            ratelimit.RateLimitItemPerMinute(5000), tenant
+        )
+        return sum(w == 0.0 for w in burst), stats.remaining
+
+    allowed, remaining = asyncio.run(slow_then_burst())
+    assert allowed == 1000
+    assert remaining >= 5000 - 120 - 1000 - 2 * 50  # at most a batch a process unspent
+
+    async def concurrent() -> tuple[int, int, int]:
+        limiter = RateLimiter(REDIS_URL)
+        trips = _counted([limiter])
+        tenant = f"burst-{secrets.token_hex(4)}"
+        waits = await asyncio.gather(*(limiter.take(tenant, 5000) for _ in range(100)))
+        stats = await limiter._limiter.get_window_stats(
+            ratelimit.RateLimitItemPerMinute(5000), tenant
+        )
+        return sum(w == 0.0 for w in waits), trips[0], stats.remaining
+
+    allowed, trips, remaining = asyncio.run(concurrent())
+    assert allowed == 100
+    assert trips <= 10  # 1, 2, 4, ... 50: a doubling batch per round, not one per request
+    assert remaining >= 5000 - 100 - 50
 
 
 @pytest.fixture(scope="module")

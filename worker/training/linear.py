@@ -183,9 +183,9 @@ def fold_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(average_precision_score(truth[:, present], scores[:, present], average="macro"))
 
 
-# Most (images x folds x classes) logits one joint fit of `out_of_fold_logits` holds (16M
-# floats, 64 MB, of which the solver keeps a few at once): past it the folds are fitted in
-# smaller groups, down to one at a time.
+# Most floats one joint fit of `out_of_fold_logits` holds (16M, 64 MB: the folds' logits
+# and their weights with L-BFGS's copies of them): past it the folds are fitted in smaller
+# groups, down to one at a time (memory as separate fits then).
 FOLD_LOGITS_MAX = 1 << 24
 
 
@@ -215,7 +215,10 @@ def out_of_fold_logits(
     slowest split alone (50 to 100 there)."""
     x = x.float()
     x = x - x.mean(0)  # the folds' means are then small: their folding-in cancels less
-    per_group = max(1, FOLD_LOGITS_MAX // max(1, len(x) * n_classes))
+    # A fold holds its logits and its weights, of which L-BFGS keeps about 44 copies (the
+    # 20 pairs of its history, the gradient, the step).
+    per_fold = len(x) * n_classes + 44 * n_classes * x.shape[1]
+    per_group = max(1, FOLD_LOGITS_MAX // max(1, per_fold))
     out = torch.zeros(len(x), n_classes, device=x.device)
     for start in range(0, len(splits), per_group):
         group = splits[start : start + per_group]
