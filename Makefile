@@ -47,10 +47,11 @@ test: install
 bench-smoke: install
 	@mkdir -p var
 	@for b in $(BENCHMARKS); do \
-		echo "== benchmarks/$$b.py --smoke"; \
+		echo "== benchmarks/$$b.py --smoke"; start=$$(date +%s); \
 		$(BIN)/python benchmarks/$$b.py --smoke > var/bench-smoke-$$b.log 2>&1 \
 			|| { tail -n 40 var/bench-smoke-$$b.log; exit 1; }; \
 		tail -n 3 var/bench-smoke-$$b.log; \
+		echo "   ($$(( $$(date +%s) - start )) s)"; \
 	done
 
 lint: install
