@@ -14,7 +14,7 @@ and socket errors). Submits go to a queue no worker reads (Redis on PostgreSQL; 
 embedded broker on SQLite). wrk is Debian's package (`apt-get install wrk`).
 
     .venv/bin/python benchmarks/api_load.py [--jobs 10000] [--seconds 10] [--mixed 60]
-    .venv/bin/python benchmarks/api_load.py --smoke     # 200 jobs, 2 s a route, 5 s mixed
+    .venv/bin/python benchmarks/api_load.py --smoke     # 200 jobs, 1 s a route, 2 s mixed
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="200 jobs, short runs")
     args = parser.parse_args()
     if args.smoke:
-        args.jobs, args.seconds, args.mixed = 200, 2, 5
+        args.jobs, args.seconds, args.mixed = 200, 1, 2
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk (see the Makefile's install step)")
     import psycopg

@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--digits-budget", type=float, default=45)
     p.add_argument("--lfw-budget", type=float, default=20)
-    p.add_argument("--smoke", action="store_true", help="one seed, 5 s budgets: does it run")
+    p.add_argument("--smoke", action="store_true", help="one seed, 5 s budgets, 32 px: does it run")
     args = p.parse_args()
     if args.smoke:
         args.seeds, args.digits_budget, args.lfw_budget = [0], 5.0, 5.0
@@ -101,6 +101,7 @@ def main() -> None:
         ("digits", args.digits_budget, 64, False),
         ("lfw_subset", args.lfw_budget, 64, True),
     ):
+        size = 32 if args.smoke else size
         for seed in args.seeds:
             for recipe, acc in run(name, budget, seed, size, hflip).items():
                 table.setdefault(name, {}).setdefault(recipe, []).append(acc)

@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--variants", default="[{}]", help="JSON list of JobSpec fields")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--smoke", action="store_true", help="digits at 32 px, one variant")
+    p.add_argument("--smoke", action="store_true", help="digits at 32 px, 20 a class, one variant")
     args = p.parse_args()
     if args.smoke:
         args.proxy, args.size, args.variants = args.proxy or "digits", 32, "[{}]"
@@ -48,7 +48,7 @@ def main() -> None:
     from worker.training.fit import fit
 
     torch.set_num_threads(args.threads)
-    proxy = build(args.proxy, args.seed)
+    proxy = build(args.proxy, args.seed, per_class=20 if args.smoke else None)
     work = Path(tempfile.mkdtemp(prefix="lpft-"))
     try:
         upload = proxy.write_splits_zip(work / "upload.zip")

@@ -10,7 +10,7 @@ first poll that saw `running`) is printed beside it. Targets: under 1 s on Redis
 embedded.
 
     .venv/bin/python benchmarks/start_latency.py [--jobs 10] [--only embedded|redis]
-    .venv/bin/python benchmarks/start_latency.py --smoke     # 2 jobs on each
+    .venv/bin/python benchmarks/start_latency.py --smoke     # 1 job on each
 """
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--only", choices=("embedded", "redis"))
-    parser.add_argument("--smoke", action="store_true", help="2 jobs on each backend")
+    parser.add_argument("--smoke", action="store_true", help="1 job on each backend")
     args = parser.parse_args()
     if args.smoke:
-        args.jobs = 2
+        args.jobs = 1
     base = {k: v for k, v in os.environ.items() if k not in SERVER_VARS}
     base.update(AUTH_ENABLED="false", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
                 DATALOADER_WORKERS="0")  # fmt: skip

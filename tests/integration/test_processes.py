@@ -360,7 +360,7 @@ def test_a_crash_loop_is_given_up_on_with_a_log_line_that_says_so(caplog):
 
 
 def test_serve_restarts_a_killed_worker_and_gives_up_on_a_crash_loop(start, tmp_path):
-    env = embedded_env(tmp_path, WORKER_MAX_RESTARTS="1", WORKER_RESTART_WINDOW_SECONDS="4")
+    env = embedded_env(tmp_path, WORKER_MAX_RESTARTS="1", WORKER_RESTART_WINDOW_SECONDS="3")
     s, _ = serve(start, env=env)
     workers_ready(s, 2)
 
@@ -373,7 +373,7 @@ def test_serve_restarts_a_killed_worker_and_gives_up_on_a_crash_loop(start, tmp_
     # Spread out: each death is more than the window after the one before; it comes back.
     for n in range(3):
         pid = wait_for(training_worker, 60, "the training worker")
-        time.sleep(4.5)
+        time.sleep(3.5)
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda old=pid: training_worker() not in (0, old), 60, "the worker restarted")
         wait_for(lambda n=n: s.text().count(" ready.") >= 3 + n, 120, "the restart ready")
