@@ -131,12 +131,60 @@ def test_pruned_trials_stop_after_the_epoch_that_pruned_them(searched):
     assert any(t["state"] == "pruned" for t in later)
 
 
-def test_the_best_trial_has_the_highest_validation_accuracy_earliest_on_ties(searched):
+def test_the_best_trial_is_the_first_or_one_better_beyond_chance(searched):
     _, result, _, _, _ = searched
-    values = [t["value"] for t in result.extra["search"]["trials"]]
-    top = max(v for v in values if v is not None)
-    assert result.extra["search"]["best_trial"] == values.index(top)
-    assert result.best["val_accuracy"] == top
+    trials = result.extra["search"]["trials"]
+    best = 0
+    for t in trials[1:]:
+        if t["value"] is None or t["value"] <= trials[best]["value"]:
+            assert "against_best" not in t  # not better at all: never compared
+            continue
+        paired = t["against_best"]  # a higher accuracy on the same images: compared
+        assert paired["trial"] == best and paired["wins"] > paired["losses"]
+        beyond = paired["wins"] - paired["losses"] > (paired["wins"] + paired["losses"]) ** 0.5
+        assert paired["replaced"] == beyond
+        best = t["number"] if beyond else best
+    assert result.extra["search"]["best_trial"] == best
+    assert result.best["val_accuracy"] == trials[best]["value"]
+
+
+def _trial(right: list[bool], targets: torch.Tensor | None = None, multilabel: bool = False):
+    """A FitResult whose delivered model got `right` of the validation images right."""
+    from worker.training.fit import FitResult
+
+    targets = torch.arange(len(right)) % 3 if targets is None else targets
+    predicted = torch.where(torch.tensor(right), targets, (targets + 1) % 3)
+    logits = torch.nn.functional.one_hot(predicted, 3).float()
+    value = sum(right) / len(right)
+    extra = {"task": "multi-label"} if multilabel else {}
+    best = {"val_accuracy": value}
+    return value, FitResult(
+        torch.nn.Identity(),
+        ["a", "b", "c"],
+        [],
+        best,
+        extra=extra,
+        held_out_logits=(logits, targets),
+    )
+
+
+def test_a_trial_replaces_the_best_only_with_a_lead_beyond_chance():
+    from worker.training.search import Best, _replaces
+
+    first = [i < 200 for i in range(300)]  # 200 of 300 right
+    value, result = _trial(first)
+    best = Best(0, value, result, JobSpec())
+    one_more = [i < 201 for i in range(300)]  # +1 image, no loss: chance
+    assert _replaces(*_trial(one_more), best) == (False, {"trial": 0, "wins": 1, "losses": 0})
+    swapped = [10 <= i < 230 for i in range(300)]  # 30 won, 10 lost: 20 > sqrt(40)
+    assert _replaces(*_trial(swapped), best) == (True, {"trial": 0, "wins": 30, "losses": 10})
+    close = [10 <= i < 215 for i in range(300)]  # 15 won, 10 lost: 5 < sqrt(25)
+    assert _replaces(*_trial(close), best)[0] is False
+    assert _replaces(*_trial(first[:199] + [False] * 101), best) == (False, {})  # not higher
+    # Not the same validation images, or multi-label: the higher value wins.
+    other = torch.arange(300) % 2
+    assert _replaces(*_trial(one_more, targets=other), best) == (True, {})
+    assert _replaces(*_trial(one_more, multilabel=True), best) == (True, {})
 
 
 def test_the_returned_model_is_the_best_trials(searched, few_digits):
@@ -241,3 +289,19 @@ def test_a_probe_the_recipe_chose_is_searched_against_lp_ft():
     assert space.learning_rate[0] < LP_FT_LEARNING_RATE < space.learning_rate[1]
     assert space.baseline(chosen)["strategy"] == "linear_probe"
     assert SearchSpace.around(JobSpec(recipe="manual", strategy="linear_probe")).strategies == ()
+
+
+def test_a_refitted_probe_is_compared_by_its_held_out_validation(few_digits):
+    """A probe refitted on train + validation has seen the validation labels: a search
+    compares it by its logits from before the refit."""
+    from worker.training.fit import fit
+
+    archive, index, cache = few_digits
+    config = JobSpec(recipe="manual", strategy="linear_probe", image_size=32, seed=3)
+    assert config.refit
+    result = fit(config, prepare(archive, index, config, cache), num_workers=0)
+    assert result.extra["refit"]["on"] == "train+validation"
+    logits, targets = result.held_out_logits
+    held_out = float((logits.argmax(1) == targets).float().mean())
+    assert held_out == pytest.approx(result.best["val_accuracy"], abs=1e-6)
+    assert torch.equal(targets, result.val_logits[1])  # the same images, in the same order

@@ -50,6 +50,10 @@ class FitResult:
     # cached features (`Run.probe_cache`) and the validation (logits, targets).
     probe_cache: Any = None
     val_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The delivered model's held-out validation (logits, targets): `val_logits`, except for
+    # a probe refitted on train + validation (its logits before the refit). A search
+    # compares trials by them.
+    held_out_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -124,6 +128,7 @@ def fit(
         extra=run.extra,
         probe_cache=run.probe_cache,
         val_logits=run.val_outputs,
+        held_out_logits=run.probe_val_outputs if refit is not None else run.val_outputs,
     )
 
 

@@ -75,6 +75,7 @@ def train_probe(run: Run, report_epochs: bool) -> dict[str, Any]:
         else:
             train_acc = float((train_logits.argmax(1) == train_y.to(device)).float().mean())
         val_logits = solved.logits(val_x.to(device)).cpu()
+    run.probe_val_outputs = (val_logits, val_y.cpu())
     report = evaluate(val_logits, val_y, run.data.classes, multilabel)
     probe_seconds = time.perf_counter() - start
     stats = EpochStats(train_loss, train_acc, len(train_y), probe_seconds, 0.0, steps=1)

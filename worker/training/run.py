@@ -35,6 +35,9 @@ class Run:
     # The delivered model's (validation logits, targets), from the final report: the top
     # losses (`label_issues.py`) reuse them instead of another pass.
     val_outputs: Any = None
+    # The probe's held-out (validation logits, targets), before any refit on train +
+    # validation: what a search compares a delivered probe by (`search._right`).
+    probe_val_outputs: Any = None
 
     def checkpoint(self, phase: str, epoch: int, **training: Any) -> None:
         """Hand the callbacks a resumable snapshot (CPU tensors, plain containers)."""

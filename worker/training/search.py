@@ -9,10 +9,13 @@ than the single run would have. Every other trial gets an equal share of what is
 the budget (a trial that ends early leaves its time to the next ones); one that falls below
 the median of the finished ones at the same epoch is pruned (stopped: its model so far is
 kept as a candidate). Trials at the same input size share one image cache (`prepare_data`
-is called once per size). The best trial by validation accuracy (ties: the earlier) is the
-result, with every trial listed in `extra["search"]`. `budget_seconds` counts from the
-job's start when the caller says when that was (`started`), planning included; no trial
-starts with less time left than the quickest one took to its first epoch and evaluation.
+is called once per size). The best trial by validation accuracy is the result, with every
+trial listed in `extra["search"]`; a later trial replaces the best so far only when it is
+better beyond chance on the same validation images (`_replaces`), so on a few hundred of
+them a one-image lead never swaps the planned config for a luckier one. `budget_seconds`
+counts from the job's start when the caller says when that was (`started`), planning
+included; no trial starts with less time left than the quickest one took to its first
+epoch and evaluation.
 
 The config given must be concrete (the auto recipe already resolved): every trial runs its
 fields as they are (`recipe="manual"`). A search is never resumed: an interrupted one
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import optuna
+import torch
 
 from core.jobspec import JobSpec
 from worker.training.callbacks import Callbacks
@@ -49,6 +53,13 @@ EXPORT_SECONDS, EXPORT_SHARE = 5.0, 0.05
 PHASE_CHARS = 40  # jobs.phase is a VARCHAR(40)
 
 C = TypeVar("C", bound=JobSpec)
+
+# Selection: a trial with a higher validation accuracy than the best so far replaces it only
+# when, over the validation images the two classify differently, it is right on more of them
+# by over SELECT_Z standard deviations of that difference under chance (McNemar's paired
+# statistic: wins - losses > SELECT_Z * sqrt(wins + losses)). With 300 images one image is
+# 0.3 points, and trials that fit the same data differ on tens of them.
+SELECT_Z = 1.0
 
 
 def default_pruner() -> optuna.pruners.BasePruner:
@@ -109,6 +120,33 @@ def _value(result: FitResult) -> float | None:
 def _better(value: float | None, than: float | None) -> bool:
     """Strictly better (ties go to the earlier trial); any value beats none."""
     return value is not None and (than is None or value > than)
+
+
+def _right(result: FitResult) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(validation targets, which of them the delivered model got right, held out: a refitted
+    probe's before its refit); None where a paired comparison does not apply (multi-label,
+    no validation split)."""
+    if result.held_out_logits is None or result.extra.get("task") == "multi-label":
+        return None
+    logits, targets = result.held_out_logits
+    if logits.ndim != 2 or len(targets) == 0:
+        return None
+    return targets, logits.argmax(1) == targets
+
+
+def _replaces(value: float | None, result: FitResult, best: Best) -> tuple[bool, dict[str, Any]]:
+    """Whether a trial replaces the best so far, and the paired comparison that decided it."""
+    if not _better(value, best.value):
+        return False, {}
+    if best.value is None:  # any value beats none
+        return True, {}
+    mine, theirs = _right(result), _right(best.result)
+    if mine is None or theirs is None or not torch.equal(mine[0], theirs[0]):
+        return True, {}  # not the same images: the higher value wins
+    wins = int((mine[1] & ~theirs[1]).sum())
+    losses = int((~mine[1] & theirs[1]).sum())
+    replaced = wins - losses > SELECT_Z * (wins + losses) ** 0.5
+    return replaced, {"trial": best.number, "wins": wins, "losses": losses}
 
 
 @dataclass
@@ -260,7 +298,10 @@ class Search:
             value,
             row["params"],
         )
-        if self.best is None or _better(value, self.best.value):
+        replaced, paired = (True, {}) if self.best is None else _replaces(value, result, self.best)
+        if paired:  # a higher validation accuracy than the best's: was it beyond chance?
+            self.rows[-1]["against_best"] = {**paired, "replaced": replaced}
+        if replaced:
             self.best = Best(number, value, result, spec)  # only the best model is kept
         self.canceled = hooks.canceled
 
@@ -296,8 +337,10 @@ def run_search(
 ) -> FitResult:
     """Run `config.search`; return the best trial's `FitResult` with `extra["search"]`:
     every trial (number, params, value, state: complete/pruned/failed/stopped, seconds,
-    best_epoch), `best_trial`, `budget_seconds`, `seconds`, the `space` searched and the
-    best trial's `config`. Its history is replayed to `callbacks.on_epoch_end`.
+    best_epoch; `against_best`, the paired comparison, for a trial that scored higher than
+    the best so far on the same single-label validation images), `best_trial`,
+    `budget_seconds`, `seconds`, the `space` searched and the best trial's `config`. Its
+    history is replayed to `callbacks.on_epoch_end`.
 
     `prepare_data(spec)` gives the data at `spec`'s input size (called once per size);
     `fit_kwargs` go to every `fit` (device, weights, num_workers, pretrained). `pruner`
