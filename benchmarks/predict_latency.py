@@ -8,13 +8,20 @@ folder), starts `finetune serve --no-worker` on loopback, then alternates round 
 - HTTP: `POST /v1/jobs/{id}/predict` with the PNG (one image; 32 images): the multipart body
   is encoded once and sent over one keep-alive connection (http.client), so the figure is
   the server's and the loopback's, not a client library's encoding (httpx adds about 1 ms).
+- floor: the same single-image request to a raw ASGI app on uvicorn that only decodes,
+  preprocesses and runs the model with the API's onnxruntime options (no framework,
+  database, auth, multipart parser or JSON schema): what any HTTP service must pay for this
+  request here, so `API - floor` is what the service itself adds.
 Targets (issue 13): single-image p50 <= 1.3x bare, batch-of-32 throughput >= 0.8x bare.
 The PNGs are 256x256 random noise, the costliest kind to decode for their size; a JPEG photo
 (scikit-image's astronaut at 256 px) is measured beside them, for what users usually send.
 Then a locust run (8 users, no wait) for `--load-seconds` counts failed requests (target 0).
 
     .venv/bin/python benchmarks/predict_latency.py [--requests 60] [--rounds 3]
-        [--load-seconds 60] [--smoke]
+        [--load-seconds 60] [--spin] [--smoke]
+
+`--spin` runs the API (PREDICT_SPIN=true) and the floor with onnxruntime's threads
+busy-waiting between runs, as the bare session does.
 """
 
 from __future__ import annotations
@@ -169,13 +176,15 @@ class Poster:
         return json.loads(data)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen, timeout: float = 120, path: str = "/healthz"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("the server exited")
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -194,6 +203,60 @@ class Predict(FastHttpUser):
             if r.status_code != 200 or '"top"' not in r.text:
                 r.failure(f"status {{r.status_code}}")
 """
+
+
+FLOOR_APP = """
+import json
+import sys
+
+sys.path.insert(0, @REPO@)
+from core import imaging
+from core.inference import _session
+
+META = json.loads(open(@METADATA@).read())
+SESSION = _session(open(@MODEL@, "rb").read(), @THREADS@, @SPIN@)
+INPUT = SESSION.get_inputs()[0].name
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["method"] == "GET":  # ready
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    start, end = body.index(b"\\r\\n\\r\\n") + 4, body.rindex(b"\\r\\n--")
+    image = imaging.decode_upload(body[start:end], 10**8)
+    logits = SESSION.run(None, {INPUT: imaging.preprocess([image], META)})[0]
+    answer = json.dumps({"count": 1, "top": int(logits[0].argmax())}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
+"""
+
+
+def start_floor(tmp: Path, spin: bool, log) -> tuple[subprocess.Popen, int]:
+    """The raw ASGI floor app on uvicorn (httptools and uvloop, as `finetune serve`)."""
+    code = FLOOR_APP
+    for key, value in {
+        "@REPO@": repr(str(REPO)),
+        "@METADATA@": repr(str(tmp / "model" / "metadata.json")),
+        "@MODEL@": repr(str(tmp / "model" / "model.onnx")),
+        "@SPIN@": repr(spin),
+        "@THREADS@": repr(int(os.environ.get("PREDICT_THREADS", "0"))),  # as the API's
+    }.items():
+        code = code.replace(key, value)
+    (tmp / "floor_app.py").write_text(code)
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "floor_app:app", "--app-dir", str(tmp)]
+    cmd += ["--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    return proc, port
 
 
 def load_test(url: str, path: str, image: bytes, seconds: int, tmp: Path) -> dict:
@@ -238,6 +301,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60, help="per side per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load-seconds", type=int, default=60)
+    parser.add_argument("--spin", action="store_true", help="PREDICT_SPIN=true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it run")
     args = parser.parse_args()
     size = SIZE
@@ -270,19 +334,27 @@ def main() -> None:
             "BROKER_URL": "",
             "AUTH_ENABLED": "false",
             "RATE_LIMIT_PER_MINUTE": str(10**9),
+            "PREDICT_SPIN": str(args.spin).lower(),
         }
         cmd = [sys.executable, "-m", "cli", "serve", "--no-worker", "--port", str(port)]
         log = open(tmp / "serve.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        floor, floor_port = start_floor(tmp, args.spin, log)
+        try:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        except BaseException:
+            floor.terminate()
+            raise
         try:
             wait_ready(url, proc)
+            wait_ready(f"http://127.0.0.1:{floor_port}", floor, path="/")
             path = f"/v1/jobs/{job_id}/predict"
             poster = Poster(port, path)
             single = poster.body([("x.png", images[0], "image/png")])
             photo = poster.body([("photo.jpg", jpeg, "image/jpeg")])
             many = poster.body([(f"x{i}.png", b, "image/png") for i, b in enumerate(images)])
             poster.post(single)  # loads the model
-            bare1, pipe1, http1, bare32, http32, jpeg1 = [], [], [], [], [], []
+            floor_poster = Poster(floor_port, "/")
+            bare1, pipe1, http1, bare32, http32, jpeg1, floor1 = [], [], [], [], [], [], []
             for _ in range(args.rounds):
                 for _ in range(args.requests):
                     t = time.perf_counter()
@@ -297,6 +369,10 @@ def main() -> None:
                     t = time.perf_counter()
                     poster.post(single)
                     http1.append(time.perf_counter() - t)
+                for _ in range(args.requests):
+                    t = time.perf_counter()
+                    floor_poster.post(single)
+                    floor1.append(time.perf_counter() - t)
                 for _ in range(args.requests):
                     t = time.perf_counter()
                     poster.post(photo)
@@ -318,13 +394,20 @@ def main() -> None:
                     "http32": http32,
                     "pipe1": pipe1,
                     "jpeg1": jpeg1,
+                    "floor1": floor1,
                 }.items()
             }
             load = load_test(url, path, images[0], args.load_seconds, tmp)
         finally:
+            floor.terminate()
             proc.terminate()
             proc.wait(30)
-    print(f"lite0 at {size} px, {CLASSES} classes; {args.rounds} rounds x {args.requests}")
+            floor.wait(30)
+    spin = "spinning" if args.spin else "sleeping (PREDICT_SPIN=false)"
+    print(
+        f"lite0 at {size} px, {CLASSES} classes; {args.rounds} rounds x {args.requests}; "
+        f"the API's onnxruntime threads {spin}, the bare session's spinning (the default)"
+    )
     print(
         f"single image p50: bare session.run {1000 * p50['bare1']:.2f} ms, "
         f"HTTP {1000 * p50['http1']:.2f} ms, ratio {p50['http1'] / p50['bare1']:.2f} "
@@ -335,6 +418,11 @@ def main() -> None:
         f"{1000 * p50['pipe1']:.2f} ms, ratio {p50['pipe1'] / p50['bare1']:.2f}; "
         f"a 256-px JPEG photo through HTTP: {1000 * p50['jpeg1']:.2f} ms, "
         f"ratio {p50['jpeg1'] / p50['bare1']:.2f}"
+    )
+    print(
+        f"single image through the raw-ASGI floor: {1000 * p50['floor1']:.2f} ms, ratio "
+        f"{p50['floor1'] / p50['bare1']:.2f}; the API adds "
+        f"{1000 * (p50['http1'] - p50['floor1']):.2f} ms over the floor"
     )
     thr_bare, thr_http = BATCH / p50["bare32"], BATCH / p50["http32"]
     print(

@@ -84,7 +84,7 @@ class Predictor:
         return out
 
 
-def _session(model: bytes, threads: int) -> Any:
+def _session(model: bytes, threads: int, spin: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -95,8 +95,9 @@ def _session(model: bytes, threads: int) -> Any:
     # next one, on the cores the event loop, the decoding threads and every other process
     # of the host need (2 cores, measured: a spinning API slowed a bare `session.run` in
     # another process from 11.9 to 22.6 ms; under load a single prediction's p50 was 88 ms
-    # spinning, 70 ms not). Waking the threads costs a run about 1.5 ms (BENCHMARKS.md).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # spinning, 70 ms not). Waking the threads costs a run about 1.5 ms (BENCHMARKS.md);
+    # PREDICT_SPIN buys it back where cores are spare.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -105,9 +106,10 @@ class Predictors:
     outside the lock, so one slow load never blocks predictions on models already loaded;
     two requests that load the same model at once keep the first."""
 
-    def __init__(self, size: int, threads: int = 0):
+    def __init__(self, size: int, threads: int = 0, spin: bool = False):
         self.size = size
         self.threads = threads
+        self.spin = spin
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -121,7 +123,7 @@ class Predictors:
                 self._items.move_to_end(onnx_key)
                 return hit
         metadata = json.loads(store.get_bytes(metadata_key))
-        session = _session(store.get_bytes(onnx_key), self.threads)
+        session = _session(store.get_bytes(onnx_key), self.threads, self.spin)
         onnx = metadata.get("onnx") or {}
         loaded = Predictor(
             onnx_key,

@@ -32,7 +32,7 @@ def trained(server_url, worker_process, tmp_path_factory):
         json={
             "dataset_id": ds.json()["id"],
             "epochs": 3,
-            "image_size": 64,
+            "image_size": 32,
             "batch_size": 32,
             "learning_rate": 1e-3,
             "augmentation": {"hflip": False},
@@ -93,7 +93,7 @@ def test_downloaded_model_files_load_outside_the_service_and_agree(trained):
     assert meta["backbone"] == "efficientnet_lite0" and meta["class_names"] == [
         str(i) for i in range(10)
     ]
-    assert meta["input_size"] == [3, 64, 64] and meta["mean"] == [0.5, 0.5, 0.5]
+    assert meta["input_size"] == [3, 32, 32] and meta["mean"] == [0.5, 0.5, 0.5]
     assert "torch" in meta["library_versions"] and "val_accuracy" in meta["metrics"]
 
     rebuilt = timm.create_model(meta["architecture"], num_classes=meta["num_classes"])
@@ -213,7 +213,7 @@ def test_hosted_predictions_equal_onnxruntime_run_locally_on_the_downloaded_file
     resp = client.post(f"/v1/jobs/{job_id}/predict", files=files, params={"top_k": 3})
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["count"] == 12 and body["task"] == "single-label" and body["input_size"] == 64
+    assert body["count"] == 12 and body["task"] == "single-label" and body["input_size"] == 32
 
     size, resize = meta["input_size"][1], meta["resize_size"]
     off = int(round((resize - size) / 2))
@@ -281,6 +281,13 @@ def test_hostile_or_wrong_images_on_predict_are_a_4xx_naming_the_file(trained):
         body = resp.json()
         assert body["error_code"] == "IMAGE_INVALID" and name in body["detail"], body
         assert reason in body["detail"] and "JPEG, PNG" in body["detail"]
+    # Decoded side by side, reported in the request's order: the first bad file is named.
+    two_bad = [good, ("files", ("cut.png", truncated, "image/png"))] + [
+        ("files", ("notes.txt", b"just some text", "image/png"))
+    ]
+    resp = client.post(f"/v1/jobs/{job_id}/predict", files=[*two_bad, good, good])
+    assert resp.status_code == 422 and "cut.png" in resp.json()["detail"], resp.text
+    assert "notes.txt" not in resp.json()["detail"]
     many = [good] * 33
     resp = client.post(f"/v1/jobs/{job_id}/predict", files=many)
     assert resp.status_code == 422 and "PREDICT_MAX_IMAGES" in resp.json()["detail"]

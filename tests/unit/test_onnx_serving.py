@@ -121,6 +121,18 @@ def test_the_predictor_cache_is_bounded_and_reuses_sessions(tmp_path):
     assert cache.get(store, "m0/model.onnx", "m0/metadata.json") is not first
 
 
+@pytest.mark.parametrize("spin", [False, True])
+def test_predict_spin_sets_whether_onnxruntime_threads_busy_wait(tmp_path, spin):
+    store = LocalObjectStore(tmp_path / "store")
+    tiny_model(tmp_path / "model.onnx")
+    store.put_file("m/model.onnx", tmp_path / "model.onnx")
+    store.put_bytes("m/metadata.json", json.dumps(metadata()).encode())
+    predictor = Predictors(1, threads=2, spin=spin).get(store, "m/model.onnx", "m/metadata.json")
+    options = predictor.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))
+    assert options.intra_op_num_threads == 2
+
+
 def test_decode_upload_refuses_what_ingest_refuses():
     buf = io.BytesIO()
     Image.new("RGB", (40, 30)).save(buf, "PNG")
