@@ -40,7 +40,8 @@ UPLOAD_RETRY_AFTER_SECONDS = 10
 # Threads one tenant's preview requests may use at once, and all tenants' together.
 TENANT_PREVIEW_THREADS = 4
 PREVIEW_THREADS = 8
-# The same for predictions: each holds decoded images and an onnxruntime run.
+# The same for predictions: each holds decoded images and an onnxruntime run (and, for a
+# request with several images, one decoding helper: service/routes/predict.py).
 TENANT_PREDICT_THREADS = 4
 PREDICT_THREADS = 8
 

@@ -8,6 +8,7 @@ evaluated; every refusal names the file and what would be accepted.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from core.models import Job
 from core.settings import Settings
 from core.storage import ObjectStore
 from core.tenancy import Principal
-from service.concurrency import TenantThreads
+from service.concurrency import PREDICT_THREADS, TenantThreads
 from service.deps import PathId, ReadDep, SettingsDep, StoreDep, in_read, in_session
 from service.errors import ERROR_RESPONSES
 from service.registry_schemas import ModelRef
@@ -86,11 +87,11 @@ def served(job: Job | Row[Any]) -> Served:
     return Served(job.id, job.status, jobs.model_ready(job), result, missing)
 
 
-# Several images of one request are decoded and cropped side by side (Pillow and the crop
-# release the GIL): on 2 cores a batch of 32 PNGs decodes in two thirds of the time. One
-# pool for the process, so concurrent requests share these threads.
-DECODE_THREADS = 2
-_decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="predict-decode")
+# A request with several images decodes and crops them on its own thread and one helper
+# from this pool (Pillow and the crop release the GIL: on 2 cores a batch of 32 PNGs decodes
+# in two thirds of the time). One helper per request, and as many helpers as prediction
+# threads in all, so a request never queues behind another tenant's images.
+_helpers = ThreadPoolExecutor(PREDICT_THREADS, thread_name_prefix="predict-decode")
 
 
 def _crop(i: int, upload: UploadFile, model: Predictor, settings: Settings) -> Any:
@@ -115,8 +116,10 @@ def _crop(i: int, upload: UploadFile, model: Predictor, settings: Settings) -> A
 
 
 def _crops(files: list[UploadFile], model: Predictor, settings: Settings) -> list[Any]:
-    """Each file's crop, in order; a request holds at most DECODE_THREADS full-size decoded
-    images at a time. The first bad file (in the request's order) is the error."""
+    """Each file's crop, in order, decoded by this thread and one helper taking the files in
+    turn: a request holds at most two full-size decoded images at a time. After a bad file
+    neither takes another; the first bad one in the request's order is the error, and the
+    helper has finished with the files before this returns."""
     if len(files) > settings.predict_max_images:
         raise ServiceError(
             ErrorCode.VALIDATION_ERROR,
@@ -125,12 +128,30 @@ def _crops(files: list[UploadFile], model: Predictor, settings: Settings) -> lis
         )
     if len(files) == 1:
         return [_crop(0, files[0], model, settings)]
-    futures = [_decoders.submit(_crop, i, f, model, settings) for i, f in enumerate(files)]
-    try:
-        return [future.result() for future in futures]
-    finally:
-        for future in futures:  # after an error: the rest are not decoded for nothing
-            future.cancel()
+    crops: list[Any] = [None] * len(files)
+    errors: dict[int, BaseException] = {}
+    lock = threading.Lock()
+    turn = iter(range(len(files)))
+
+    def drain() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(turn, None)  # in increasing order
+            if i is None:
+                return
+            try:
+                crops[i] = _crop(i, files[i], model, settings)
+            except BaseException as exc:  # noqa: BLE001 - raised below, in order
+                with lock:
+                    errors[i] = exc
+
+    helper = _helpers.submit(drain)
+    drain()
+    if not helper.cancel():  # it started: wait for the file it holds
+        helper.result()
+    if errors:
+        raise errors[min(errors)]
+    return crops
 
 
 def predict_served(
@@ -184,7 +205,7 @@ async def _run(
 ) -> PredictionsPublic:
     """Find the job (its connection back in the pool before any decoding), then decode and
     run the model on the tenant's prediction threads (TENANT_PREDICT_THREADS,
-    PREDICT_THREADS in all)."""
+    PREDICT_THREADS in all), each with one decoding helper for several images (`_crops`)."""
     job = await find()
 
     def work() -> PredictionsPublic:

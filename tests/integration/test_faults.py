@@ -111,7 +111,8 @@ def wait_job(client, job_id, predicate, timeout, what):
 
 
 def wait_checkpointed_epoch(client, job_id, epoch=1):
-    """Until fine-tuning epoch `epoch` has finished and its checkpoint is recorded."""
+    """Until fine-tuning epoch `epoch` has reported its metrics and some checkpoint (the
+    probe's, at least) is recorded: that epoch's own checkpoint may still be on its way."""
     return wait_job(
         client,
         job_id,
@@ -435,7 +436,9 @@ def test_a_store_outage_during_a_checkpoint_write_is_retried(
     proxy = _proxied_store(fault_env)
     workers.env = {**workers.env, "S3_ENDPOINT_URL": proxy.url}
     try:
-        # Epoch 2 or 3 ends while the store is down: either has a checkpoint to write.
+        # The wait below ends with fine-tuning epoch 1's metrics (the probe's checkpoint is
+        # already recorded), so epoch 1's or a later epoch's checkpoint write meets the
+        # outage; four epochs leave room for it and for the retries.
         job_id = submit(client, small_digits, epochs=4)
         worker = workers.start()
         wait_checkpointed_epoch(client, job_id)
@@ -504,6 +507,7 @@ def own_database(fault_env):
     period resends every long-queued job in its database, and the jobs that API-only tests
     leave queued in the shared one would be trained first by this test's worker."""
     import psycopg
+    import redis
 
     from core.db import migrate
     from core.settings import Settings
@@ -512,11 +516,18 @@ def own_database(fault_env):
     name = f"finetune_test_{secrets.token_hex(4)}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    env = {**fault_env, "DATABASE_URL": f"{fault_env['DATABASE_URL'].rsplit('/', 1)[0]}/{name}"}
-    migrate(Settings(**{k.lower(): v for k, v in env.items()}))
-    yield env
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    env = {
+        **fault_env,
+        "DATABASE_URL": f"{fault_env['DATABASE_URL'].rsplit('/', 1)[0]}/{name}",
+        "LIGHT_QUEUE": f"fault-light-{secrets.token_hex(4)}",  # light tasks of its own too
+    }
+    try:
+        migrate(Settings(**{k.lower(): v for k, v in env.items()}))
+        yield env
+    finally:
+        redis.Redis.from_url(env["BROKER_URL"]).delete(env["LIGHT_QUEUE"])
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_queued_job_whose_message_was_lost_is_sent_again(own_database, small_digits, tmp_path):

@@ -194,3 +194,46 @@ def test_normalize_is_bit_identical_to_the_float32_formula():
     assert np.array_equal(out, (batch - mean) / std)
     other = imaging.normalize(crops[:1], {**meta, "mean": [0.5] * 3, "std": [0.25] * 3})
     assert np.array_equal(other[0, 1], (crops[0][..., 1].astype(np.float32) / 255 - 0.5) / 0.25)
+
+
+class _File:
+    def __init__(self, name: str) -> None:
+        self.filename = name
+
+
+def test_a_requests_images_decode_on_two_threads_and_the_first_bad_one_in_order_is_the_error(
+    monkeypatch,
+):
+    import threading
+
+    from core.errors import ServiceError
+    from core.settings import Settings
+    from service.routes import predict
+
+    threads, calls = set(), []
+    both, fast_failed = threading.Event(), threading.Event()
+
+    def crop(i, upload, model, settings):
+        calls.append(i)
+        threads.add(threading.get_ident())
+        if len(threads) == 2:
+            both.set()
+        if upload.filename == "slow-bad":
+            fast_failed.wait(5)  # fails after the later bad file has failed
+            raise ServiceError("IMAGE_INVALID", "slow-bad is bad")
+        if upload.filename == "bad":
+            fast_failed.set()
+            raise ServiceError("IMAGE_INVALID", "bad is bad")
+        both.wait(5)  # the first file waits for the second thread to take one
+        return f"crop {i}"
+
+    monkeypatch.setattr(predict, "_crop", crop)
+    settings = Settings(database_url="", broker_url="")
+    good = [_File(f"f{i}") for i in range(8)]
+    assert predict._crops(good, None, settings) == [f"crop {i}" for i in range(8)]
+    assert len(threads) == 2  # this thread and one helper
+    calls.clear()
+    files = [_File("slow-bad"), _File("bad")] + [_File(f"f{i}") for i in range(20)]
+    with pytest.raises(ServiceError, match="slow-bad is bad"):  # the first in order
+        predict._crops(files, None, settings)
+    assert sorted(calls) == [0, 1]  # after a bad file, neither thread takes another
