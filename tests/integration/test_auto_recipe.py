@@ -101,8 +101,12 @@ def test_a_search_job_delivers_its_best_trial_with_every_trial_reported(api, dig
     search = report["training"]["search"]
     assert len(search["trials"]) >= 1 and search["budget_seconds"] == 60
     best = search["trials"][search["best_trial"]]
-    values = [t["value"] for t in search["trials"] if t["value"] is not None]
-    assert best["value"] == max(values)
+    # The first trial (the job as planned), or one better beyond chance on validation; a
+    # trial with a higher value than the delivered one was compared and not taken.
+    assert search["best_trial"] == 0 or best["against_best"]["replaced"]
+    for t in search["trials"]:
+        if t["value"] is not None and t["value"] > best["value"]:
+            assert t["against_best"]["replaced"] is False, t
     # The delivered model was trained at the best trial's input size.
     state = api.get(f"/v1/jobs/{job['id']}").json()
     assert state["config"]["image_size"] == best["params"]["image_size"]
