@@ -211,12 +211,14 @@ def run_search_job(proxy: Proxy, upload: Path, budget: float, work: Path) -> dic
         "wall": wall,
         "info": {
             "budget": total,
-            "trials": len(trials),
+            "trials": sum("retrains" not in t for t in trials),
             "pruned": sum(t["state"] == "pruned" for t in trials),
             "best_trial": result.extra["search"]["best_trial"],
             "trials_run": [
-                f"{t['params'].get('strategy')} {t['params']['image_size']}px {t['state']} "
-                f"{t['value']} {t['seconds']}s"
+                f"{'final ' if 'retrains' in t else ''}{t['params'].get('strategy')} "
+                f"{t['params']['image_size']}px {t['params']['epochs']}ep {t['state']} "
+                f"{t['value']} {t.get('seconds')}s best_epoch {t.get('best_epoch')} "
+                f"{t.get('stopped_reason') or t.get('reason') or ''}".rstrip()
                 for t in trials
             ],
         },

@@ -227,8 +227,9 @@ class JobSpec(BaseModel):
     augmentation: Augmentation = Field(default_factory=Augmentation)
     search: SearchSpec | None = Field(
         None,
-        description="hyper-parameter search: `trials` runs within `budget_seconds` in all; "
-        "the best trial's model is the job's",
+        description="hyper-parameter search: `trials` runs, then the best trial's config "
+        "trained longer (`retrain_best`), within `budget_seconds` in all; the better of the "
+        "two by validation is the job's model",
     )
 
     @field_validator("backbone")

@@ -13,12 +13,21 @@ MIN_TRIAL_SECONDS = 20.0
 
 class SearchSpec(BaseModel):
     """Run `trials` training runs with sampled hyper-parameters inside `budget_seconds` (all
-    trials together); the best trial's model is the job's model."""
+    runs together), then (`retrain_best`) the best trial's config again for as many epochs
+    as the rest of the budget fits; the better of the two by validation is the job's model.
+    `budget_seconds / trials` must be at least MIN_TRIAL_SECONDS: counted over the whole
+    budget, of which the trials have half when `retrain_best` is on."""
 
     model_config = ConfigDict(extra="forbid")
 
     trials: int = Field(8, ge=2, le=64)
     budget_seconds: float = Field(ge=10.0, le=7 * 24 * 3600.0)
+    retrain_best: bool = Field(
+        True,
+        description="half the budget (and what the trials leave) trains the best trial's "
+        "config again for as many epochs as fit, delivered unless it validates lower than "
+        "the best trial; false: the trials have the whole budget",
+    )
 
     @model_validator(mode="after")
     def _room_for_one_trial(self) -> SearchSpec:

@@ -100,13 +100,24 @@ def test_a_search_job_delivers_its_best_trial_with_every_trial_reported(api, dig
     report = api.get(f"/v1/jobs/{job['id']}/report").json()
     search = report["training"]["search"]
     assert len(search["trials"]) >= 1 and search["budget_seconds"] == 60
-    best = search["trials"][search["best_trial"]]
+    rows = search["trials"]
+    best = rows[search["best_trial"]]
+    final = rows[-1] if "retrains" in rows[-1] else None  # absent only when stopped
+    chosen = rows[final["compared_with"]] if final else best  # the trial the search chose
     # The first trial (the job as planned), or one better beyond chance on validation; a
-    # trial with a higher value than the delivered one was compared and not taken.
-    assert search["best_trial"] == 0 or best["against_best"]["replaced"]
-    for t in search["trials"]:
-        if t["value"] is not None and t["value"] > best["value"]:
+    # trial with a higher value than the chosen one was compared and not taken.
+    assert chosen["number"] == 0 or chosen["against_best"]["replaced"]
+    for t in rows:
+        if t is not final and t["value"] is not None and t["value"] > chosen["value"]:
             assert t["against_best"]["replaced"] is False, t
+    # The final run (the chosen config, more epochs) is delivered unless it validates lower.
+    assert final is not None and final["state"] in ("complete", "skipped"), rows
+    if final["state"] == "complete":
+        assert final["delivered"] == (final["value"] >= chosen["value"])
+        assert best is (final if final["delivered"] else chosen)
+        assert final["params"]["epochs"] > rows[final["retrains"]]["epochs_run"]
+    else:
+        assert best is chosen and final["reason"]
     # The delivered model was trained at the best trial's input size.
     state = api.get(f"/v1/jobs/{job['id']}").json()
     assert state["config"]["image_size"] == best["params"]["image_size"]

@@ -56,7 +56,7 @@ class Recorder(Callbacks):
         return self.stop_after_steps is not None and self.steps >= self.stop_after_steps
 
 
-def searching(trials, budget, **overrides):
+def searching(trials, budget, retrain_best=True, **overrides):
     params = dict(
         recipe="manual",
         strategy="full",
@@ -68,7 +68,9 @@ def searching(trials, budget, **overrides):
         augmentation=Augmentation(hflip=False),
     )
     params.update(overrides)
-    search = SearchSpec.model_construct(trials=trials, budget_seconds=float(budget))
+    search = SearchSpec.model_construct(
+        trials=trials, budget_seconds=float(budget), retrain_best=retrain_best
+    )
     return JobSpec(**params).model_copy(update={"search": search})
 
 
@@ -87,6 +89,11 @@ class Preparer:
         return prepare(self.archive, self.index, spec, self.cache)
 
 
+def sampled(result):
+    """The trials' rows, without the final run's."""
+    return [t for t in result.extra["search"]["trials"] if "retrains" not in t]
+
+
 @pytest.fixture(scope="module")
 def searched(few_digits):
     config = searching(3, 60)  # 20 s a trial: what the API accepts
@@ -99,8 +106,9 @@ def searched(few_digits):
 def test_every_trial_is_listed_and_the_first_is_the_config_as_given(searched):
     config, result, _, _, seconds = searched
     search = result.extra["search"]
-    trials = search["trials"]
-    assert [t["number"] for t in trials] == list(range(len(trials))) and len(trials) >= 2
+    trials = sampled(result)
+    assert [t["number"] for t in search["trials"]] == list(range(len(search["trials"])))
+    assert len(trials) >= 2 and len(search["trials"]) == len(trials) + 1  # and the final run
     assert trials[0]["params"] == {
         "learning_rate": config.learning_rate,
         "weight_decay": config.effective_weight_decay,
@@ -123,7 +131,7 @@ def test_every_trial_is_listed_and_the_first_is_the_config_as_given(searched):
 
 def test_pruned_trials_stop_after_the_epoch_that_pruned_them(searched):
     _, result, _, _, _ = searched
-    later = [t for t in result.extra["search"]["trials"][1:] if t["best_epoch"] is not None]
+    later = [t for t in sampled(result)[1:] if t["best_epoch"] is not None]
     assert later, result.extra["search"]["trials"]
     for t in later:  # pruned after epoch 1 unless that was its last epoch anyway
         assert t["best_epoch"] == 1
@@ -133,7 +141,7 @@ def test_pruned_trials_stop_after_the_epoch_that_pruned_them(searched):
 
 def test_the_best_trial_is_the_first_or_one_better_beyond_chance(searched):
     _, result, _, _, _ = searched
-    trials = result.extra["search"]["trials"]
+    trials = sampled(result)
     best = 0
     for t in trials[1:]:
         if t["value"] is None or t["value"] <= trials[best]["value"]:
@@ -144,8 +152,31 @@ def test_the_best_trial_is_the_first_or_one_better_beyond_chance(searched):
         beyond = paired["wins"] - paired["losses"] > (paired["wins"] + paired["losses"]) ** 0.5
         assert paired["replaced"] == beyond
         best = t["number"] if beyond else best
-    assert result.extra["search"]["best_trial"] == best
-    assert result.best["val_accuracy"] == trials[best]["value"]
+    final = result.extra["search"]["trials"][-1]
+    assert final["compared_with"] == best
+    assert final["retrains"] == best  # full fine-tuning trials: the best one's config again
+    delivered = final["number"] if final["delivered"] else best
+    assert result.extra["search"]["best_trial"] == delivered
+    assert result.best["val_accuracy"] == result.extra["search"]["trials"][delivered]["value"]
+
+
+def test_the_final_run_trains_the_best_config_for_the_time_left(searched):
+    """Same config, more epochs (as many as the budget's final share fits, at most the
+    recipe's 30); delivered unless it validates lower than the best trial."""
+    config, result, _, recorder, seconds = searched
+    rows = result.extra["search"]["trials"]
+    final, best = rows[-1], rows[rows[-1]["retrains"]]
+    assert final["state"] == "complete" and final["best_epoch"] is not None
+    assert {k: v for k, v in final["params"].items() if k != "epochs"} == {
+        k: v for k, v in best["params"].items() if k != "epochs"
+    }
+    # More than it ran; at most twice the config's (a manual recipe's epochs: the most the
+    # trials may sample).
+    assert best["epochs_run"] < final["params"]["epochs"] <= 2 * config.epochs
+    assert final["epochs_run"] >= 1
+    assert final["delivered"] == (final["value"] >= best["value"])
+    assert any(p.startswith("search: final run") for p in recorder.phases)
+    assert seconds <= config.search.budget_seconds + 10
 
 
 def _trial(right: list[bool], targets: torch.Tensor | None = None, multilabel: bool = False):
@@ -169,22 +200,22 @@ def _trial(right: list[bool], targets: torch.Tensor | None = None, multilabel: b
 
 
 def test_a_trial_replaces_the_best_only_with_a_lead_beyond_chance():
-    from worker.training.search import Best, _replaces
+    from worker.training.search_select import Best, replaces
 
     first = [i < 200 for i in range(300)]  # 200 of 300 right
     value, result = _trial(first)
     best = Best(0, value, result, JobSpec())
     one_more = [i < 201 for i in range(300)]  # +1 image, no loss: chance
-    assert _replaces(*_trial(one_more), best) == (False, {"trial": 0, "wins": 1, "losses": 0})
+    assert replaces(*_trial(one_more), best) == (False, {"trial": 0, "wins": 1, "losses": 0})
     swapped = [10 <= i < 230 for i in range(300)]  # 30 won, 10 lost: 20 > sqrt(40)
-    assert _replaces(*_trial(swapped), best) == (True, {"trial": 0, "wins": 30, "losses": 10})
+    assert replaces(*_trial(swapped), best) == (True, {"trial": 0, "wins": 30, "losses": 10})
     close = [10 <= i < 215 for i in range(300)]  # 15 won, 10 lost: 5 < sqrt(25)
-    assert _replaces(*_trial(close), best)[0] is False
-    assert _replaces(*_trial(first[:199] + [False] * 101), best) == (False, {})  # not higher
+    assert replaces(*_trial(close), best)[0] is False
+    assert replaces(*_trial(first[:199] + [False] * 101), best) == (False, {})  # not higher
     # Not the same validation images, or multi-label: the higher value wins.
     other = torch.arange(300) % 2
-    assert _replaces(*_trial(one_more, targets=other), best) == (True, {})
-    assert _replaces(*_trial(one_more, multilabel=True), best) == (True, {})
+    assert replaces(*_trial(one_more, targets=other), best) == (True, {})
+    assert replaces(*_trial(one_more, multilabel=True), best) == (True, {})
 
 
 def test_the_returned_model_is_the_best_trials(searched, few_digits):
@@ -211,14 +242,15 @@ def test_trials_at_one_input_size_share_its_prepared_data(searched):
 def test_progress_names_the_trial_and_the_metrics_are_the_best_trials(searched):
     _, result, _, recorder, _ = searched
     assert "search: trial 1/3: training" in recorder.phases
-    trials = len(result.extra["search"]["trials"])
+    trials = len(sampled(result))
     assert any(p.startswith(f"search: trial {trials}/3") for p in recorder.phases)
     assert recorder.epochs == result.history  # only the delivered model's epochs
 
 
 def test_a_failed_trial_is_recorded_and_the_search_keeps_to_its_budget(few_digits):
-    """The first trial fails; the second would train 200 epochs, but the budget ends it."""
-    config, recorder = searching(2, 14, epochs=200), Recorder()
+    """The first trial fails; the second would train 200 epochs, but the budget ends it.
+    No final run (`retrain_best` off): the trials have the whole budget."""
+    config, recorder = searching(2, 14, retrain_best=False, epochs=200), Recorder()
     start = time.monotonic()
     result = run_search(config, Preparer(few_digits, fail_first=True), recorder, num_workers=0)
     elapsed = time.monotonic() - start
@@ -273,7 +305,9 @@ def test_the_budget_counts_from_the_jobs_start(few_digits):
     result = run_search(config, Preparer(few_digits), recorder, started=started, num_workers=0)
     elapsed = time.monotonic() - started
     assert result.extra["search"]["seconds"] == pytest.approx(elapsed, abs=0.5)
-    assert all(t["state"] in ("complete", "pruned") for t in result.extra["search"]["trials"])
+    states = [t["state"] for t in result.extra["search"]["trials"]]
+    assert all(s in ("complete", "pruned") for s in states[:-1]), states
+    assert states[-1] in ("complete", "skipped")  # the final run, when the time left fits one
     # Within the budget, but for the step under way when it ran out.
     assert elapsed <= 24 + 2 * recorder.slowest_step, (elapsed, recorder.slowest_step)
 
@@ -305,3 +339,13 @@ def test_a_refitted_probe_is_compared_by_its_held_out_validation(few_digits):
     held_out = float((logits.argmax(1) == targets).float().mean())
     assert held_out == pytest.approx(result.best["val_accuracy"], abs=1e-6)
     assert torch.equal(targets, result.val_logits[1])  # the same images, in the same order
+
+
+def test_a_search_of_linear_probes_has_no_final_run(few_digits):
+    """A probe's epochs are its head's, on cached features: training it again with more
+    of them gains nothing, so the trials have the whole budget."""
+    config = searching(2, 20, strategy="linear_probe", image_size=32, epochs=1)
+    result = run_search(config, Preparer(few_digits), num_workers=0)
+    rows = result.extra["search"]["trials"]
+    assert len(rows) == 2 and not any("retrains" in t for t in rows), rows
+    assert all(t["epochs_run"] == 0 and t["state"] == "complete" for t in rows)

@@ -87,3 +87,55 @@ def test_other_bad_searches_are_a_422_naming_the_field(client, search, named):
     resp = post(client, search)
     assert resp.status_code == 422, resp.text
     assert named in resp.json()["detail"]
+
+
+def test_the_final_run_reads_epochs_off_the_best_trials_clock():
+    """`search_final.EpochClock`: seconds before the fine-tuning loop and per epoch, from
+    the fit's start, each epoch's (end, share of its steps) and the loop's start (epoch 0:
+    lp_ft's probe)."""
+    from worker.training.recipe import EPOCHS_CAP
+    from worker.training.search_final import EpochClock
+
+    def ends(*pairs, cut=1.0):  # (epoch, end) pairs, the last epoch `cut` short
+        out = [(e, t, 1.0) for e, t in pairs]
+        return out[:-1] + [(*out[-1][:2], cut)]
+
+    lp_ft = EpochClock.measure(0.0, ends((0, 10.0), (1, 13.0), (2, 16.0), (3, 19.0)))
+    assert lp_ft == EpochClock(fixed=10.0, per_epoch=3.0, epochs=3)
+    assert EpochClock.measure(0.0, ends((0, 10.0), (1, 13.0))) == EpochClock(10.0, 3.0, 1)
+    # One epoch: timed from the loop's start, the set-up after the probe counted as fixed.
+    assert EpochClock.measure(0.0, ends((0, 10.0), (1, 16.0)), 13.0) == EpochClock(13.0, 3.0, 1)
+    full = EpochClock.measure(1.0, ends((1, 5.0), (2, 8.0)), 2.0)  # no probe
+    assert full == EpochClock(1.0, 3.0, 2)
+    # An epoch the time budget cut at a quarter: a quarter of an epoch, not a whole one.
+    cut = EpochClock.measure(0.0, ends((0, 10.0), (1, 11.0), cut=0.25), 10.0)
+    assert cut == EpochClock(10.0, 4.0, 0)
+    later_cut = EpochClock.measure(0.0, ends((0, 10.0), (1, 13.0), (2, 14.5), cut=0.5), 10.0)
+    assert later_cut == EpochClock(10.0, 3.0, 1)
+    assert EpochClock.measure(0.0, ends((0, 10.0))) is None  # no fine-tuning epoch
+    assert lp_ft.epochs_in(40.0) == 10 and lp_ft.epochs_in(41.6) == 11  # rounded
+    assert lp_ft.epochs_in(5.0) == 0 and lp_ft.epochs_in(1e6) == EPOCHS_CAP
+    assert lp_ft.epochs_in(1e6, cap=4) == 4
+
+
+def test_the_final_run_plans_more_epochs_than_its_trial_ran_or_says_why_not():
+    from core.jobspec import JobSpec
+    from worker.training.search_final import Candidate, EpochClock, plan_final
+
+    trial = Candidate(2, 0.9, JobSpec(epochs=2, warmup_epochs=1.0), EpochClock(10.0, 3.0, 2))
+    spec, why = plan_final(trial, 40.0, 30, warmup_follows=True)
+    assert spec is not None and spec.epochs == 10 and spec.warmup_epochs == 2.0 and not why
+    assert spec.time_budget_seconds == 40.0
+    kept, _ = plan_final(trial, 40.0, 30, warmup_follows=False)  # the user's warm-up
+    assert kept is not None and kept.warmup_epochs == 1.0
+    capped = plan_final(trial, 40.0, 2, True)
+    assert capped == (None, "40 s left fit 2 fine-tuning epochs; trial 3 ran 2")
+    none, why = plan_final(None, 40.0, 30, True)
+    assert none is None and "no trial ran a fine-tuning epoch" in why
+    short, why = plan_final(trial, 4.0, 30, True)  # under a fit's least budget
+    assert short is None and "4 s left" in why
+
+
+def test_the_final_run_is_on_unless_turned_off():
+    assert SearchSpec(trials=4, budget_seconds=200).retrain_best is True
+    assert SearchSpec(trials=4, budget_seconds=200, retrain_best=False).retrain_best is False

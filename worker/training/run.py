@@ -36,7 +36,7 @@ class Run:
     # losses (`label_issues.py`) reuse them instead of another pass.
     val_outputs: Any = None
     # The probe's held-out (validation logits, targets), before any refit on train +
-    # validation: what a search compares a delivered probe by (`search._right`).
+    # validation: what a search compares a delivered probe by (`search_select.right_answers`).
     probe_val_outputs: Any = None
 
     def checkpoint(self, phase: str, epoch: int, **training: Any) -> None:

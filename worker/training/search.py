@@ -2,20 +2,22 @@
 
 An in-memory Optuna study (TPE, seeded by the job's seed) samples the learning rate, weight
 decay, input size, augmentation preset and epochs around the job's own values
-(`search_space.py`; and lp_ft against the probe when the recipe chose a probe). The first
-trial is the job's config as given (with the job's own time budget, when it has one and
-that leaves the other trials room), so a search never delivers a worse validation accuracy
-than the single run would have. Every other trial gets an equal share of what is left of
-the budget (a trial that ends early leaves its time to the next ones); one that falls below
-the median of the finished ones at the same epoch is pruned (stopped: its model so far is
-kept as a candidate). Trials at the same input size share one image cache (`prepare_data`
-is called once per size). The best trial by validation accuracy is the result, with every
-trial listed in `extra["search"]`; a later trial replaces the best so far only when it is
-better beyond chance on the same validation images (`_replaces`), so on a few hundred of
-them a one-image lead never swaps the planned config for a luckier one. `budget_seconds`
-counts from the job's start when the caller says when that was (`started`), planning
-included; no trial starts with less time left than the quickest one took to its first
-epoch and evaluation.
+(`search_space.py`; and lp_ft against the probe when the recipe chose a probe). The trials
+have the budget less the final run's share (`search_final.FINAL_SHARE`). The first trial is
+the job's config as given (with the job's own time budget, when it has one and that leaves
+the other trials room), so a search never delivers a worse validation accuracy than the
+single run would have. Every other trial gets an equal share of what is left of the trials'
+time (a trial that ends early leaves its time to the next ones); one that falls below the
+median of the finished ones at the same epoch is pruned (stopped: its model so far is kept
+as a candidate). Trials at the same input size share one image cache (`prepare_data` is
+called once per size). A later trial replaces the best so far only when it is better beyond
+chance on the same validation images (`search_select.replaces`), so on a few hundred of them
+a one-image lead never swaps the planned config for a luckier one. Then the final run trains
+the best trial's config again for as many epochs as the time left fits, and is delivered
+unless it validates lower than the best trial (`search_final.py`: why). Every run is listed
+in `extra["search"]`. `budget_seconds` counts from the job's start when the caller says when
+that was (`started`), planning included; no trial starts with less time left than the
+quickest one took to its first epoch and evaluation.
 
 The config given must be concrete (the auto recipe already resolved): every trial runs its
 fields as they are (`recipe="manual"`). A search is never resumed: an interrupted one
@@ -27,16 +29,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import optuna
-import torch
 
 from core.jobspec import JobSpec
 from worker.training.callbacks import Callbacks
 from worker.training.data import PreparedData
 from worker.training.fit import FitResult, fit
+from worker.training.recipe import EPOCHS_CAP
+from worker.training.search_callbacks import TrialCallbacks
+from worker.training.search_final import FINAL_SHARE, Candidate, plan_final
+from worker.training.search_select import Best, replaces, value_of
 from worker.training.search_space import MIN_FIT_SECONDS, SearchSpace, trial_params, trial_spec
 
 log = logging.getLogger(__name__)
@@ -50,16 +54,8 @@ PRUNE_STARTUP_TRIALS = 1
 # Kept for what follows the search inside its budget: the worker's export and upload of
 # the best model (recipe.EXPORT_SECONDS measures them), at most this share of the budget.
 EXPORT_SECONDS, EXPORT_SHARE = 5.0, 0.05
-PHASE_CHARS = 40  # jobs.phase is a VARCHAR(40)
 
 C = TypeVar("C", bound=JobSpec)
-
-# Selection: a trial with a higher validation accuracy than the best so far replaces it only
-# when, over the validation images the two classify differently, it is right on more of them
-# by over SELECT_Z standard deviations of that difference under chance (McNemar's paired
-# statistic: wins - losses > SELECT_Z * sqrt(wins + losses)). With 300 images one image is
-# 0.3 points, and trials that fit the same data differ on tens of them.
-SELECT_Z = 1.0
 
 
 def default_pruner() -> optuna.pruners.BasePruner:
@@ -67,94 +63,6 @@ def default_pruner() -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(
         n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS
     )
-
-
-class TrialCallbacks(Callbacks):
-    """One trial's view of the job's callbacks: phases are labelled with the trial, steps go
-    through (progress, and the reporter's cancel check), epochs are reported to Optuna for
-    pruning but not to the job (its metrics become the best trial's, replayed at the end).
-    Stops the trial when the job asks, when Optuna prunes it, or at the search's deadline."""
-
-    def __init__(self, outer: Callbacks, trial: optuna.Trial, label: str, deadline: float):
-        self.outer = outer
-        self.trial = trial
-        self.label = label
-        self.deadline = deadline
-        self.pruned = self.canceled = self.out_of_time = False
-        self.first_epoch_at: float | None = None  # time.monotonic() of its first epoch's end
-
-    def on_phase(self, phase: str) -> None:
-        self.outer.on_phase(f"{self.label}: {phase}"[:PHASE_CHARS])
-
-    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
-        self.outer.on_step(epoch, step, steps_per_epoch)
-
-    def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
-        if self.first_epoch_at is None:
-            self.first_epoch_at = time.monotonic()
-        value = metrics.get("val_accuracy")
-        if value is None:
-            return
-        self.trial.report(float(value), int(metrics["epoch"]))
-        if self.trial.should_prune():
-            self.pruned = True
-
-    def should_stop(self) -> bool:
-        if self.outer.should_stop():
-            self.canceled = True
-        if time.monotonic() > self.deadline:
-            self.out_of_time = True
-        return self.canceled or self.pruned or self.out_of_time
-
-
-def _value(result: FitResult) -> float | None:
-    """The trial's validation score, its best epoch's (None when no epoch finished):
-    accuracy, or for a multi-label run the metric it selects by (mAP)."""
-    metric = result.extra.get("selection_metric", "val_accuracy")
-    if metric == "val_loss":  # the study maximises: never the loss
-        metric = "val_accuracy"
-    value = result.best.get(metric)
-    return None if value is None else float(value)
-
-
-def _better(value: float | None, than: float | None) -> bool:
-    """Strictly better (ties go to the earlier trial); any value beats none."""
-    return value is not None and (than is None or value > than)
-
-
-def _right(result: FitResult) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(validation targets, which of them the delivered model got right, held out: a refitted
-    probe's before its refit); None where a paired comparison does not apply (multi-label,
-    no validation split)."""
-    if result.held_out_logits is None or result.extra.get("task") == "multi-label":
-        return None
-    logits, targets = result.held_out_logits
-    if logits.ndim != 2 or len(targets) == 0:
-        return None
-    return targets, logits.argmax(1) == targets
-
-
-def _replaces(value: float | None, result: FitResult, best: Best) -> tuple[bool, dict[str, Any]]:
-    """Whether a trial replaces the best so far, and the paired comparison that decided it."""
-    if not _better(value, best.value):
-        return False, {}
-    if best.value is None:  # any value beats none
-        return True, {}
-    mine, theirs = _right(result), _right(best.result)
-    if mine is None or theirs is None or not torch.equal(mine[0], theirs[0]):
-        return True, {}  # not the same images: the higher value wins
-    wins = int((mine[1] & ~theirs[1]).sum())
-    losses = int((~mine[1] & theirs[1]).sum())
-    replaced = wins - losses > SELECT_Z * (wins + losses) ** 0.5
-    return replaced, {"trial": best.number, "wins": wins, "losses": losses}
-
-
-@dataclass
-class Best:
-    number: int
-    value: float | None
-    result: FitResult
-    spec: JobSpec
 
 
 class Search:
@@ -178,8 +86,16 @@ class Search:
         budget = self.spec.budget_seconds
         self.end = self.start + budget  # what the user reads as the budget
         self.deadline = self.end - min(EXPORT_SECONDS, EXPORT_SHARE * budget)
+        self.space = SearchSpace.around(config)
+        # The trials end early enough for the final run (`search_final.py`): the best
+        # trial's config trained again for what is left, at least FINAL_SHARE of the budget.
+        # None for a search of linear probes only (nothing to train longer).
+        probes_only = config.strategy == "linear_probe" and not self.space.strategies
+        final = FINAL_SHARE * budget if self.spec.retrain_best and not probes_only else 0.0
+        self.retrain = final > 0
+        self.trials_deadline = self.deadline - final
         # The least time worth starting a trial for: half an equal share, not under fit's least.
-        self.floor = max(MIN_FIT_SECONDS, 0.5 * self.spec.budget_seconds / self.spec.trials)
+        self.floor = max(MIN_FIT_SECONDS, 0.5 * (budget - final) / self.spec.trials)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial
         self.study = optuna.create_study(
             direction="maximize",
@@ -188,11 +104,11 @@ class Search:
             ),
             pruner=pruner or default_pruner(),
         )
-        self.space = SearchSpace.around(config)
         self.study.enqueue_trial(self.space.baseline(config))
         self.data_by_size: dict[int, PreparedData] = {}
         self.rows: list[dict[str, Any]] = []
         self.best: Best | None = None
+        self.tuned: Candidate | None = None  # the best trial that ran a fine-tuning epoch
         self.first_error: Exception | None = None
         self.overrun: float | None = None  # the most a fit ran past its deadline (evaluation)
         # What the quickest trial took to finish its first epoch (its feature pass and
@@ -202,7 +118,7 @@ class Search:
 
     def run(self) -> FitResult:
         for number in range(self.spec.trials):
-            left = self.deadline - time.monotonic()
+            left = self.trials_deadline - time.monotonic()
             if number > 0 and left < max(self.floor, self.least_trial):
                 log.info("search: %.1f s left, too little for trial %d", left, number + 1)
                 break
@@ -212,13 +128,19 @@ class Search:
             self.trial(number)
             if self.canceled:
                 break
+        if self.retrain and not self.canceled and self.best is not None:
+            if self.outer.should_stop():
+                self.canceled = True
+            else:
+                self.final(len(self.rows))
         return self.result()
 
     def fit_budget(self, number: int) -> tuple[float, float]:
         """(seconds this trial's fit may train, margin kept for its evaluation): an equal
-        share of what is left. The first trial, the job as given, keeps the job's own time
-        budget when it has one and that still leaves the others `floor` seconds each."""
-        left = self.deadline - time.monotonic()
+        share of what is left before the final run. The first trial, the job as given, keeps
+        the job's own time budget when it has one and that still leaves the others `floor`
+        seconds each."""
+        left = self.trials_deadline - time.monotonic()
         trials_left = self.spec.trials - number
         share = left / trials_left
         # Evaluation runs past a fit's deadline: keep what it took before (with some slack),
@@ -242,26 +164,17 @@ class Search:
         label = f"search: trial {number + 1}/{self.spec.trials}"
         spec = trial_spec(self.config, None if number == 0 else params, self.spec.budget_seconds)
         row: dict[str, Any] = {"number": number, "params": trial_params(spec)}
-        hooks = TrialCallbacks(self.outer, trial, label, self.deadline)
+        hooks = TrialCallbacks(self.outer, trial, label, self.trials_deadline)
         try:
-            data = self.data_by_size.get(spec.resize_size)
-            if data is None:
-                self.outer.on_phase(f"{label}: preparing")
-                data = self.data_by_size[spec.resize_size] = self.prepare_data(spec)
+            data = self.data_for(spec, label)
             budget, margin = self.fit_budget(number)
             spec = spec.model_copy(update={"time_budget_seconds": budget})
-            hooks.deadline = self.deadline - margin
+            hooks.deadline = self.trials_deadline - margin
             t_fit = time.monotonic()
             result = fit(spec, data, hooks, **self.fit_kwargs)
         except Exception as exc:  # noqa: BLE001 - recorded; the search goes on
-            log.warning("search: trial %d failed: %s", number + 1, exc, exc_info=True)
-            self.first_error = self.first_error or exc
+            self.failed(row, exc, t0)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            seconds = round(time.monotonic() - t0, 2)
-            self.rows.append(
-                {**row, "value": None, "state": "failed", "seconds": seconds, "best_epoch": None}
-                | {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            )
             return
         if hooks.first_epoch_at is not None:
             # From the fit's start: a size's data is prepared once, for its first trial only.
@@ -271,7 +184,7 @@ class Search:
             stop_at = min(t_fit + budget, hooks.deadline)
             late = max(0.0, time.monotonic() - stop_at)
             self.overrun = late if self.overrun is None else max(self.overrun, late)
-        value = _value(result)
+        value = value_of(result)
         cut = result.stopped_reason == "callback"  # by us: pruned at its last epoch is done
         state = "stopped" if hooks.canceled else "pruned" if hooks.pruned and cut else "complete"
         if state == "complete" and value is not None:
@@ -280,6 +193,7 @@ class Search:
             failed = state == "complete"  # no epoch finished: nothing for the sampler to learn
             tell = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED
             self.study.tell(trial, state=tell)
+        clock = hooks.clock(t_fit, spec)
         self.rows.append(
             {
                 **row,
@@ -287,9 +201,14 @@ class Search:
                 "state": state,
                 "seconds": round(time.monotonic() - t0, 2),
                 "best_epoch": result.best.get("epoch"),
+                "epochs_run": clock.epochs if clock is not None else 0,
                 "stopped_reason": result.stopped_reason,
             }
         )
+        tuned = self.tuned
+        higher = tuned is None or tuned.value is None or (value or 0.0) > tuned.value
+        if clock is not None and clock.epochs >= 1 and value is not None and higher:
+            self.tuned = Candidate(number, value, spec, clock)
         log.info(
             "search: trial %d/%d %s, val_accuracy %s, %s",
             number + 1,
@@ -298,11 +217,83 @@ class Search:
             value,
             row["params"],
         )
-        replaced, paired = (True, {}) if self.best is None else _replaces(value, result, self.best)
+        replaced, paired = (True, {}) if self.best is None else replaces(value, result, self.best)
         if paired:  # a higher validation accuracy than the best's: was it beyond chance?
             self.rows[-1]["against_best"] = {**paired, "replaced": replaced}
-        if replaced:
-            self.best = Best(number, value, result, spec)  # only the best model is kept
+        if replaced:  # only the best model is kept
+            self.best = Best(number, value, result, spec, clock)
+        self.canceled = hooks.canceled
+
+    def data_for(self, spec: JobSpec, label: str) -> PreparedData:
+        data = self.data_by_size.get(spec.resize_size)
+        if data is None:
+            self.outer.on_phase(f"{label}: preparing")
+            data = self.data_by_size[spec.resize_size] = self.prepare_data(spec)
+        return data
+
+    def failed(self, row: dict[str, Any], exc: Exception, t0: float) -> None:
+        log.warning("search: run %d failed: %s", row["number"] + 1, exc, exc_info=True)
+        self.first_error = self.first_error or exc
+        seconds = round(time.monotonic() - t0, 2)
+        self.rows.append(
+            {**row, "value": None, "state": "failed", "seconds": seconds, "best_epoch": None}
+            | {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        )
+
+    def final(self, number: int) -> None:
+        """The best trial's config trained again for as many epochs as the time left fits
+        (`search_final.py`); delivered unless its validation score is lower than the best
+        trial's. When the best trial is a linear probe, the best trial that fine-tuned is
+        the one trained longer. Skipped, with the reason in its row, when that is no more
+        epochs than the trial ran."""
+        assert self.best is not None
+        best, t0 = self.best, time.monotonic()
+        margin = max(0.5, 1.5 * self.overrun) if self.overrun is not None else None
+        left = self.deadline - t0
+        left -= 0.1 * left if margin is None else margin
+        base = self.tuned
+        if best.clock is not None:
+            base = Candidate(best.number, best.value, best.spec, best.clock)
+        pinned = getattr(self.config, "pinned", None) or []
+        auto = self.config.recipe == "auto"
+        # The user's epochs (or a manual recipe's): no more than the search itself tries.
+        cap = EPOCHS_CAP if auto and "epochs" not in pinned else self.space.epochs[1]
+        spec, why = plan_final(base, left, cap, auto and "warmup_epochs" not in pinned)
+        row: dict[str, Any] = {"number": number, "retrains": best.number, "delivered": False}
+        row["compared_with"] = best.number  # the best trial: delivered unless this beats it
+        row["params"] = trial_params(best.spec)
+        if base is not None:
+            row.update(retrains=base.number, params=trial_params(base.spec))
+        if spec is None:
+            self.rows.append({**row, "state": "skipped", "value": None, "reason": why})
+            return
+        row["params"] = trial_params(spec)
+        label = f"search: final run ({spec.epochs} epochs)"
+        hooks = TrialCallbacks(self.outer, None, label, t0 + left)
+        try:
+            t_fit = time.monotonic()
+            result = fit(spec, self.data_for(spec, label), hooks, **self.fit_kwargs)
+        except Exception as exc:  # noqa: BLE001 - recorded; the best trial stays delivered
+            self.failed(row, exc, t0)
+            return
+        value = value_of(result)
+        # The same config trained longer: the higher validation score wins, a tie the final.
+        kept = best.value is not None and (value is None or best.value > value)
+        clock = hooks.clock(t_fit, spec)
+        self.rows.append(
+            {
+                **row,
+                "value": value,
+                "state": "stopped" if hooks.canceled else "complete",
+                "seconds": round(time.monotonic() - t0, 2),
+                "best_epoch": result.best.get("epoch"),
+                "epochs_run": clock.epochs if clock is not None else 0,
+                "stopped_reason": result.stopped_reason,
+                "delivered": not kept,
+            }
+        )
+        if not kept:
+            self.best = Best(number, value, result, spec, clock)
         self.canceled = hooks.canceled
 
     def result(self) -> FitResult:
@@ -335,12 +326,14 @@ def run_search(
     started: float | None = None,
     **fit_kwargs: Any,
 ) -> FitResult:
-    """Run `config.search`; return the best trial's `FitResult` with `extra["search"]`:
-    every trial (number, params, value, state: complete/pruned/failed/stopped, seconds,
+    """Run `config.search`; return the delivered run's `FitResult` with `extra["search"]`:
+    every run (number, params, value, state: complete/pruned/failed/stopped, seconds,
     best_epoch; `against_best`, the paired comparison, for a trial that scored higher than
-    the best so far on the same single-label validation images), `best_trial`,
-    `budget_seconds`, `seconds`, the `space` searched and the best trial's `config`. Its
-    history is replayed to `callbacks.on_epoch_end`.
+    the best so far on the same single-label validation images), then the final run's row
+    (`retrains`: the trial whose config it trained again; `delivered`; state `skipped` with
+    a `reason` when the time left fitted no more epochs), `best_trial` (the delivered run's
+    number), `budget_seconds`, `seconds`, the `space` searched and the delivered run's
+    `config`. Its history is replayed to `callbacks.on_epoch_end`.
 
     `prepare_data(spec)` gives the data at `spec`'s input size (called once per size);
     `fit_kwargs` go to every `fit` (device, weights, num_workers, pretrained). `pruner`
