@@ -349,3 +349,72 @@ def test_a_search_of_linear_probes_has_no_final_run(few_digits):
     rows = result.extra["search"]["trials"]
     assert len(rows) == 2 and not any("retrains" in t for t in rows), rows
     assert all(t["epochs_run"] == 0 and t["state"] == "complete" for t in rows)
+
+
+class FailingFinal:
+    """`fit` for the search: the real one for the trials; on call `at` (the final run, after
+    `at - 1` trials) it raises (`stop=False`) or first asks the job to stop (`stop=True`)."""
+
+    def __init__(self, at, recorder=None):
+        from worker.training import fit as fit_module
+
+        self.real, self.at, self.calls, self.recorder = fit_module.fit, at, 0, recorder
+
+    def __call__(self, spec, data, callbacks, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.recorder is None:
+                raise RuntimeError("the final run broke")
+            self.recorder.stop_after_steps = self.recorder.steps  # stop at its next check
+        return self.real(spec, data, callbacks, **kwargs)
+
+
+def test_a_failed_final_run_is_recorded_and_the_best_trial_delivered(few_digits, monkeypatch):
+    from worker.training import search
+
+    monkeypatch.setattr(search, "fit", FailingFinal(at=3))
+    result = run_search(searching(2, 40), Preparer(few_digits), num_workers=0)
+    rows = result.extra["search"]["trials"]
+    final = rows[-1]
+    assert final["state"] == "failed" and "the final run broke" in final["error"], final
+    assert final["delivered"] is False and "retrains" in final
+    assert result.extra["search"]["best_trial"] == final["compared_with"] < final["number"]
+
+
+def test_a_stop_request_during_the_final_run_ends_the_search(few_digits, monkeypatch):
+    from worker.training import search
+
+    recorder = Recorder()
+    monkeypatch.setattr(search, "fit", FailingFinal(at=3, recorder=recorder))
+    result = run_search(searching(2, 40), Preparer(few_digits), recorder, num_workers=0)
+    final = result.extra["search"]["trials"][-1]
+    assert final["state"] == "stopped" and final["stopped_reason"] == "callback", final
+    assert result.stopped_reason == "callback"
+
+
+def test_when_a_probe_wins_the_final_run_trains_the_best_trial_that_fine_tuned(monkeypatch):
+    """The recipe chose a probe and the trials' shares fitted only a part of an lp_ft
+    epoch: the time kept for the final run trains that lp_ft config longer, and it is
+    delivered only if it validates at least as high as the probe."""
+    from worker.training import search
+    from worker.training.search_final import Candidate, EpochClock
+    from worker.training.search_select import Best
+
+    config = JobSpec(recipe="auto", strategy="linear_probe", image_size=32, epochs=1)
+    config = config.model_copy(update={"search": SearchSpec(trials=2, budget_seconds=60)})
+    trained = []
+
+    def fake_fit(spec, data, callbacks, **kwargs):
+        trained.append(spec)
+        return _trial([i < 95 for i in range(100)])[1]  # validates at 0.95
+
+    monkeypatch.setattr(search, "fit", fake_fit)
+    run = search.Search(config, lambda spec: None, Callbacks(), None, {})
+    probe, lp_ft = config.model_copy(), config.model_copy(update={"strategy": "lp_ft"})
+    run.best = Best(0, 0.9, _trial([i < 90 for i in range(100)])[1], probe, None)
+    run.tuned = Candidate(1, 0.8, lp_ft, EpochClock(fixed=5.0, per_epoch=2.0, epochs=0))
+    run.final(2)
+    row = run.rows[-1]
+    assert trained[0].strategy == "lp_ft" and trained[0].epochs > 1
+    assert row["retrains"] == 1 and row["compared_with"] == 0 and row["delivered"] is True
+    assert run.best.number == 2 and run.best.value == 0.95

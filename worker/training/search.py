@@ -108,7 +108,7 @@ class Search:
         self.data_by_size: dict[int, PreparedData] = {}
         self.rows: list[dict[str, Any]] = []
         self.best: Best | None = None
-        self.tuned: Candidate | None = None  # the best trial that ran a fine-tuning epoch
+        self.tuned: Candidate | None = None  # the best trial that fine-tuned (a part epoch too)
         self.first_error: Exception | None = None
         self.overrun: float | None = None  # the most a fit ran past its deadline (evaluation)
         # What the quickest trial took to finish its first epoch (its feature pass and
@@ -207,7 +207,7 @@ class Search:
         )
         tuned = self.tuned
         higher = tuned is None or tuned.value is None or (value or 0.0) > tuned.value
-        if clock is not None and clock.epochs >= 1 and value is not None and higher:
+        if clock is not None and value is not None and higher:  # a part of an epoch counts
             self.tuned = Candidate(number, value, spec, clock)
         log.info(
             "search: trial %d/%d %s, val_accuracy %s, %s",
