@@ -47,10 +47,8 @@ INPUT, OUTPUT = "input", "logits"
 # fp32 ONNX against fp32 PyTorch on the same CPU: kernels differ only in summation order.
 MAX_LOGIT_DIFF = 1e-3
 MIN_AGREEMENT = 1.0
-# float64 second opinion: the images furthest apart; onnxruntime's allowed error, x PyTorch's.
-# Measured onnxruntime / PyTorch: 0.9 on ViT-B; 1.4 and 2.4 on the tests' tiny ViT on two
-# CPUs (the kernels' summation order differs by CPU). A wrong file is orders further out.
-FP64_IMAGES, FP64_FACTOR = 8, 4.0
+# float64 second opinion: the images furthest apart; onnxruntime's allowed error, x PyTorch's
+FP64_IMAGES, FP64_FACTOR = 8, 4.0  # onnxruntime/PyTorch: ViT-B 0.9, tiny ViT 1.4-2.4 by CPU
 # PyTorch is the slow side of the check (about 0.1 s a 224 px image for lite0 on one thread,
 # four times onnxruntime): it runs this many of the check images, the least certain ones.
 VERIFY_IMAGES = 64
