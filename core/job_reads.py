@@ -11,15 +11,17 @@ keyset (created_at, id) without counting rows it skips.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Integer, Row, Select, and_, bindparam, func, or_, select
+from sqlalchemy import Connection, Integer, and_, bindparam, func, or_, select
 
 from core.db import as_utc
 from core.errors import ErrorCode, ServiceError
+from core.lean_select import LeanSelect
 from core.models import Job
 from core.tenancy import Principal
 
@@ -29,14 +31,16 @@ _COLUMNS = [c for c in JOBS.c if c.name not in ("worker_id", "resent_at", "run_s
 
 
 # Built once: a statement's construction and cache key cost more than its execution.
-_BY_ID = select(*_COLUMNS).where(
-    JOBS.c.id == bindparam("job_id"), JOBS.c.tenant_id == bindparam("tenant_id")
+_BY_ID = LeanSelect(
+    select(*_COLUMNS).where(
+        JOBS.c.id == bindparam("job_id"), JOBS.c.tenant_id == bindparam("tenant_id")
+    )
 )
 _COUNT = select(func.count()).select_from(JOBS)
 
 
 @lru_cache(maxsize=8)
-def _page_query(by_status: bool, by_dataset: bool, after: bool) -> tuple[Select[Any], Select[Any]]:
+def _page_query(by_status: bool, by_dataset: bool, after: bool) -> tuple[LeanSelect, LeanSelect]:
     """(the count, the page) for one combination of filters, with bound parameters."""
     where = [JOBS.c.tenant_id == bindparam("tenant_id")]
     if by_status:
@@ -55,12 +59,12 @@ def _page_query(by_status: bool, by_dataset: bool, after: bool) -> tuple[Select[
         .offset(bindparam("offset", type_=Integer))
         .limit(bindparam("limit", type_=Integer))
     )
-    return _COUNT.where(*where), page
+    return LeanSelect(_COUNT.where(*where)), LeanSelect(page)
 
 
-def owned_job(conn: Connection, principal: Principal, job_id: str) -> Row[Any]:
+def owned_job(conn: Connection, principal: Principal, job_id: str) -> Any:
     """The caller's job as a row; another tenant's answers exactly like a missing one."""
-    row = conn.execute(_BY_ID, {"job_id": job_id, "tenant_id": principal.tenant_id}).first()
+    row = _BY_ID.first(conn, {"job_id": job_id, "tenant_id": principal.tenant_id})
     if row is None:
         raise ServiceError(ErrorCode.JOB_NOT_FOUND, f"job {job_id!r} not found")
     return row
@@ -88,6 +92,48 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return _EPOCH + timedelta(microseconds=int(micros)), job_id
 
 
+# A large count is reused for up to COUNT_CACHE_SECONDS within one API process: counting a
+# tenant's 10,000 jobs took 0.3 ms on SQLite (1 ms on PostgreSQL), more than the rest of the
+# list's page. Below COUNT_CACHED_FROM matching jobs counting is cheap and always exact.
+COUNT_CACHE_SECONDS = 2.0
+COUNT_CACHED_FROM = 1000
+_counts: dict[tuple[Any, ...], tuple[float, int]] = {}  # (when counted, the count)
+
+
+def _count(conn: Connection, query: LeanSelect, params: dict[str, Any]) -> int:
+    key = (conn.engine, params["tenant_id"], params["status"], params["dataset_id"])
+    now = time.monotonic()
+    hit = _counts.get(key)
+    if hit is not None and hit[1] >= COUNT_CACHED_FROM and now - hit[0] < COUNT_CACHE_SECONDS:
+        return hit[1]
+    count = int(query.scalar(conn, params) or 0)
+    if len(_counts) >= 10_000:  # bounded: many tenants' counts, each read again within 2 s
+        _counts.clear()
+    _counts[key] = (now, count)
+    return count
+
+
+# Rows a page may skip and read and still count as short: about 0.3 ms on SQLite.
+SHORT_PAGE_ROWS = 5000
+
+
+def short_page(engine: Any, principal: Principal, args: dict[str, Any]) -> bool:
+    """Whether reading this page costs about as little as a primary-key lookup: few rows to
+    skip and read, and a count this process has just made (cached) or found small."""
+    if args["offset"] + args["limit"] > SHORT_PAGE_ROWS or args["after"] is not None:
+        return False
+    hit = _counts.get((engine, principal.tenant_id, args["status"], args["dataset_id"]))
+    return hit is not None and (
+        hit[1] < COUNT_CACHED_FROM or time.monotonic() - hit[0] < COUNT_CACHE_SECONDS
+    )
+
+
+def forget_counts(tenant_id: str) -> None:
+    """The tenant submitted or canceled a job through this process: count afresh."""
+    for key in [k for k in list(_counts) if k[1] == tenant_id]:  # list(): other threads add
+        _counts.pop(key, None)
+
+
 def job_page(
     conn: Connection,
     principal: Principal,
@@ -97,7 +143,7 @@ def job_page(
     limit: int,
     offset: int,
     after: str | None,
-) -> tuple[Sequence[Row[Any]], int, str | None]:
+) -> tuple[Sequence[Any], int, str | None]:
     """One page of the caller's jobs, newest first (ties by id), the count of all that
     match, and the cursor of the page after this one (None on the last page)."""
     params: dict[str, Any] = {
@@ -108,13 +154,13 @@ def job_page(
         "limit": limit + 1,
     }
     count_query, query = _page_query(status is not None, dataset_id is not None, after is not None)
-    count = conn.execute(count_query, params).scalar() or 0
+    count = _count(conn, count_query, params)
     if after is not None:
         when, params["after_id"] = decode_cursor(after)
         if conn.dialect.name == "sqlite":  # stored without a zone, in UTC
             when = when.replace(tzinfo=None)
         params["after_when"] = when
-    rows = conn.execute(query, params).all()
+    rows = query.rows(conn, params)
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, count, (encode_cursor(rows[-1]) if more and rows else None)

@@ -51,12 +51,10 @@ def get_owned_job(session: Session, principal: Principal, job_id: str) -> Job:
 def model_ready(job: Job | Any) -> bool:
     """Succeeded; canceled with stop-and-keep, or stopped at its time limit, after at least
     one epoch (the best epoch so far is the model)."""
-    ended = job.status in (
-        JobStatus.SUCCEEDED.value,
-        JobStatus.CANCELED.value,
-        JobStatus.FAILED.value,
-    )
-    return ended and bool(job.result and job.result.get("bundle_key"))
+    return job.status in _ENDED and bool(job.result and job.result.get("bundle_key"))
+
+
+_ENDED = frozenset(s.value for s in (JobStatus.SUCCEEDED, JobStatus.CANCELED, JobStatus.FAILED))
 
 
 def submit_job(

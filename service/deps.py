@@ -77,8 +77,9 @@ async def in_session(settings: Settings, work: Callable[[Session], T]) -> T:
 async def in_read(settings: Settings, work: Callable[[Connection], T], bounded: bool = False) -> T:
     """`work(connection)` on the autocommit read engine (one round trip a statement,
     SQLAlchemy Core rows, no ORM session): the polled routes' reads. On one thread of the
-    pool; except, on SQLite, a `bounded` read (one primary-key lookup): in WAL mode a reader
-    never waits for a writer, and the lookup costs less than the hop to a thread and back."""
+    pool; except, on SQLite, a `bounded` read (one primary-key lookup, or a short page whose
+    count is known: core.job_reads.short_page): in WAL mode a reader never waits for a
+    writer, and such a read costs less than the hop to a thread and back."""
 
     def run() -> T:
         try:

@@ -147,14 +147,13 @@ class JobPublic(BaseModel):
     )
 
 
+_SUCCEEDED = JobStatus.SUCCEEDED.value
+
+
 def job_public(job: Job | Row[Any]) -> JobPublic:
     """From a `Job` or a Core row of its columns (core/job_reads.py)."""
     total = job.total_steps or 0
-    fraction = (
-        1.0
-        if job.status == JobStatus.SUCCEEDED.value
-        else (min(1.0, job.step / total) if total else 0.0)
-    )
+    fraction = 1.0 if job.status == _SUCCEEDED else (min(1.0, job.step / total) if total else 0.0)
     heartbeat = as_utc(job.heartbeat_at)
     error = (
         JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
@@ -201,7 +200,10 @@ class JobCancel(BaseModel):
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
-    count: int
+    count: int = Field(
+        description="the jobs that match the filters: exact under 1,000; a larger count may "
+        "be up to 2 s old (README, Production)"
+    )
     next_cursor: str | None = Field(
         None, description="pass as `after` for the next page; null on the last page"
     )

@@ -75,6 +75,7 @@ def create_job(
     """Queue a fine-tuning job. The row is committed first, then the task is sent by name.
     With `webhook_url`, the answer carries its signing secret (`webhook_secret`), once."""
     job = jobs.submit_job(session, principal, limits, body, settings, client_of(request))
+    job_reads.forget_counts(principal.tenant_id)
     secret = webhook_store.job_secret(session, job.id) if body.webhook_url else None
     return JobCreated(**job_public(job).model_dump(), webhook_secret=secret)
 
@@ -196,4 +197,5 @@ def cancel_job(
     `discard` (default) keeps nothing. A finished job cannot be canceled (409)."""
     mode = (body or JobCancel()).mode
     job = jobs.cancel_job(session, principal, job_id, mode, client_of(request), settings)
+    job_reads.forget_counts(principal.tenant_id)
     return job_public(job)
