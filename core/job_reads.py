@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Integer, and_, bindparam, func, or_, select
 
@@ -26,12 +26,14 @@ from core.models import Job
 from core.tenancy import Principal
 
 JOBS = Job.__table__
-# What `job_public` reads: every column but the worker's bookkeeping.
-_COLUMNS = [c for c in JOBS.c if c.name not in ("worker_id", "resent_at", "run_seconds")]
+# What `job_public` (and the predict route) read: not the worker's bookkeeping, nor the
+# error's traceback (kilobytes a failed job, on every page it is on).
+_UNREAD = ("worker_id", "resent_at", "run_seconds", "error_traceback", "cancel_mode", "tenant_id")
+_COLUMNS = [c for c in JOBS.c if c.name not in _UNREAD]
 
 
 # Built once: a statement's construction and cache key cost more than its execution.
-_BY_ID = LeanSelect(
+BY_ID = LeanSelect(
     select(*_COLUMNS).where(
         JOBS.c.id == bindparam("job_id"), JOBS.c.tenant_id == bindparam("tenant_id")
     )
@@ -64,7 +66,7 @@ def _page_query(by_status: bool, by_dataset: bool, after: bool) -> tuple[LeanSel
 
 def owned_job(conn: Connection, principal: Principal, job_id: str) -> Any:
     """The caller's job as a row; another tenant's answers exactly like a missing one."""
-    row = _BY_ID.first(conn, {"job_id": job_id, "tenant_id": principal.tenant_id})
+    row = BY_ID.first(conn, {"job_id": job_id, "tenant_id": principal.tenant_id})
     if row is None:
         raise ServiceError(ErrorCode.JOB_NOT_FOUND, f"job {job_id!r} not found")
     return row
@@ -98,44 +100,23 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 COUNT_CACHE_SECONDS = 2.0
 COUNT_CACHED_FROM = 1000
 _counts: dict[tuple[Any, ...], tuple[float, int]] = {}  # (when counted, the count)
+_forgotten: dict[str, int] = {}  # per tenant: how many times `forget_counts` ran
 
 
-def _count(conn: Connection, query: LeanSelect, params: dict[str, Any]) -> int:
-    key = (conn.engine, params["tenant_id"], params["status"], params["dataset_id"])
-    now = time.monotonic()
-    hit = _counts.get(key)
-    if hit is not None and hit[1] >= COUNT_CACHED_FROM and now - hit[0] < COUNT_CACHE_SECONDS:
-        return hit[1]
-    count = int(query.scalar(conn, params) or 0)
-    if len(_counts) >= 10_000:  # bounded: many tenants' counts, each read again within 2 s
-        _counts.clear()
-    _counts[key] = (now, count)
-    return count
+class PageRead(NamedTuple):
+    """One page's reads: the count (unless `cached` has it) and the page, their parameters."""
+
+    count_query: LeanSelect
+    query: LeanSelect
+    params: dict[str, Any]
+    key: tuple[Any, ...]  # the count's, in _counts
+    cached: int | None
+    limit: int
+    generation: int  # the tenant's in _forgotten when planned
 
 
-# Rows a page may skip and read and still count as short: about 0.3 ms on SQLite.
-SHORT_PAGE_ROWS = 5000
-
-
-def short_page(engine: Any, principal: Principal, args: dict[str, Any]) -> bool:
-    """Whether reading this page costs about as little as a primary-key lookup: few rows to
-    skip and read, and a count this process has just made (cached) or found small."""
-    if args["offset"] + args["limit"] > SHORT_PAGE_ROWS or args["after"] is not None:
-        return False
-    hit = _counts.get((engine, principal.tenant_id, args["status"], args["dataset_id"]))
-    return hit is not None and (
-        hit[1] < COUNT_CACHED_FROM or time.monotonic() - hit[0] < COUNT_CACHE_SECONDS
-    )
-
-
-def forget_counts(tenant_id: str) -> None:
-    """The tenant submitted or canceled a job through this process: count afresh."""
-    for key in [k for k in list(_counts) if k[1] == tenant_id]:  # list(): other threads add
-        _counts.pop(key, None)
-
-
-def job_page(
-    conn: Connection,
+def plan_page(
+    engine: Any,
     principal: Principal,
     *,
     status: str | None,
@@ -143,9 +124,9 @@ def job_page(
     limit: int,
     offset: int,
     after: str | None,
-) -> tuple[Sequence[Any], int, str | None]:
-    """One page of the caller's jobs, newest first (ties by id), the count of all that
-    match, and the cursor of the page after this one (None on the last page)."""
+) -> PageRead:
+    """What to read for one page of the caller's jobs (`job_page`, or awaited on the event
+    loop: core/async_reads.py), on the read engine `engine`."""
     params: dict[str, Any] = {
         "tenant_id": principal.tenant_id,
         "status": status,
@@ -154,13 +135,75 @@ def job_page(
         "limit": limit + 1,
     }
     count_query, query = _page_query(status is not None, dataset_id is not None, after is not None)
-    count = _count(conn, count_query, params)
     if after is not None:
         when, params["after_id"] = decode_cursor(after)
-        if conn.dialect.name == "sqlite":  # stored without a zone, in UTC
+        if engine.dialect.name == "sqlite":  # stored without a zone, in UTC
             when = when.replace(tzinfo=None)
         params["after_when"] = when
-    rows = query.rows(conn, params)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, count, (encode_cursor(rows[-1]) if more and rows else None)
+    key = (engine, principal.tenant_id, status, dataset_id)
+    hit = _counts.get(key)
+    fresh = hit is not None and time.monotonic() - hit[0] < COUNT_CACHE_SECONDS
+    cached = hit[1] if hit is not None and fresh and hit[1] >= COUNT_CACHED_FROM else None
+    generation = _forgotten.get(principal.tenant_id, 0)
+    return PageRead(count_query, query, params, key, cached, limit, generation)
+
+
+def counted(read: PageRead, count: Any) -> int:
+    """The count just read, remembered for COUNT_CACHE_SECONDS; unless the tenant's counts
+    were forgotten meanwhile (it may predate that submit or cancel)."""
+    if len(_counts) >= 10_000:  # bounded: many tenants' counts, each read again within 2 s
+        _counts.clear()
+    if _forgotten.get(read.key[1], 0) == read.generation:
+        _counts[read.key] = (time.monotonic(), int(count or 0))
+    return int(count or 0)
+
+
+def page_of(read: PageRead, rows: list[Any]) -> tuple[list[Any], str | None]:
+    """The page's rows (one more was read) and the cursor of the next page, if any."""
+    more = len(rows) > read.limit
+    rows = rows[: read.limit]
+    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+
+# A short page: at most SHORT_PAGE_ROWS rows to skip and read (about 0.3 ms on SQLite), at
+# most SHORT_PAGE_LIMIT jobs to build, and a count known to be cached or small (a small
+# count SMALL_COUNT_SECONDS old at most: a tenant's jobs do not grow a hundredfold sooner).
+SHORT_PAGE_ROWS = 5000
+SHORT_PAGE_LIMIT = 100
+SMALL_COUNT_SECONDS = 60.0
+
+
+def short_page(engine: Any, principal: Principal, args: dict[str, Any]) -> bool:
+    """Whether reading this page costs about as little as a primary-key lookup."""
+    if (
+        args["offset"] + args["limit"] > SHORT_PAGE_ROWS
+        or args["limit"] > SHORT_PAGE_LIMIT
+        or args["after"] is not None
+    ):
+        return False
+    hit = _counts.get((engine, principal.tenant_id, args["status"], args["dataset_id"]))
+    if hit is None:
+        return False
+    age = time.monotonic() - hit[0]
+    return age < COUNT_CACHE_SECONDS or (hit[1] < COUNT_CACHED_FROM and age < SMALL_COUNT_SECONDS)
+
+
+def forget_counts(tenant_id: str) -> None:
+    """The tenant submitted or canceled a job through this process: count afresh."""
+    _forgotten[tenant_id] = _forgotten.get(tenant_id, 0) + 1
+    for key in [k for k in list(_counts) if k[1] == tenant_id]:  # list(): other threads add
+        _counts.pop(key, None)
+
+
+def job_page(
+    conn: Connection, principal: Principal, **args: Any
+) -> tuple[Sequence[Any], int, str | None]:
+    """One page of the caller's jobs, newest first (ties by id), the count of all that
+    match, and the cursor of the page after this one (None on the last page). `args`:
+    status, dataset_id, limit, offset, after (`plan_page`)."""
+    read = plan_page(conn.engine, principal, **args)
+    count = read.cached
+    if count is None:
+        count = counted(read, read.count_query.scalar(conn, read.params))
+    rows, cursor = page_of(read, read.query.rows(conn, read.params))
+    return rows, count, cursor

@@ -60,8 +60,7 @@ class LeanSelect:
             for column, desc in zip(self.statement.selected_columns, description, strict=True)
         ]
 
-    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
-        dialect = conn.dialect
+    def _bind(self, dialect: Dialect, params: Mapping[str, Any]) -> tuple[_Compiled, Any]:
         key = (dialect.name, dialect.driver)
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -70,21 +69,13 @@ class LeanSelect:
             name: (process(params[name]) if process else params[name])
             for name, process in compiled.binds.items()
         }
-        bound: Any = values if compiled.order is None else [values[n] for n in compiled.order]
-        dbapi = conn.connection.driver_connection
-        try:
-            cursor = dbapi.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(compiled.sql, bound)
-                fetched = cursor.fetchall()
-                processors = self._results.get(key)
-                if processors is None:
-                    processors = self._results[key] = self._processors(dialect, cursor.description)
-            finally:
-                cursor.close()
-        except dialect.loaded_dbapi.Error:
-            # SQLAlchemy's own path: its wrapped error, a dropped connection invalidated.
-            return list(conn.execute(self.statement, dict(params)).all())
+        return compiled, values if compiled.order is None else [values[n] for n in compiled.order]
+
+    def _make(self, dialect: Dialect, compiled: _Compiled, fetched: Any, cursor: Any) -> list[Any]:
+        key = (dialect.name, dialect.driver)
+        processors = self._results.get(key)
+        if processors is None:
+            processors = self._results[key] = self._processors(dialect, cursor.description)
         make = compiled.row
         if not any(processors):
             return [make(*values) for values in fetched]
@@ -97,6 +88,29 @@ class LeanSelect:
             )
             for values in fetched
         ]
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        dialect = conn.dialect
+        compiled, bound = self._bind(dialect, params)
+        dbapi = conn.connection.driver_connection
+        try:
+            cursor = dbapi.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(compiled.sql, bound)
+                return self._make(dialect, compiled, cursor.fetchall(), cursor)
+            finally:
+                cursor.close()
+        except dialect.loaded_dbapi.Error:
+            # SQLAlchemy's own path: its wrapped error, a dropped connection invalidated.
+            return list(conn.execute(self.statement, dict(params)).all())
+
+    async def rows_async(self, conn: Any, dialect: Dialect, params: Mapping[str, Any]) -> list[Any]:
+        """The same on an async driver connection (psycopg's `AsyncConnection`) of the
+        dialect's driver; its errors are the caller's (core/async_reads.py)."""
+        compiled, bound = self._bind(dialect, params)
+        async with conn.cursor() as cursor:
+            await cursor.execute(compiled.sql, bound)
+            return self._make(dialect, compiled, await cursor.fetchall(), cursor)
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> Any | None:
         rows = self.rows(conn, params)

@@ -8,20 +8,29 @@ scope. Only the usual answer is served here: a key with the `read` scope, and a 
 id of a job of the caller's tenant, or list parameters each given once and valid. Anything
 else (a malformed id or parameter, a missing scope, an unknown job) falls through to the
 FastAPI routes in service/routes/jobs.py, which own validation, errors and the OpenAPI
-description; both produce byte-identical bodies (tests/integration/test_api_hot_path.py).
+description; both produce byte-identical bodies (tests/integration/test_api_hot_path.py,
+test_job_reads_lean.py).
+
+Where the read runs: on SQLite, a poll or a short page on the event loop, else on a
+thread (service.deps.in_read); on PostgreSQL, awaited on psycopg's async pool
+(core/async_reads.py), and on a thread, with SQLAlchemy's errors, when that fails (then
+for LOOP_OFF_SECONDS).
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
+from psycopg_pool import PoolTimeout
 from sqlalchemy import Connection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core import job_reads
+from core import async_reads, job_reads
 from core.db import read_engine
 from core.errors import ServiceError
 from core.models import JobStatus
@@ -30,6 +39,8 @@ from service.deps import ID_PATTERN, in_read
 from service.errors import send_error
 from service.schemas import JobsPublic, job_public
 
+log = logging.getLogger("finetune")
+LOOP_OFF_SECONDS = 30.0
 PATH = re.compile(r"/v1/jobs/(" + ID_PATTERN.strip("^$") + ")")
 TEMPLATE = "/v1/jobs/{job_id}"
 LIST = "/v1/jobs"
@@ -37,6 +48,18 @@ _ID = re.compile(ID_PATTERN)
 _CURSOR = re.compile(job_reads.CURSOR_PATTERN)
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _STATUSES = frozenset(s.value for s in JobStatus)
+
+
+class Work(NamedTuple):
+    """How to answer one request here: `read` on a connection (service.deps.in_read), or,
+    on PostgreSQL, `on_loop` awaited on the event loop (core/async_reads.py; if it fails,
+    `read` answers, with SQLAlchemy's errors). Either gives the body, or None for the
+    route to answer (a 404)."""
+
+    read: Callable[[Connection], bytes | None]
+    template: str  # the route's, for the metrics
+    short: bool  # as short as a primary-key lookup: inline on SQLite
+    on_loop: Callable[[], Awaitable[bytes | None]] | None
 
 
 def _number(low: int, high: int) -> Callable[[str], int | None]:
@@ -85,6 +108,7 @@ class FastJobPoll:
         self.app = app
         self.router_app = router_app  # the FastAPI app: its settings override and the route
         self._routes: dict[str, Any] = {}
+        self._loop_off_until = 0.0  # time.monotonic() until which reads go to threads
 
     def _settings(self) -> Settings:
         # As service.deps._settings: the app's override of get_settings (tests set one).
@@ -101,57 +125,87 @@ class FastJobPoll:
                     self._routes[template] = route
         return self._routes.get(template)
 
-    def _work(
-        self, scope: Scope, principal: Any, settings: Settings
-    ) -> tuple[Callable[[Connection], Any], str, bool] | None:
-        """What to read, the route's template, and whether the read is as short as a
-        primary-key lookup (inline on SQLite: service.deps.in_read), for a request served
-        here."""
+    def _work(self, scope: Scope, principal: Any, settings: Settings) -> Work | None:
+        """How to answer a request served here, or None for the routes to answer."""
         path = scope.get("path", "")
+        engine = read_engine(settings)
+        # On the loop only while the lifespan runs: its end closes this loop's pools.
+        on_loop = engine.dialect.driver == "psycopg" and getattr(
+            self.router_app.state, "reads_on_loop", False
+        )
         if path == LIST:
             args = list_args(scope.get("query_string", b""))
             if args is None:
                 return None
 
-            def page(conn: Connection) -> bytes:
-                rows, count, cursor = job_reads.job_page(conn, principal, **args)
+            def page_body(rows: Any, count: int, cursor: str | None) -> bytes:
                 data = [job_public(row) for row in rows]
                 answer = JobsPublic(data=data, count=count, next_cursor=cursor)
                 return answer.model_dump_json(by_alias=True).encode()
 
-            return page, LIST, job_reads.short_page(read_engine(settings), principal, args)
+            async def page_on_loop() -> bytes:
+                return page_body(*await async_reads.job_page(settings, engine, principal, args))
+
+            return Work(
+                lambda conn: page_body(*job_reads.job_page(conn, principal, **args)),
+                LIST,
+                job_reads.short_page(engine, principal, args),
+                page_on_loop if on_loop else None,
+            )
         match = PATH.fullmatch(path)
         if match is None:
             return None
         job_id = match.group(1)
 
-        def job(conn: Connection) -> bytes | None:
-            try:
-                row = job_reads.owned_job(conn, principal, job_id)
-            except ServiceError:
+        def job_body(row: Any) -> bytes | None:
+            if row is None:
                 return None  # the route answers the 404
             return job_public(row).model_dump_json(by_alias=True).encode()
 
-        return job, TEMPLATE, True
+        def job(conn: Connection) -> bytes | None:
+            try:
+                return job_body(job_reads.owned_job(conn, principal, job_id))
+            except ServiceError:
+                return None
+
+        async def job_on_loop() -> bytes | None:
+            return job_body(await async_reads.owned_job(settings, engine, principal, job_id))
+
+        return Work(job, TEMPLATE, True, job_on_loop if on_loop else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal = (scope.get("state") or {}).get("principal")
-        settings = self._settings()
         if (
             scope["type"] == "http"
             and scope.get("method") == "GET"
             and principal is not None
             and principal.has("read")
-            and (found := self._work(scope, principal, settings)) is not None
+            and (work := self._work(scope, principal, settings := self._settings())) is not None
         ):
-            work, template, short = found
-            try:
-                body = await in_read(settings, work, bounded=short)
-            except ServiceError as exc:  # no free database connection: the route's 503
-                await send_error(send, exc)
-                return
+            body: bytes | None = None
+            done = False
+            if work.on_loop is not None and time.monotonic() >= self._loop_off_until:
+                try:
+                    body, done = await work.on_loop(), True
+                except PoolTimeout:  # every connection busy: this request reads on a thread
+                    pass
+                except Exception:  # noqa: BLE001 - any failure: the thread path answers
+                    # Off for a while: a pool that cannot connect would make every request
+                    # wait DB_POOL_TIMEOUT_SECONDS first.
+                    self._loop_off_until = time.monotonic() + LOOP_OFF_SECONDS
+                    log.warning(
+                        "reading on the event loop failed; reading on threads for %.0f s",
+                        LOOP_OFF_SECONDS,
+                        exc_info=True,
+                    )
+            if not done:
+                try:
+                    body = await in_read(settings, work.read, bounded=work.short)
+                except ServiceError as exc:  # no free database connection: the route's 503
+                    await send_error(send, exc)
+                    return
             if body is not None:
-                scope["route"] = self.route(template)
+                scope["route"] = self.route(work.template)
                 headers = [
                     (b"content-length", str(len(body)).encode()),
                     (b"content-type", b"application/json"),

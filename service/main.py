@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from core import async_reads
 from core.logs import configure_logging
 from core.reaper import Reaper
 from core.settings import Settings, get_settings
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(instance: FastAPI) -> AsyncIterator[None]:
         log = logging.getLogger("finetune")
         for warning in settings.warnings():
             log.warning("%s", warning)
@@ -66,8 +67,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         reaper = Reaper(settings)
         reaper.start()
+        instance.state.reads_on_loop = True  # PostgreSQL's polled reads (service/fastpath.py)
         yield
+        instance.state.reads_on_loop = False
         reaper.stop()
+        await async_reads.close_all()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -201,8 +201,8 @@ class JobCancel(BaseModel):
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int = Field(
-        description="the jobs that match the filters: exact under 1,000; a larger count may "
-        "be up to 2 s old (README, Production)"
+        description="the jobs that match the filters; a count of 1,000 or more may be up "
+        "to 2 s old (README, Production)"
     )
     next_cursor: str | None = Field(
         None, description="pass as `after` for the next page; null on the last page"

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from psycopg_pool import PoolTimeout
 from sqlalchemy import column, create_engine, select, table
 from sqlalchemy.exc import DBAPIError
 
@@ -80,7 +81,7 @@ def same_rows(conn, ds_id: str, tenant_id: str) -> None:
     for row in conn.execute(select(Job.id).where(Job.dataset_id == ds_id)):
         lean = job_reads.owned_job(conn, caller, row.id)
         plain = conn.execute(
-            job_reads._BY_ID.statement, {"job_id": row.id, "tenant_id": tenant_id}
+            job_reads.BY_ID.statement, {"job_id": row.id, "tenant_id": tenant_id}
         ).one()
         assert tuple(lean) == tuple(plain)
         assert lean.created_at == plain.created_at and lean.config == plain.config
@@ -197,3 +198,113 @@ def test_the_list_fast_path_answers_exactly_as_the_route_and_leaves_the_rest_to_
         assert twice.status_code == 200  # the route's reading of a repeated parameter
         assert client.get("/v1/jobs", headers=bearer("ft_wrong")).status_code == 401
     assert re.fullmatch(r"[0-9]+~job_[A-Za-z0-9]+", first or "")
+
+
+def test_on_postgresql_polls_and_pages_are_read_on_the_event_loop_with_threads_as_fallback(
+    env, monkeypatch
+):
+    """core/async_reads.py answers (no thread read at all); when it fails, the thread path
+    answers the same bytes and the loop path rests for LOOP_OFF_SECONDS."""
+    from core import async_reads
+    from service import fastpath
+
+    key_id, token = new_key("onloop")
+    with session_scope() as s:
+        tenant_id = s.get(ApiKey, key_id).tenant_id
+        seed(s, tenant_id)
+    with session_scope() as s:
+        job_id = s.scalars(select(Job.id).where(Job.tenant_id == tenant_id).limit(1)).one()
+    paths = [f"/v1/jobs/{job_id}", "/v1/jobs?limit=2", "/v1/jobs?status=failed"]
+    with api(env) as client:
+        with monkeypatch.context() as m:
+            m.setattr(fastpath, "in_read", lambda *a, **k: pytest.fail("read on a thread"))
+            on_loop = [client.get(p, headers=bearer(token)) for p in paths]
+        assert [r.status_code for r in on_loop] == [200, 200, 200]
+        missing = client.get("/v1/jobs/job_nope", headers=bearer(token))
+        assert missing.status_code == 404  # the loop found none: the route's answer
+
+        async def broken(*args, **kwargs):
+            raise OSError("connection refused")
+
+        async def saturated(*args, **kwargs):
+            raise PoolTimeout("every connection busy")
+
+        middleware = client.app.middleware_stack  # the built stack: find our handler
+        while not isinstance(middleware, fastpath.FastJobPoll):
+            middleware = middleware.app
+        for failure, rests in ((saturated, False), (broken, True)):
+            with monkeypatch.context() as m:
+                m.setattr(async_reads, "owned_job", failure)
+                m.setattr(async_reads, "job_page", failure)
+                for path, expected in zip(paths, on_loop, strict=True):
+                    middleware._loop_off_until = 0.0  # each request tries the loop first
+                    fallen = client.get(path, headers=bearer(token))
+                    assert fallen.content == expected.content, path  # read on a thread
+                    # A failure rests the loop path for LOOP_OFF_SECONDS; a busy pool not.
+                    assert (middleware._loop_off_until > 0) is rests, (failure, path)
+        middleware._loop_off_until = 0.0
+
+
+def test_a_count_read_before_a_submit_is_not_cached_after_it(env, monkeypatch):
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    monkeypatch.setattr(job_reads, "COUNT_CACHED_FROM", 1)
+    engine = read_engine(settings)
+    caller = Caller("t-race")
+    args = {"status": None, "dataset_id": None, "limit": 2, "offset": 0, "after": None}
+    read = job_reads.plan_page(engine, caller, **args)  # a list in flight...
+    job_reads.forget_counts("t-race")  # ...while a submit through this process lands
+    job_reads.counted(read, 5)  # the old count arrives
+    assert job_reads.plan_page(engine, caller, **args).cached is None  # not reused
+    job_reads.counted(job_reads.plan_page(engine, caller, **args), 6)
+    assert job_reads.plan_page(engine, caller, **args).cached == 6
+
+
+def test_the_list_fast_path_on_sqlite_answers_as_the_route_inline_for_short_pages(
+    tmp_path, monkeypatch
+):
+    """The embedded default: SQLite, no auth. A short page is read on the event loop, a
+    long one on a thread; both as the route writes them."""
+    from fastapi.testclient import TestClient
+
+    from core.db import migrate
+    from core.models import DEFAULT_TENANT
+    from service import deps, fastpath
+    from service.main import create_app
+
+    settings = Settings(data_dir=str(tmp_path), database_url="", broker_url="",
+                        auth_enabled=False)  # fmt: skip
+    migrate(settings)
+    with session_scope(settings) as s:
+        seed(s, DEFAULT_TENANT)
+    app = create_app(settings)
+    from core.settings import get_settings
+
+    app.dependency_overrides[get_settings] = lambda: settings
+    inline: list[bool] = []
+    original = deps.anyio.to_thread.run_sync
+
+    async def counting(*args, **kwargs):
+        inline.append(False)
+        return await original(*args, **kwargs)
+
+    with TestClient(app) as client:
+        for query in ({"limit": 2}, {"limit": 2}, {"limit": 200}, {"status": "failed"}):
+            with monkeypatch.context() as m:
+                m.setattr(deps.anyio.to_thread, "run_sync", counting)
+                inline.clear()
+                fast = client.get("/v1/jobs", params=query)
+            with monkeypatch.context() as m:
+                m.setattr(fastpath, "LIST", "/not-served-here")
+                slow = client.get("/v1/jobs", params=query)
+            assert fast.status_code == slow.status_code == 200, query
+            assert fast.content == slow.content, query
+            assert len(fast.json()["data"]) >= 1
+        # The last short page (its count known from the first) was read without a thread;
+        # a 200-job page never is.
+        with monkeypatch.context() as m:
+            m.setattr(deps.anyio.to_thread, "run_sync", counting)
+            inline.clear()
+            client.get("/v1/jobs", params={"limit": 2})
+            assert inline == []
+            client.get("/v1/jobs", params={"limit": 200})
+            assert inline == [False]

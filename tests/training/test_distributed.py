@@ -154,6 +154,48 @@ def test_a_stop_ends_both_ranks_at_one_step_and_the_run_resumes_from_its_checkpo
     assert resumed.best["val_accuracy"] > 0.2, resumed.history  # chance is 0.1
 
 
+class StopWhenExtracting(Record):
+    """Asks to stop as soon as the probe's feature extraction has begun (`always`: from
+    the start, so a rank reads the stop before its first batch)."""
+
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
+
+    def should_stop(self) -> bool:
+        return self.always or "extracting features" in self.phases
+
+
+def test_a_stop_during_rank_0s_feature_pass_ends_every_rank_without_waiting_for_it(prepared):
+    """Rank 0 extracts the probe's features alone while the others wait for them: the
+    caller's stop interrupts that pass between batches, and every rank ends the run (before,
+    the pass, the probe and its epoch all ran first)."""
+    stopping = StopWhenExtracting(always=True)
+    result = fit_distributed(spec(gpus=2), prepared, stopping, allow_cpu=True, num_workers=0)
+    assert result.stopped_reason == "callback" and result.history == []
+    assert "extracting features" in stopping.phases  # the ranks had reached the pass
+    assert "probing" not in stopping.phases and stopping.steps == [] and stopping.epochs == []
+    assert result.report == {}  # nothing trained: no final evaluation either
+
+
+def test_a_stop_in_the_middle_of_one_process_feature_pass_abandons_it_at_the_next_batch(
+    prepared,
+):
+    asked: list[int] = []
+
+    class StopAtThirdBatch(Record):
+        def should_stop(self) -> bool:
+            asked.append(1)
+            return len(asked) >= 3  # asked before each batch: two were extracted
+
+    stopping = StopAtThirdBatch()
+    result = fit(spec(), prepared, stopping, num_workers=0)
+    assert result.stopped_reason == "callback" and result.history == []
+    assert stopping.phases == ["extracting features"] and stopping.steps == []
+    assert len(asked) == 3  # nothing was extracted, probed or trained after the stop
+    assert result.report == {}
+
+
 def test_a_cpu_worker_refuses_several_processes_unless_allowed(prepared):
     with pytest.raises(DistributedRefused, match=r"gpus=2 .*ALLOW_CPU_DISTRIBUTED"):
         fit_distributed(spec(gpus=2), prepared, allow_cpu=False, num_workers=0)

@@ -26,6 +26,13 @@ class Callbacks:
         """Polled between steps; True ends training after the current step."""
         return False
 
+    def should_abandon(self) -> bool:
+        """Polled between the batches of a pass that has no steps to stop between (the
+        probe's feature extraction): True abandons it. What ends a job at once (a cancel, a
+        shutdown, a lost job, its time limit), never a time budget: the probe that pass feeds
+        is the cheapest model a budget delivers. By default, `should_stop`."""
+        return self.should_stop()
+
     def checkpoint_on_stop(self) -> bool:
         """Asked when `should_stop` ends training in the middle of an epoch: True writes a
         mid-epoch checkpoint first (a worker handing its job back on shutdown), so the

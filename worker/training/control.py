@@ -9,6 +9,11 @@ from typing import Any
 from worker.training.callbacks import Callbacks
 
 
+class Interrupted(Exception):
+    """The caller asked to stop during a phase with no steps to stop between (the probe's
+    feature extraction): the phase is abandoned, and `fit` ends with reason "callback"."""
+
+
 class Control(Callbacks):
     """The caller's callbacks plus the time budget. `reason` says why training ended early:
     "callback" (the caller asked), "time_budget" or "early_stopping" (set by the phase that
@@ -48,6 +53,14 @@ class Control(Callbacks):
 
     def checkpoint_on_stop(self) -> bool:
         return self.inner.checkpoint_on_stop()
+
+    def should_abandon(self) -> bool:
+        """The caller's `should_abandon`, never the budget: what may cut the probe's feature
+        extraction short. Not agreed between ranks: rank 0 extracts alone
+        (Runtime.from_rank0), and the others wait for what it broadcasts."""
+        if self.inner.should_abandon():
+            self.reason = "callback"
+        return self.reason == "callback"
 
     def should_stop(self) -> bool:
         asked = self.inner.should_stop()

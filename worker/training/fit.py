@@ -21,7 +21,7 @@ from worker.training import multilabel
 from worker.training.backbones import create_model
 from worker.training.callbacks import Callbacks
 from worker.training.checkpoint import resumed_from
-from worker.training.control import Control
+from worker.training.control import Control, Interrupted
 from worker.training.data import PreparedData
 from worker.training.loop import predict
 from worker.training.metrics import evaluate
@@ -104,7 +104,11 @@ def fit(
         run.record.restore(resume)
         run.extra.update(resume["extra"])
         run.extra["resumed_from"] = resumed_from(resume)
-    STRATEGIES[config.strategy](run, resume)
+    try:
+        STRATEGIES[config.strategy](run, resume)
+        abandoned = False
+    except Interrupted:  # the caller stopped it during the probe's feature extraction
+        control.reason, abandoned = "callback", True
 
     best = run.record.best
     if best.state is not None:
@@ -115,7 +119,9 @@ def fit(
     # Evaluate where the model trained (a GPU worker's report must not crawl on its CPU),
     # then hand back a CPU model: export and delivery read it there.
     # One rank of a distributed fit: rank 0 reports (and hands the model back) for all.
-    report = final_report(model.eval(), run) if runtime.rank == 0 else {}
+    # Nothing to report (nor to keep) when the first pass was abandoned: no epoch ended.
+    reports = runtime.rank == 0 and not (abandoned and not run.record.history)
+    report = final_report(model.eval(), run) if reports else {}
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return FitResult(
         model=model,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from worker.training.callbacks import Callbacks
+from worker.training.control import Interrupted
 from worker.training.multilabel import subset_correct
 
 
@@ -185,12 +186,16 @@ def predict(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     features: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) for a whole loader, on the CPU; with `features`, the pooled
-    pre-logits features instead of logits."""
+    pre-logits features instead of logits. `stop` is asked before each batch: True raises
+    `Interrupted`."""
     model.eval()
     outputs, all_targets = [], []
     for images, targets in loader:
+        if stop is not None and stop():
+            raise Interrupted("stopped during a pass over the images")
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)

@@ -18,7 +18,8 @@ from worker.training.selection import epoch_metrics
 
 def extract_features(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train features, train labels, val features, val labels): pooled pre-logits features
-    of the un-augmented images, on the CPU."""
+    of the un-augmented images, on the CPU. The caller's stop (not the budget) interrupts
+    it between batches (`Interrupted`)."""
     config, data, rt = run.config, run.data, run.runtime
     batch_size = config.batch_size * 2
     train_x, train_y = predict(
@@ -27,6 +28,7 @@ def extract_features(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         rt.device,
         rt.amp_dtype,
         features=True,
+        stop=run.control.should_abandon,
     )
     val_x, val_y = predict(
         run.model,
@@ -34,6 +36,7 @@ def extract_features(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         rt.device,
         rt.amp_dtype,
         features=True,
+        stop=run.control.should_abandon,
     )
     return train_x, train_y, val_x, val_y
 

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from worker.training.control import Interrupted
+
 T = TypeVar("T")
 
 
@@ -57,8 +59,14 @@ def rank_seed(seed: int, rank: int) -> int:
     """Rank `rank`'s seed for its loader workers' augmentation. Every rank draws the same
     sample order (the sampler's generator), so the same seed would give rank r's i-th image
     the crop of rank 0's i-th image: correlated augmentation across the batch DDP averages.
-    Loader workers only: with `num_workers=0` the ranks' main processes still share a seed."""
+    Loader workers only: with `num_workers=0` the ranks' main processes still share a seed
+    (reseeding them after the model is built made DDP's fine-tuning diverge: some random
+    draws after it must agree between ranks)."""
     return (seed + RANK_SEED_STRIDE * rank) % 2**63
+
+
+class _Interrupted:
+    """What rank 0 broadcasts instead of a value when the caller stopped its computation."""
 
 
 class _RankWorkerInit:
@@ -104,9 +112,16 @@ class Runtime:
         (validation logits, the probe's features) is then the same everywhere."""
         if not self.distributed:
             return compute()
-        box = [compute() if self.rank == 0 else None]
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = compute()
+            except Interrupted:  # the caller's stop: every rank abandons the phase
+                box[0] = _Interrupted()
         dist.broadcast_object_list(box, src=0, device=self._collective_device)
-        return box[0]  # type: ignore[return-value]
+        if isinstance(box[0], _Interrupted):
+            raise Interrupted("rank 0 stopped during its pass over the images")
+        return box[0]  # type: ignore[no-any-return]
 
     def same_weights(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank (in place): after the ranks each

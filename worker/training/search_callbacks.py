@@ -62,6 +62,12 @@ class TrialCallbacks(Callbacks):
         if self.trial.should_prune():
             self.pruned = True
 
+    def should_abandon(self) -> bool:
+        """The job's own stop only: the search's deadline never cuts a probe's feature pass."""
+        if self.outer.should_abandon():
+            self.canceled = True
+        return self.canceled
+
     def should_stop(self) -> bool:
         if self.outer.should_stop():
             self.canceled = True
