@@ -78,6 +78,14 @@ def same_rows(conn, ds_id: str, tenant_id: str) -> None:
                 count_query.scalar(conn, params)
                 == conn.execute(count_query.statement, params).scalar()
             )
+    # A deep page (ids from the index first, then their rows) is the same page.
+    params.update(status=None, dataset_id=ds_id)
+    for offset in (0, 1, 2, 3):
+        params["offset"] = offset
+        for by_dataset in (False, True):
+            shallow = job_reads._page_query(False, by_dataset, False)[1].rows(conn, params)
+            deep = job_reads._page_query(False, by_dataset, False, True)[1].rows(conn, params)
+            assert [tuple(r) for r in deep] == [tuple(r) for r in shallow], offset
     for row in conn.execute(select(Job.id).where(Job.dataset_id == ds_id)):
         lean = job_reads.owned_job(conn, caller, row.id)
         plain = conn.execute(
