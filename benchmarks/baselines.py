@@ -15,6 +15,10 @@ does not (as for the service, whose budget covers training only).
   image would not fit the budget, it stops early and fits on the images it got (taken
   round-robin over the classes, so each class is represented).
 
+On a GPU (`device="cuda"`) both run as such a script does: the model and each batch moved
+there with `.to(device)`, full precision (no autocast, no channels-last: the service's own
+GPU tricks are what is measured against them).
+
 Multi-label data (a 2-D multi-hot label matrix) trains with a sigmoid/BCE loss in (a) and
 one-vs-rest logistic regressions in (b); scores are then per-class probabilities.
 """
@@ -64,14 +68,16 @@ def _normalize() -> T.Normalize:
 
 
 @torch.no_grad()
-def _scores(model: nn.Module, x: torch.Tensor, multilabel: bool, batch: int = 128) -> np.ndarray:
+def _scores(
+    model: nn.Module, x: torch.Tensor, multilabel: bool, device: str = "cpu", batch: int = 128
+) -> np.ndarray:
     model.eval()
     norm = _normalize()
     out = []
     for i in range(0, len(x), batch):
-        logits = model(norm(x[i : i + batch].float() / 255.0))
+        logits = model(norm(x[i : i + batch].to(device).float() / 255.0))
         out.append(torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1))
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 def full_finetune(
@@ -83,6 +89,7 @@ def full_finetune(
     batch_size: int = 32,
     lr: float = 1e-3,
     hflip: bool = True,
+    device: str = "cpu",
 ) -> Trained:
     """Baseline (a); see the module docstring."""
     t0 = time.perf_counter()
@@ -92,8 +99,8 @@ def full_finetune(
     images, labels = load()
     x = to_tensor(images, image_size)
     multilabel = labels.ndim == 2
-    y = torch.as_tensor(labels, dtype=torch.float32 if multilabel else torch.long)
-    model = create_model(BACKBONE, n_classes)
+    y = torch.as_tensor(labels, dtype=torch.float32 if multilabel else torch.long).to(device)
+    model = create_model(BACKBONE, n_classes).to(device)
     crop = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True)]
     augment = T.Compose([*crop, *([T.RandomHorizontalFlip()] if hflip else [])])
     norm = _normalize()
@@ -112,7 +119,7 @@ def full_finetune(
                 yield order[b * batch_size : (b + 1) * batch_size]
 
     def step(idx: np.ndarray) -> float:
-        xb = torch.stack([augment(x[i]) for i in idx]).float() / 255.0
+        xb = torch.stack([augment(x[i]) for i in idx]).to(device).float() / 255.0
         loss = loss_fn(model(norm(xb)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,7 +156,7 @@ def full_finetune(
     seconds = time.perf_counter() - t0
     model.eval()
     return Trained(
-        predict=lambda imgs: _scores(model, to_tensor(imgs, image_size), multilabel),
+        predict=lambda imgs: _scores(model, to_tensor(imgs, image_size), multilabel, device),
         seconds=seconds,
         info={
             "steps": done,
@@ -179,6 +186,7 @@ def logreg_on_features(
     seed: int,
     image_size: int = 224,
     batch_size: int = 32,
+    device: str = "cpu",
 ) -> Trained:
     """Baseline (b); see the module docstring."""
     from sklearn.linear_model import LogisticRegression
@@ -192,7 +200,7 @@ def logreg_on_features(
     torch.manual_seed(seed)
     images, labels = load()
     multilabel = labels.ndim == 2
-    backbone = create_model(BACKBONE, 0).eval()  # 0 classes: the pooled features
+    backbone = create_model(BACKBONE, 0).to(device).eval()  # 0 classes: the pooled features
     norm = _normalize()
     order = _round_robin(labels, np.random.default_rng(seed))
     feats, used, per_batch = [], 0, 0.0
@@ -203,8 +211,8 @@ def logreg_on_features(
                 break
             start = time.perf_counter()
             idx = order[b * batch_size : (b + 1) * batch_size]
-            x = to_tensor([images[i] for i in idx], image_size).float() / 255.0
-            feats.append(backbone(norm(x)).numpy())
+            x = to_tensor([images[i] for i in idx], image_size).to(device).float() / 255.0
+            feats.append(backbone(norm(x)).cpu().numpy())
             used += len(idx)
             per_batch = time.perf_counter() - start
     features, y = np.concatenate(feats), labels[order[:used]]
@@ -217,8 +225,8 @@ def logreg_on_features(
     def predict(imgs: list[Image.Image]) -> np.ndarray:
         out = []
         for i in range(0, len(imgs), batch_size):
-            x = to_tensor(imgs[i : i + batch_size], image_size).float() / 255.0
-            out.append(backbone(norm(x)).numpy())
+            x = to_tensor(imgs[i : i + batch_size], image_size).to(device).float() / 255.0
+            out.append(backbone(norm(x)).cpu().numpy())
         proba = clf.predict_proba(np.concatenate(out))
         if multilabel:
             return np.asarray(proba)

@@ -1,8 +1,12 @@
 """The GPU training path: images/s and peak memory of one training step, fp32 vs
 channels-last vs bf16/fp16 autocast, and the path the worker actually takes.
 
-The worker (`worker/training/loop.py`) trains with autocast in `amp_dtype_for(device)` (bf16
-where supported, else fp16 with a GradScaler) and channels-last inputs and weights. This
+The worker (`worker/training/loop.py`) trains with channels-last inputs and weights and, for
+the backbones that gain from it, autocast in `amp_dtype_for(device, backbone)` (bf16 where
+supported, else fp16 with a GradScaler; `gpu_autocast` in `core/backbones.py`). Autocast
+variants of a backbone without `gpu_autocast` are skipped unless `--all-variants` (lite0's
+bf16 did not finish 25 steps in 70 s on an H200). cuDNN runs as in the worker: no
+`cudnn.benchmark` (the first H200 figures, 2026-11-29, were taken with it on). This
 script times each ingredient separately on the same model and batch, within one run, so the
 ratios are comparable; then it times `train_one_epoch` itself on synthetic batches.
 
@@ -27,6 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from core.backbones import BACKBONES  # noqa: E402
 from worker.training.backbones import create_model  # noqa: E402
 from worker.training.callbacks import Callbacks  # noqa: E402
 from worker.training.loop import train_one_epoch  # noqa: E402
@@ -96,7 +101,7 @@ def worker_path(
     model = create_model(backbone, classes, pretrained=False).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    amp = amp_dtype_for(device)
+    amp = amp_dtype_for(device, backbone)
     n = batch * steps
     data = TensorDataset(torch.randn(n, 3, size, size), torch.randint(0, classes, (n,)))
     loader = DataLoader(data, batch_size=batch, pin_memory=device.type == "cuda")
@@ -122,13 +127,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it run")
+    parser.add_argument(
+        "--all-variants",
+        action="store_true",
+        help="also the autocast variants of a backbone that trains without autocast",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.backbone, args.batch_size, args.image_size = "efficientnet_lite0", 4, 64
         args.steps, args.warmup = 2, 1
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     classes = 10
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, classes, (args.batch_size,), device=device)
@@ -139,6 +147,8 @@ def main() -> None:
     ]
     if device.type == "cuda":
         variants.append(("fp16 autocast + GradScaler + channels_last", torch.float16, True))
+        if not BACKBONES[args.backbone].gpu_autocast and not args.all_variants:
+            variants = [v for v in variants if v[1] is None]
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "backbone": args.backbone,
@@ -147,10 +157,18 @@ def main() -> None:
         "torch": torch.__version__,
         "variants": {},
     }
+    print(
+        f"device: {results['device']}, {args.backbone}, batch {args.batch_size}, "
+        f"{args.image_size}px, torch {torch.__version__}",
+        flush=True,
+    )
     for name, dtype, cl in variants:
         torch.manual_seed(0)
         model = create_model(args.backbone, classes, pretrained=False).to(device)
         results["variants"][name] = variant_step(model, x, y, dtype, cl, args.steps, args.warmup)
+        print(f"  measured {name}: {results['variants'][name]}", flush=True)  # a hang keeps these
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -158,10 +176,6 @@ def main() -> None:
         args.backbone, device, args.batch_size, args.image_size, args.steps, classes
     )
     base = results["variants"]["fp32"]["images_per_second"]
-    print(
-        f"device: {results['device']}, {args.backbone}, batch {args.batch_size}, "
-        f"{args.image_size}px, torch {torch.__version__}"
-    )
     print("| variant | images/s | vs fp32 | peak MiB |\n|---|---|---|---|")
     for name, r in results["variants"].items():
         print(

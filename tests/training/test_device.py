@@ -1,6 +1,6 @@
-"""Where a job trains and is scored: the final report runs on the training device at the
-training precision (a GPU worker's report used to run on its CPU), and the spec's `device`
-holds."""
+"""Where a job trains and is scored: the final report runs on the training device (a GPU
+worker's report used to run on its CPU) in full precision (it describes the delivered fp32
+model), and the spec's `device` holds. The GPU's own checks: `test_gpu.py`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from core.jobspec import Augmentation, JobSpec
 from worker.training import fit as fit_module
 from worker.training.data import prepare
 from worker.training.fit import fit
-from worker.training.runtime import Runtime
+from worker.training.runtime import Runtime, amp_dtype_for
 
 # `few_digits` (100 digits, ingested): tests/training/conftest.py
 
@@ -31,15 +31,20 @@ def spec(**overrides) -> JobSpec:
     return JobSpec(**{**params, **overrides})
 
 
-def test_the_final_report_is_scored_where_and_as_the_model_trained(few_digits, monkeypatch):
-    """bfloat16 autocast on the CPU stands in for a GPU's mixed precision: the report must
-    be computed with the run's device and dtype, on the model before it moves to the CPU."""
+def test_the_final_report_is_scored_where_the_model_trained_in_full_precision(
+    few_digits, monkeypatch
+):
+    """bfloat16 autocast on the CPU stands in for a GPU's mixed precision: the epochs are
+    scored with it, the report on the run's device in fp32, before the model moves to the
+    CPU."""
     archive, index, cache = few_digits
     on = Runtime.on
     monkeypatch.setattr(
         Runtime,
         "on",
-        classmethod(lambda cls, d, n: dataclasses.replace(on(d, n), amp_dtype=torch.bfloat16)),
+        classmethod(
+            lambda cls, d, n, b=None: dataclasses.replace(on(d, n, b), amp_dtype=torch.bfloat16)
+        ),
     )
     seen = []
     predict = fit_module.predict
@@ -49,19 +54,38 @@ def test_the_final_report_is_scored_where_and_as_the_model_trained(few_digits, m
         return predict(model, loader, device, amp_dtype, **kw)
 
     monkeypatch.setattr(fit_module, "predict", spy)
-    config = spec()
+    config = spec(device="cpu")
     result = fit(config, prepare(archive, index, config, cache), num_workers=0)
-    assert seen and all(s == (torch.device("cpu"), torch.bfloat16) for s in seen), seen
-    assert result.report["validation"]["top1_accuracy"] == pytest.approx(
-        result.best["val_accuracy"], abs=1e-6
-    )
+    assert seen and all(s == (torch.device("cpu"), None) for s in seen), seen
+    # The same 20 images, bf16 against fp32: at most two differ (seen: 0.70 and 0.75).
+    diff = result.report["validation"]["top1_accuracy"] - result.best["val_accuracy"]
+    assert round(abs(diff) * 20) <= 2, diff
     assert next(result.model.parameters()).device.type == "cpu"  # handed back on the CPU
 
 
-def test_device_cpu_holds_and_gpu_without_cuda_fails_saying_so(few_digits):
+def test_device_cpu_holds(few_digits):
     archive, index, cache = few_digits
     config = spec(device="cpu")
     assert fit(config, prepare(archive, index, config, cache), num_workers=0).device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_device_gpu_without_cuda_fails_saying_so(few_digits):
+    archive, index, cache = few_digits
     config = spec(device="gpu")
     with pytest.raises(RuntimeError, match="asked for device 'gpu' and this worker has no CUDA"):
         fit(config, prepare(archive, index, config, cache), num_workers=0)
+
+
+def test_autocast_on_a_gpu_follows_the_backbone(monkeypatch):
+    """bf16 (fp16 without it) on a GPU, except for the depthwise nets that ran slower under
+    it (`core.backbones`: gpu_autocast); never on the CPU. No GPU needed: nothing runs."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert amp_dtype_for(cuda, "resnet50") == torch.bfloat16
+    assert amp_dtype_for(cuda) == torch.bfloat16  # a model the recipe does not name
+    assert amp_dtype_for(cuda, "efficientnet_lite0") is None
+    assert amp_dtype_for(torch.device("cpu"), "resnet50") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert amp_dtype_for(cuda, "resnet18") == torch.float16
+    assert Runtime.on(torch.device("cpu"), 0, "resnet50").amp_dtype is None

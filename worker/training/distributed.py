@@ -60,6 +60,13 @@ class DistributedRefused(RuntimeError):
     """This worker cannot run the job's `gpus` processes (too few devices, or a CPU)."""
 
 
+def _shutdown_timeout(seconds: int) -> dict[str, Any]:
+    """LaunchConfig's `shutdown_timeout`, where this torch has it (2.11's has not: there the
+    launcher's own default applies)."""
+    fields = getattr(LaunchConfig, "__dataclass_fields__", {})
+    return {"shutdown_timeout": seconds} if "shutdown_timeout" in fields else {}
+
+
 def backend_for(config: JobSpec, allow_cpu: bool) -> str:
     """'nccl' when this worker sees `config.gpus` CUDA devices, 'gloo' on the CPU when
     `allow_cpu`; otherwise refused, saying what this worker has."""
@@ -150,7 +157,7 @@ def fit_distributed(
             max_restarts=0,  # a failed rank fails the attempt; the job resumes elsewhere
             monitor_interval=0.5,
             start_method="spawn",  # CUDA in the ranks: never forked
-            shutdown_timeout=10,  # seconds a rank gets after another failed (then SIGKILL)
+            **_shutdown_timeout(10),  # seconds a rank gets after another failed (then SIGKILL)
         )
         outcome: dict[str, Any] = {}
 

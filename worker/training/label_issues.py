@@ -223,7 +223,7 @@ def _features(
         and len(cache[3]) == len(data.val_idx)
     ):
         return torch.cat([cache[0], cache[2]]), "probe"
-    runtime = Runtime.on(device, 0)
+    runtime = Runtime.on(device, 0, config.backbone)
     model = result.model.to(device)
     try:
         parts = []

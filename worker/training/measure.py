@@ -85,37 +85,85 @@ def tensor(images: list[Image.Image], backbone: str, size: int, flip: bool = Fal
     return (x - mean) / std
 
 
+def _as_trained(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as the training loop feeds it: on the device, channels-last on a GPU."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _autocast(device: torch.device, backbone: str | None) -> torch.autocast:
+    """The loop's autocast for this backbone on this device (`runtime.amp_dtype_for`)."""
+    from worker.training.runtime import amp_dtype_for
+
+    amp = amp_dtype_for(device, backbone)
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
 @torch.no_grad()
-def features(model: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Pooled features and the images/s it took (after a one-batch warm-up)."""
+def features(
+    model: nn.Module, x: torch.Tensor, device: torch.device, backbone: str | None = None
+) -> tuple[torch.Tensor, float]:
+    """Pooled features and images/s, with the backbone's precision and memory format as
+    `loop.predict` runs it (autocast per backbone and channels-last on a GPU). On a GPU
+    the timed batches are the full ones, after a warm-up batch of their size, and the last,
+    partial one is not timed: a GPU may prepare kernels for each new input shape (seconds
+    on an H200), a cost a training pass pays once. The CPU times every batch after an
+    8-image warm-up."""
     model.eval()
     batch = 64
-    model(x[:8].to(device))  # warm-up: first-call allocation and kernel selection
-    t0 = time.perf_counter()
-    out = [model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = max(time.perf_counter() - t0, 1e-6)
-    return torch.cat(out), len(x) / seconds
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    warm = batch if cuda else 8  # the CPU prepares nothing per shape
+    timed = ((len(x) // batch) * batch or len(x)) if cuda else len(x)
+    with _autocast(device, backbone):
+        model(_as_trained(x[:warm], device))  # warm-up: first-call allocation, kernels
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = [
+            model(_as_trained(x[i : min(i + batch, timed)], device)).float().cpu()
+            for i in range(0, timed, batch)
+        ]
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = max(time.perf_counter() - t0, 1e-6)
+        if timed < len(x):
+            out.append(model(_as_trained(x[timed:], device)).float().cpu())
+    return torch.cat(out), timed / seconds
 
 
-def train_rate(model: nn.Module, x: torch.Tensor, n_classes: int, device: torch.device) -> float:
-    """Training images/s at this input size: two timed steps after a warm-up step."""
+TRAIN_BATCH = {"cpu": 16, "cuda": 64}  # the timed step's batch (cuda: the recipe's batch)
+
+
+def train_rate(
+    model: nn.Module,
+    x: torch.Tensor,
+    n_classes: int,
+    device: torch.device,
+    backbone: str | None = None,
+) -> float:
+    """Training images/s at this input size, timed after warm-up steps. On a GPU the step
+    runs as the loop's does (autocast, channels-last) on the batch the recipe trains with:
+    a small batch's step costs a GPU about what a full one does (kernel launches)."""
     head = nn.Linear(model.num_features, n_classes).to(device)  # type: ignore[arg-type]
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-6)
     model.train()
-    batch = x[:16].to(device)
+    cuda = device.type == "cuda"
+    batch = _as_trained(x[: TRAIN_BATCH["cuda" if cuda else "cpu"]], device)
+    warmup = 2 if cuda else 1
     rates = []
-    for i in range(3):
+    for i in range(warmup + 2):
         t0 = time.perf_counter()
-        loss = head(model(batch)).logsumexp(1).mean()
+        with _autocast(device, backbone):
+            loss = head(model(batch)).float().logsumexp(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        if i:
+        if i >= warmup:
             rates.append(len(batch) / (time.perf_counter() - t0))
     model.eval()
     return float(np.median(rates))

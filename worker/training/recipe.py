@@ -95,6 +95,7 @@ class Candidate:
     size: int
     cv_accuracy: float
     images_per_second: float  # inference, measured on this device
+    seconds: float = 0.0  # what measuring and scoring it took (planning time)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -102,6 +103,7 @@ class Candidate:
             "image_size": self.size,
             "cv_accuracy": round(self.cv_accuracy, 4),
             "images_per_second": round(self.images_per_second, 1),
+            "seconds": round(self.seconds, 2),
         }
 
 
@@ -192,8 +194,11 @@ def plan(
         budget_left if budget_left is not None else default_budget_cap(len(entries), device.type)
     )
     max_pass = PASS_SHARE * max(horizon - (time.monotonic() - t0), 1.0)
+    steps: dict[str, float] = {"profile_and_decode": time.monotonic() - t0}
     for name in backbones:
+        started = time.monotonic()
         model = create_model(name, 0, True, weights).to(device)
+        steps[f"load {name}"] = time.monotonic() - started
         models[name] = model
         last: Candidate | None = None
         for size in sizes:
@@ -211,8 +216,9 @@ def plan(
                         }
                     )
                     continue
+            started = time.monotonic()
             x = measure.tensor(images, name, size)
-            feats, rate = measure.features(model, x, device)
+            feats, rate = measure.features(model, x, device, name)
             solved = fit_linear(
                 feats,
                 y,
@@ -222,7 +228,7 @@ def plan(
                 penalties=SCORING_PENALTIES,
             )
             score = max(solved.cv_scores.values()) if solved.cv_scores else 0.0
-            last = Candidate(name, size, score, rate)
+            last = Candidate(name, size, score, rate, time.monotonic() - started)
             candidates.append(last)
             features[(name, size)] = (x, feats)
     best_score = max(c.cv_accuracy for c in candidates)
@@ -233,11 +239,12 @@ def plan(
     record["not_measured"] = skipped  # too slow for the budget by a smaller size's speed
     record["chosen"] = {"backbone": chosen.backbone, "image_size": chosen.size}
 
+    started = time.monotonic()
     model = models[chosen.backbone]
     x, feats = features.pop((chosen.backbone, chosen.size))
     features.clear()
     mirrored, _ = measure.features(
-        model, measure.tensor(images, chosen.backbone, chosen.size, True), device
+        model, measure.tensor(images, chosen.backbone, chosen.size, True), device, chosen.backbone
     )
     flips = measure.flip_check(feats, mirrored, y, n_classes)
     metric = "map" if multilabel else "accuracy"
@@ -245,7 +252,10 @@ def plan(
         flips[f"with_mirrored_{metric}"] >= flips[metric] - FLIP_TOLERANCE
     )
     record["flip_check"] = {**flips, "hflip": flip_ok}
-    train_rate = measure.train_rate(model, x, n_classes, device)
+    steps["flip_check"] = time.monotonic() - started
+    started = time.monotonic()
+    train_rate = measure.train_rate(model, x, n_classes, device, chosen.backbone)
+    steps["train_rate"] = time.monotonic() - started
     del models, model
     fwd = chosen.images_per_second
 
@@ -288,6 +298,7 @@ def plan(
         "planning_seconds": round(planning, 1),
         "estimated_epoch_seconds": round(epoch, 1),
         "estimated_fixed_seconds": round(fixed, 1),
+        "planning_steps": {k: round(v, 2) for k, v in steps.items()},  # candidates: their own
     }
     choices: dict[str, Any] = {
         "backbone": chosen.backbone,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from core.backbones import BACKBONES
 from worker.training.control import Interrupted
 
 T = TypeVar("T")
@@ -33,10 +34,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def amp_dtype_for(device: torch.device) -> torch.dtype | None:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+def amp_dtype_for(device: torch.device, backbone: str | None = None) -> torch.dtype | None:
+    """The autocast dtype for training `backbone` on `device`: bf16 on a GPU that has it,
+    else fp16 (with a GradScaler); None (full precision) on the CPU, and for a backbone
+    whose `gpu_autocast` is off (`core.backbones`: slower under autocast)."""
+    if device.type != "cuda":
+        return None
+    spec = BACKBONES.get(backbone) if backbone else None
+    if spec is not None and not spec.gpu_autocast:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def default_num_workers() -> int:
@@ -150,7 +157,10 @@ class Runtime:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     @classmethod
-    def on(cls, device: torch.device | None, num_workers: int | None) -> Runtime:
+    def on(
+        cls, device: torch.device | None, num_workers: int | None, backbone: str | None = None
+    ) -> Runtime:
+        """Where and how `backbone` runs (its autocast: `amp_dtype_for`)."""
         device = device or pick_device()
         workers = default_num_workers() if num_workers is None or num_workers < 0 else num_workers
         loader_kwargs: dict[str, Any] = dict(
@@ -162,7 +172,7 @@ class Runtime:
         if workers > 0:
             init = _RankWorkerInit(rank) if world > 1 else _ignore_interrupts
             loader_kwargs["worker_init_fn"] = init
-        return cls(device, amp_dtype_for(device), loader_kwargs, rank, world)
+        return cls(device, amp_dtype_for(device, backbone), loader_kwargs, rank, world)
 
     def loader(self, dataset: Dataset[Any], batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, **{**self.loader_kwargs, **kwargs})
