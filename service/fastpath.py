@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from psycopg_pool import PoolTimeout
+from pydantic_core import to_json
 from sqlalchemy import Connection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,7 +38,7 @@ from core.models import JobStatus
 from core.settings import Settings, get_settings
 from service.deps import ID_PATTERN, in_read
 from service.errors import send_error
-from service.schemas import JobsPublic, job_public
+from service.schemas import job_public_data
 
 log = logging.getLogger("finetune")
 LOOP_OFF_SECONDS = 30.0
@@ -139,9 +140,10 @@ class FastJobPoll:
                 return None
 
             def page_body(rows: Any, count: int, cursor: str | None) -> bytes:
-                data = [job_public(row) for row in rows]
-                answer = JobsPublic(data=data, count=count, next_cursor=cursor)
-                return answer.model_dump_json(by_alias=True).encode()
+                # JobsPublic's fields, serialised without a model per job (job_public_data).
+                data = [job_public_data(row) for row in rows]
+                page = {"data": data, "count": count, "next_cursor": cursor}
+                return to_json(page, inf_nan_mode="null")  # as the models: NaN is null
 
             async def page_on_loop() -> bytes:
                 return page_body(*await async_reads.job_page(settings, engine, principal, args))
@@ -160,7 +162,7 @@ class FastJobPoll:
         def job_body(row: Any) -> bytes | None:
             if row is None:
                 return None  # the route answers the 404
-            return job_public(row).model_dump_json(by_alias=True).encode()
+            return to_json(job_public_data(row), inf_nan_mode="null")
 
         def job(conn: Connection) -> bytes | None:
             try:

@@ -39,3 +39,23 @@ def test_a_learning_rate_the_user_set_is_kept(digits):
     spec = JobSpec(strategy="lp_ft", image_size=32, epochs=2, learning_rate=1e-3)
     plan = recipe.plan(spec, pinned_fields(spec), archive, index, device=CPU)
     assert plan.spec.learning_rate == 1e-3 and "learning_rate" not in plan.record["choices"]
+
+
+def test_a_long_plan_learns_faster_and_is_not_backed_off_to_the_probe():
+    """A plan of more than BACKOFF_MAX_EPOCHS epochs climbs out of its first epochs' dip:
+    the recipe gives it 3e-4 (1e-4 for short plans) and a regressed epoch does not reset it
+    to the best weights."""
+    from types import SimpleNamespace
+
+    from worker.training.finetune import BACKOFF_MAX_EPOCHS, regressed
+
+    assert recipe.lp_ft_learning_rate(1) == recipe.lp_ft_learning_rate(BACKOFF_MAX_EPOCHS)
+    assert recipe.lp_ft_learning_rate(1) == recipe.LP_FT_LEARNING_RATE
+    assert recipe.lp_ft_learning_rate(BACKOFF_MAX_EPOCHS + 1) == recipe.LP_FT_LONG_LEARNING_RATE
+    best = SimpleNamespace(maximize=True, metric="val_accuracy")
+    best.metrics = {"epoch": 0, "val_accuracy": 0.54}  # the probe
+    run = SimpleNamespace(record=SimpleNamespace(best=best))
+    dip = {"epoch": 2, "val_accuracy": 0.30}
+    assert regressed(run, dip, planned=BACKOFF_MAX_EPOCHS)
+    assert not regressed(run, dip, planned=BACKOFF_MAX_EPOCHS + 1)
+    assert not regressed(run, {"epoch": 2, "val_accuracy": 0.53}, planned=2)
