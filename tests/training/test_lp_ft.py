@@ -3,6 +3,8 @@ auto recipe plans it, scores no more than one point below the probe on validatio
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from core.jobspec import JobSpec, pinned_fields
@@ -54,8 +56,24 @@ def test_a_long_plan_learns_faster_and_is_not_backed_off_to_the_probe():
     assert recipe.lp_ft_learning_rate(BACKOFF_MAX_EPOCHS + 1) == recipe.LP_FT_LONG_LEARNING_RATE
     best = SimpleNamespace(maximize=True, metric="val_accuracy")
     best.metrics = {"epoch": 0, "val_accuracy": 0.54}  # the probe
-    run = SimpleNamespace(record=SimpleNamespace(best=best))
+
+    def run(strategy: str, epochs: int) -> SimpleNamespace:
+        config = JobSpec(strategy=strategy, epochs=epochs)
+        return SimpleNamespace(config=config, record=SimpleNamespace(best=best))
+
     dip = {"epoch": 2, "val_accuracy": 0.30}
-    assert regressed(run, dip, planned=BACKOFF_MAX_EPOCHS)
-    assert not regressed(run, dip, planned=BACKOFF_MAX_EPOCHS + 1)
-    assert not regressed(run, {"epoch": 2, "val_accuracy": 0.53}, planned=2)
+    assert regressed(run("lp_ft", BACKOFF_MAX_EPOCHS), dip)
+    assert not regressed(run("lp_ft", BACKOFF_MAX_EPOCHS + 1), dip)
+    assert regressed(run("full", BACKOFF_MAX_EPOCHS + 1), dip)  # full keeps the backoff
+    assert not regressed(run("lp_ft", 2), {"epoch": 2, "val_accuracy": 0.53})
+
+
+def test_the_recipe_picks_the_rate_for_the_epochs_that_will_run(digits):
+    """A user's `epochs` (and a budget) are what runs: the rate follows them, not the
+    recipe's own estimate of what the budget fits."""
+    archive, index, _ = digits
+    spec = JobSpec(epochs=2, image_size=32, time_budget_seconds=600)
+    deadline = time.monotonic() + 600
+    plan = recipe.plan(spec, pinned_fields(spec), archive, index, device=CPU, deadline=deadline)
+    assert plan.spec.epochs == 2 and plan.record["fitted_epochs"] > 2, plan.record
+    assert plan.spec.learning_rate == recipe.LP_FT_LEARNING_RATE

@@ -325,7 +325,9 @@ def plan(
         # from zero (quadratically) over up to two epochs, half the run at most.
         choices.update(warmup_epochs=min(2.0, choices["epochs"] / 2))
         if strategy == "lp_ft":
-            choices.update(learning_rate=lp_ft_learning_rate(choices["epochs"]))
+            # For the epochs that will run: the user's when they set them.
+            runs = spec.epochs if "epochs" in keep else choices["epochs"]
+            choices.update(learning_rate=lp_ft_learning_rate(runs))
     crop = augmentation_crop(multilabel, choices["image_size"])
     choices["augmentation"] = {
         **spec.augmentation.model_dump(),
