@@ -1,9 +1,10 @@
 """The GPU training path: images/s and peak memory of one training step, fp32 vs
 channels-last vs bf16/fp16 autocast, and the path the worker actually takes.
 
-The worker (`worker/training/loop.py`) trains with channels-last inputs and weights and, for
-the backbones that gain from it, autocast in `amp_dtype_for(device, backbone)` (bf16 where
-supported, else fp16 with a GradScaler; `gpu_autocast` in `core/backbones.py`). Autocast
+The worker (`worker/training/loop.py`) trains with channels-last inputs and weights on every
+device (the CPU gains too: `--device cpu`) and, for the backbones that gain from it,
+autocast in `amp_dtype_for(device, backbone)` (bf16 where supported, else fp16 with a
+GradScaler; `gpu_autocast` in `core/backbones.py`). Autocast
 variants of a backbone without `gpu_autocast` are skipped unless `--all-variants` (lite0's
 bf16 did not finish 25 steps in 70 s on an H200). cuDNN runs as in the worker: no
 `cudnn.benchmark` (the first H200 figures, 2026-11-29, were taken with it on). This
@@ -98,9 +99,9 @@ def worker_path(
     backbone: str, device: torch.device, batch: int, size: int, steps: int, classes: int
 ) -> dict[str, Any]:
     """`train_one_epoch` as the worker calls it, on synthetic uint8-like batches."""
+    # As `fit` places it: channels-last on every device.
     model = create_model(backbone, classes, pretrained=False).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     amp = amp_dtype_for(device, backbone)
     n = batch * steps
     data = TensorDataset(torch.randn(n, 3, size, size), torch.randint(0, classes, (n,)))

@@ -89,3 +89,39 @@ def test_autocast_on_a_gpu_follows_the_backbone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert amp_dtype_for(cuda, "resnet18") == torch.float16
     assert Runtime.on(torch.device("cpu"), 0, "resnet50").amp_dtype is None
+
+
+def test_training_runs_channels_last_on_the_cpu_and_hands_back_a_contiguous_model(
+    few_digits, monkeypatch
+):
+    """Channels-last is 1.4-1.7x faster for lite0 on a 2-core CPU (BENCHMARKS.md): every
+    batch the model sees in training and evaluation is channels-last, as are its
+    convolutions' weights, and the model comes back in the default layout (safetensors,
+    ONNX)."""
+    archive, index, cache = few_digits
+    create = fit_module.create_model
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(*args, **kwargs):
+        model = create(*args, **kwargs)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+        def hook(_module, inputs):
+            cl = torch.channels_last
+            seen.append(
+                (
+                    inputs[0].is_contiguous(memory_format=cl),
+                    conv.weight.is_contiguous(memory_format=cl),
+                )
+            )
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(fit_module, "create_model", spy)
+    config = spec(device="cpu", strategy="lp_ft", epochs=1, probe_epochs=5)
+    result = fit(config, prepare(archive, index, config, cache), num_workers=0)
+    assert len(seen) > 3 and all(a and w for a, w in seen), seen
+    conv = next(m for m in result.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()
+    assert all(p.is_contiguous() for p in result.model.state_dict().values())

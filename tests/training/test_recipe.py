@@ -4,13 +4,15 @@ what the user pinned, and the job it plans honours its budget end to end."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from benchmarks.proxies import build_pairs
 from core.jobspec import JobSpec, pinned_fields
-from tests.helpers import ingest_bytes
+from tests.helpers import ingest_bytes, make_zip, png_bytes
 from worker.training import measure, recipe
 from worker.training.augment import train_transform
 from worker.training.data import prepare
@@ -31,7 +33,7 @@ def test_candidates_are_scored_and_every_choice_is_recorded(digits):
     plan = planned(digits, time_budget_seconds=60)
     rec = plan.record
     # Every candidate size was measured (a cross-validated score and a speed) or skipped
-    # with the reason: too slow for the budget, or planning had used its share of it.
+    # with the reason: too slow for the budget, planning's share of it, or unable to win.
     measured = [c["image_size"] for c in rec["candidates"]]
     skipped = [c["image_size"] for c in rec["not_measured"]]
     assert measured and sorted(measured + skipped) == list(recipe.SIZES)
@@ -157,3 +159,86 @@ def test_the_flip_check_scores_multi_label_by_map():
         feats, feats + 0.01 * torch.randn(n, 32, generator=gen), targets, classes
     )
     assert abs(same["with_mirrored_map"] - same["map"]) < 0.02
+
+
+def test_no_costlier_candidate_is_measured_once_one_scores_near_perfect(tmp_path):
+    """Stripes, horizontal or vertical: the 96-px probe scores 1.0, and since no candidate
+    scores above 1.0, none costlier could be chosen (the cheapest within TOLERANCE of the
+    best wins): 128, 160 and 224 px are recorded as not measured, and 96 px is chosen."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(24):
+        stripes = np.zeros((32, 32), np.uint8)
+        stripes[:: 2 + i % 3] = 255
+        noisy = np.clip(stripes + rng.normal(0, 20, (32, 32)), 0, 255).astype(np.uint8)
+        files += [(f"across/{i}.png", png_bytes(noisy)), (f"down/{i}.png", png_bytes(noisy.T))]
+    index = ingest_bytes(make_zip(files), tmp_path / "images.zip").index()
+    plan = planned((tmp_path / "images.zip", index, None), time_budget_seconds=120)
+    rec = plan.record
+    assert [c["image_size"] for c in rec["candidates"]] == [96]
+    assert rec["candidates"][0]["cv_accuracy"] >= 1.0 - recipe.TOLERANCE
+    assert [(c["image_size"], c["reason"]) for c in rec["not_measured"]] == [
+        (size, recipe.CANNOT_WIN) for size in recipe.SIZES[1:]
+    ]
+    assert plan.spec.image_size == 96
+
+
+@pytest.mark.parametrize(
+    ("scores", "measured", "chosen"),
+    [
+        # 96 px within TOLERANCE of 1.0 and the cheapest: nothing larger can change that.
+        ({96: 0.99, 128: 1.0, 160: 1.0, 224: 1.0}, [96], 96),
+        # 96 px at 0.98 could lose to a larger size's 1.0 (the best rises past 0.995):
+        # measuring goes on until the choice (128 px, 0.99) is safe, as a full run chooses.
+        ({96: 0.98, 128: 0.99, 160: 1.0, 224: 1.0}, [96, 128, 160], 128),
+        # Never near 1.0: every size is measured.
+        ({96: 0.80, 128: 0.90, 160: 0.85, 224: 0.91}, [96, 128, 160, 224], 128),
+    ],
+)
+def test_measuring_stops_exactly_when_no_larger_size_can_change_the_choice(
+    digits, monkeypatch, scores, measured, chosen
+):
+    """Scripted scores and speeds (larger sizes slower), the recipe's own choice rule."""
+    rates = {96: 1000.0, 128: 600.0, 160: 400.0, 224: 200.0}
+    sizes: list[int] = []
+
+    def features(model, x, device, backbone=None):
+        sizes.append(x.shape[-1])
+        return torch.randn(len(x), 8), rates[x.shape[-1]]
+
+    def fit_linear(feats, y, n, loss, **kw):
+        return SimpleNamespace(cv_scores={1e-2: scores[sizes[-1]]})
+
+    monkeypatch.setattr(measure, "features", features)
+    monkeypatch.setattr(recipe, "fit_linear", fit_linear)
+    plan = planned(digits, time_budget_seconds=600)
+    rec = plan.record
+    assert [c["image_size"] for c in rec["candidates"]] == measured
+    assert [c["image_size"] for c in rec["not_measured"]] == list(recipe.SIZES)[len(measured) :]
+    assert all(c["reason"] == recipe.CANNOT_WIN for c in rec["not_measured"])
+    assert plan.spec.image_size == chosen
+
+
+def test_a_candidate_whose_measuring_would_take_planning_past_its_share_is_skipped(
+    digits, monkeypatch
+):
+    """A fake clock: measuring a size costs 2, 3.5, 5.5 and 11 s. With a 120-s budget
+    planning may take 14.4 s; after 160 px (11 s in), 224 px would cost about 10.8 s (160
+    px's 5.5 s scaled by the pixels), so it is not started."""
+    now = [time.monotonic()]
+    cost = {96: 2.0, 128: 3.5, 160: 5.5, 224: 11.0}
+
+    def features(model, x, device, backbone=None):
+        now[0] += cost[x.shape[-1]]
+        return torch.randn(len(x), 8), 100.0
+
+    monkeypatch.setattr(recipe, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(measure, "features", features)
+    monkeypatch.setattr(
+        recipe, "fit_linear", lambda *a, **k: SimpleNamespace(cv_scores={1e-2: 0.5})
+    )
+    plan = planned(digits, time_budget_seconds=120)
+    assert [c["image_size"] for c in plan.record["candidates"]] == [96, 128, 160]
+    assert plan.record["not_measured"] == [
+        {"backbone": plan.spec.backbone, "image_size": 224, "reason": "planning time"}
+    ]

@@ -167,7 +167,9 @@ def test_optimizers_and_schedules_train(digits, optimizer, schedule):
         optimizer=optimizer,
         schedule=schedule,
         epochs=3 if sgd else 2,
-        learning_rate=0.05 if sgd else 2e-3,
+        # 0.05 with a constant rate diverged on seed 0 once training ran channels-last
+        # (val 0.22 after 3 epochs; seeds 1, 2: 0.53, 0.46); at 0.02 seeds 0-2: 0.50-0.54.
+        learning_rate=0.02 if sgd else 2e-3,
         label_smoothing=0.1,
         grad_clip_norm=None if sgd else 1.0,
     )

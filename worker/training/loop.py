@@ -134,7 +134,7 @@ def train_one_epoch(
         hard_targets = targets
         if mixing is not None:
             images, targets = mixing(images, targets)
-        if device.type == "cuda" and images.ndim == 4:  # not for (N, C) features
+        if images.ndim == 4:  # not for (N, C) features; every device (fit.py)
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)
@@ -197,7 +197,7 @@ def predict(
         if stop is not None and stop():
             raise Interrupted("stopped during a pass over the images")
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
+        if images.ndim == 4:  # channels-last on every device, as training runs (fit.py)
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
             if features:

@@ -86,9 +86,8 @@ def tensor(images: list[Image.Image], backbone: str, size: int, flip: bool = Fal
 
 
 def _as_trained(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch as the training loop feeds it: on the device, channels-last on a GPU."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    """A batch as the training loop feeds it: on the device, channels-last."""
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def _autocast(device: torch.device, backbone: str | None) -> torch.autocast:
@@ -104,7 +103,7 @@ def features(
     model: nn.Module, x: torch.Tensor, device: torch.device, backbone: str | None = None
 ) -> tuple[torch.Tensor, float]:
     """Pooled features and images/s, with the backbone's precision and memory format as
-    `loop.predict` runs it (autocast per backbone and channels-last on a GPU). On a GPU
+    `loop.predict` runs it (autocast per backbone, channels-last). On a GPU
     the timed batches are the full ones, after a warm-up batch of their size, and the last,
     partial one is not timed: a GPU may prepare kernels for each new input shape (seconds
     on an H200), a cost a training pass pays once. The CPU times every batch after an
@@ -112,8 +111,7 @@ def features(
     model.eval()
     batch = 64
     cuda = device.type == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # as `fit` trains it, on every device
     warm = batch if cuda else 8  # the CPU prepares nothing per shape
     timed = ((len(x) // batch) * batch or len(x)) if cuda else len(x)
     with _autocast(device, backbone):
@@ -143,9 +141,9 @@ def train_rate(
     device: torch.device,
     backbone: str | None = None,
 ) -> float:
-    """Training images/s at this input size, timed after warm-up steps. On a GPU the step
-    runs as the loop's does (autocast, channels-last) on the batch the recipe trains with:
-    a small batch's step costs a GPU about what a full one does (kernel launches)."""
+    """Training images/s at this input size, timed after warm-up steps, channels-last as
+    the loop runs it. On a GPU also with the loop's autocast, on the batch the recipe trains
+    with: a small batch's step costs a GPU about what a full one does (kernel launches)."""
     head = nn.Linear(model.num_features, n_classes).to(device)  # type: ignore[arg-type]
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-6)

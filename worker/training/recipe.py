@@ -8,7 +8,8 @@ Run by the worker before the image cache is built (`plan`), inside the job's tim
    each pretrained backbone at each size, timed (this device's images/s), and a
    cross-validated logistic regression on them (`linear.fit_linear`, the probe's own
    solver). A size is worth its cost only when it scores measurably better than a cheaper
-   one: the cheapest candidate within `TOLERANCE` of the best wins. A multi-label dataset
+   one: the cheapest candidate within `TOLERANCE` of the best wins (so once the choice
+   scores within `TOLERANCE` of 1.0, no larger size is measured). A multi-label dataset
    is scored by its own metric: one-vs-rest (BCE) probes' cross-validated mAP.
 3. **Flips**: a cross-validated probe fitted with and without mirrored copies of its
    training images; when the copies cost accuracy (digits, text) flips stay out of
@@ -51,13 +52,14 @@ log = logging.getLogger(__name__)
 
 SIZES = (96, 128, 160, 224)  # candidate input sizes (px), cheapest first
 TOLERANCE = 0.015  # a costlier candidate must score this much more (cross-validated)
+CANNOT_WIN = "the choice so far scored within the tolerance of 1.0: no larger size can change it"
 FLIP_TOLERANCE = 0.01  # flips stay on unless mirrored copies cost more accuracy than this
 SUBSAMPLE = 320  # images decoded and scored per candidate (fewer for tiny budgets)
 EPOCHS_CAP = 30  # fine-tuning epochs the plan never exceeds
 AUTO_CROP_SCALE_MIN = 0.6  # random resized crops keep at least this share of the area
 MULTI_LABEL_SHIFT = 1 / 16  # multi-label: shifts of at most this share of the side, no crop
 MIN_PROBE_PER_CLASS = 20  # a budget-limited probe still learns from this many a class
-PLAN_SHARE = 0.12  # no further candidate is measured once planning took this share
+PLAN_SHARE = 0.12  # no candidate is measured that would take planning past this share
 PASS_SHARE = 0.3  # one feature pass over every image may take this share of the budget
 SCORING_PENALTIES = (1e-3, 1e-2, 1e-1)  # the candidates' probes (the job's probe: more)
 EXPORT_SECONDS = 5.0  # writing and uploading the model files (measured: 2-4 s for lite0)
@@ -116,6 +118,23 @@ class Candidate:
             "images_per_second": round(self.images_per_second, 1),
             "seconds": round(self.seconds, 2),
         }
+
+
+def _choose(candidates: list[Candidate]) -> Candidate:
+    """The cheapest (by measured images/s) of the candidates within TOLERANCE of the best."""
+    best = max(c.cv_accuracy for c in candidates)
+    good = [c for c in candidates if c.cv_accuracy >= best - TOLERANCE]
+    return min(good, key=lambda c: 1.0 / c.images_per_second)
+
+
+def _settled(candidates: list[Candidate]) -> bool:
+    """Can no further, costlier candidate change the choice? A larger size can only raise
+    the best score, to 1.0 at most, which only narrows the candidates within TOLERANCE of it.
+    If today's choice scored within TOLERANCE of 1.0, it stays within any such narrowing and
+    stays the cheapest, so the larger sizes are not measured (lfw: 96 px scored 0.9875 and
+    128-224 px took 11 of the 14 s of planning). Asked of one backbone's sizes only: another
+    backbone's are not always costlier."""
+    return _choose(candidates).cv_accuracy >= 1.0 - TOLERANCE
 
 
 @dataclass
@@ -206,6 +225,7 @@ def plan(
     )
     max_pass = PASS_SHARE * max(horizon - (time.monotonic() - t0), 1.0)
     steps: dict[str, float] = {"profile_and_decode": time.monotonic() - t0}
+    settled = False  # one backbone's choice that no larger size can change (`_settled`)
     for name in backbones:
         started = time.monotonic()
         model = create_model(name, 0, True, weights).to(device)
@@ -213,7 +233,13 @@ def plan(
         models[name] = model
         last: Candidate | None = None
         for size in sizes:
-            if candidates and time.monotonic() - t0 > PLAN_SHARE * horizon:
+            if settled:
+                skipped.append({"backbone": name, "image_size": size, "reason": CANNOT_WIN})
+                continue
+            # Planning keeps to its share of the budget: a candidate is not started when
+            # its cost, by the last one's scaled with the pixels, would take planning past it.
+            cost = 0.0 if last is None else last.seconds * (size / last.size) ** 2
+            if candidates and time.monotonic() - t0 + cost > PLAN_SHARE * horizon:
                 skipped.append({"backbone": name, "image_size": size, "reason": "planning time"})
                 continue
             if last is not None:
@@ -242,12 +268,12 @@ def plan(
             last = Candidate(name, size, score, rate, time.monotonic() - started)
             candidates.append(last)
             features[(name, size)] = (x, feats)
-    best_score = max(c.cv_accuracy for c in candidates)
-    # Cost per image: inverse speed. The cheapest within the tolerance of the best.
-    good = [c for c in candidates if c.cv_accuracy >= best_score - TOLERANCE]
-    chosen = min(good, key=lambda c: 1.0 / c.images_per_second)
+            settled = len(backbones) == 1 and _settled(candidates)
+    chosen = _choose(candidates)
     record["candidates"] = [c.record() for c in candidates]
-    record["not_measured"] = skipped  # too slow for the budget by a smaller size's speed
+    # Too slow for the budget by a smaller size's speed, past planning's share of it, or
+    # unable to win (`_settled`).
+    record["not_measured"] = skipped
     record["chosen"] = {"backbone": chosen.backbone, "image_size": chosen.size}
 
     started = time.monotonic()
