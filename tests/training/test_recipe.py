@@ -219,26 +219,34 @@ def test_measuring_stops_exactly_when_no_larger_size_can_change_the_choice(
     assert plan.spec.image_size == chosen
 
 
+@pytest.mark.parametrize(
+    ("budget", "measured"),
+    [
+        (120.0, [96, 128, 160]),  # 14.4 s of planning: 224 px would end at 21.8 s
+        (150.0, [96, 128, 160]),  # 18 s: 160 px's cost unscaled (5.5 s) would have started it
+        (200.0, [96, 128, 160, 224]),  # 24 s: room for it
+    ],
+)
 def test_a_candidate_whose_measuring_would_take_planning_past_its_share_is_skipped(
-    digits, monkeypatch
+    digits, monkeypatch, budget, measured
 ):
-    """A fake clock: measuring a size costs 2, 3.5, 5.5 and 11 s. With a 120-s budget
-    planning may take 14.4 s; after 160 px (11 s in), 224 px would cost about 10.8 s (160
-    px's 5.5 s scaled by the pixels), so it is not started."""
+    """A fake clock: measuring a size costs 2, 3.5, 5.5 and 11 s, all of it the timed pass
+    (the speed says so). Planning may take 12% of the budget. After 160 px (11 s in), 224
+    px would cost about 10.8 s (160 px's pass scaled by the pixels): it is started only when
+    planning would still end within its share."""
     now = [time.monotonic()]
     cost = {96: 2.0, 128: 3.5, 160: 5.5, 224: 11.0}
 
     def features(model, x, device, backbone=None):
         now[0] += cost[x.shape[-1]]
-        return torch.randn(len(x), 8), 100.0
+        return torch.randn(len(x), 8), len(x) / cost[x.shape[-1]]
 
     monkeypatch.setattr(recipe, "time", SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(measure, "features", features)
     monkeypatch.setattr(
         recipe, "fit_linear", lambda *a, **k: SimpleNamespace(cv_scores={1e-2: 0.5})
     )
-    plan = planned(digits, time_budget_seconds=120)
-    assert [c["image_size"] for c in plan.record["candidates"]] == [96, 128, 160]
-    assert plan.record["not_measured"] == [
-        {"backbone": plan.spec.backbone, "image_size": 224, "reason": "planning time"}
-    ]
+    plan = planned(digits, time_budget_seconds=budget)
+    assert [c["image_size"] for c in plan.record["candidates"]] == measured
+    skipped = [{"backbone": plan.spec.backbone, "image_size": 224, "reason": "planning time"}]
+    assert plan.record["not_measured"] == ([] if 224 in measured else skipped)

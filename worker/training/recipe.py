@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 SIZES = (96, 128, 160, 224)  # candidate input sizes (px), cheapest first
 TOLERANCE = 0.015  # a costlier candidate must score this much more (cross-validated)
+# Why a candidate is in `not_measured`: planning's share of the budget was spent, a feature
+# pass over every image would be too long for the budget, or it cannot win (`_settled`).
+PLANNING_TIME = "planning time"
+PASS_TOO_LONG = "a feature pass over every image would take over its share of the budget"
 CANNOT_WIN = "the choice so far scored within the tolerance of 1.0: no larger size can change it"
 FLIP_TOLERANCE = 0.01  # flips stay on unless mirrored copies cost more accuracy than this
 SUBSAMPLE = 320  # images decoded and scored per candidate (fewer for tiny budgets)
@@ -227,6 +231,9 @@ def plan(
     steps: dict[str, float] = {"profile_and_decode": time.monotonic() - t0}
     settled = False  # one backbone's choice that no larger size can change (`_settled`)
     for name in backbones:
+        if candidates and time.monotonic() - t0 > PLAN_SHARE * horizon:  # not even loaded
+            skipped += [{"backbone": name, "image_size": s, "reason": PLANNING_TIME} for s in sizes]
+            continue
         started = time.monotonic()
         model = create_model(name, 0, True, weights).to(device)
         steps[f"load {name}"] = time.monotonic() - started
@@ -236,11 +243,15 @@ def plan(
             if settled:
                 skipped.append({"backbone": name, "image_size": size, "reason": CANNOT_WIN})
                 continue
-            # Planning keeps to its share of the budget: a candidate is not started when
-            # its cost, by the last one's scaled with the pixels, would take planning past it.
-            cost = 0.0 if last is None else last.seconds * (size / last.size) ** 2
+            # Planning keeps to its share of the budget: a candidate is not started when its
+            # cost would take planning past it. The cost is the last one's, its timed pass
+            # scaled with the pixels (the probe's solve and the warm-up are not).
+            cost = 0.0
+            if last is not None:
+                timed = len(images) / last.images_per_second
+                cost = last.seconds + timed * ((size / last.size) ** 2 - 1)
             if candidates and time.monotonic() - t0 + cost > PLAN_SHARE * horizon:
-                skipped.append({"backbone": name, "image_size": size, "reason": "planning time"})
+                skipped.append({"backbone": name, "image_size": size, "reason": PLANNING_TIME})
                 continue
             if last is not None:
                 guess = last.images_per_second * (last.size / size) ** 2
@@ -249,6 +260,7 @@ def plan(
                         {
                             "backbone": name,
                             "image_size": size,
+                            "reason": PASS_TOO_LONG,
                             "estimated_pass_seconds": round(len(entries) / guess, 1),
                         }
                     )
