@@ -128,7 +128,7 @@ def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> di
     the start of planning, as the worker counts it from the job's start."""
     import torch
 
-    from core.jobspec import JobSpec
+    from core.jobspec import JobConfig, JobSpec
     from service.ingest import Limits, ingest_archive
     from worker.training import recipe
     from worker.training.data import prepare
@@ -147,7 +147,11 @@ def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> di
         spec, sorted(fields), work / "images.zip", index, device=device, deadline=deadline
     )
     plan_s = time.monotonic() - t0
-    chosen = planned.spec
+    # As the worker stores it (worker/planning.py): the config with the recipe's record,
+    # which tells fine-tuning that its epochs were chosen, not set (they may grow).
+    chosen = JobConfig.model_validate(
+        {**planned.spec.to_dict(), "dataset_id": "benchmark", "plan": planned.record}
+    )
     if deadline is None:
         deadline = t0 + float(chosen.time_budget_seconds or 0)
     data = prepare(work / "images.zip", index, chosen, work / "cache")
@@ -164,6 +168,7 @@ def run_auto(proxy: Proxy, upload: Path, budget: float | None, work: Path) -> di
             "budget": chosen.time_budget_seconds,
             "size": chosen.input_size,
             "strategy": chosen.strategy,
+            "planned_epochs": chosen.epochs,
             "ft_epochs": len(ft),
             "best_epoch": result.best.get("epoch"),
             "probe_val": probe[0][val] if probe else None,

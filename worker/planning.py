@@ -59,9 +59,11 @@ def budget_warnings(trained: Trained) -> list[str]:
     budget = config.time_budget_seconds
     if result.stopped_reason == "time_budget" or (fitted is not None and fitted < config.epochs):
         done = len(history)
+        # A plan the budget grew (a faster machine than measured) counts its grown epochs.
+        planned = max(config.epochs, fitted or 0)
         return [
             f"the time budget ({budget:g} s) ended training after {done} of the "
-            f"{config.epochs} planned fine-tuning epochs; the model is the best epoch so far "
+            f"{planned} planned fine-tuning epochs; the model is the best epoch so far "
             f"(epoch {result.best.get('epoch')}); a larger time_budget_seconds trains longer"
         ]
     return []

@@ -100,6 +100,10 @@ class DbReporter(Callbacks):
             eta_seconds=eta,
         )
 
+    def on_plan(self, epochs: int) -> None:
+        # The budget re-fitted the schedule: progress and ETA count the epochs now planned.
+        self.total_epochs = epochs
+
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         with session_scope(self.settings) as s:
             if not transitions.record_epoch(s, self.job_id, self.worker_id, metrics, best):

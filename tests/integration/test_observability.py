@@ -9,7 +9,9 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -191,13 +193,26 @@ def test_serve_with_two_api_processes_counts_the_requests_of_both(integration_en
         wait_for(ready, 60, "API ready")
         first = httpx.get(f"{url}/metrics").text
         before = sample(first, "finetune_http_requests_total", route="/healthz", status="200")
-        for _ in range(20):  # a new connection each: both processes get some
-            assert httpx.get(f"{url}/healthz").status_code == 200
+        counters = tmp_path / "prometheus-multiproc"
+
+        def one() -> int:  # a new connection each
+            return httpx.get(f"{url}/healthz", timeout=10).status_code
+
+        # Which process accepts a connection is the kernel's choice: one of them can win
+        # every sequential accept. Send bursts of concurrent requests until both processes
+        # have answered some (each writes its own counter file on its first request).
+        sent = 0
+        deadline = time.monotonic() + 60
+        with ThreadPoolExecutor(8) as pool:
+            while len(list(counters.glob("counter_*.db"))) < 2 or sent < 20:
+                assert time.monotonic() < deadline, "one API process answered every request"
+                assert set(pool.map(lambda _: one(), range(16))) == {200}
+                sent += 16
+        assert len(list(counters.glob("counter_*.db"))) == 2
         for _ in range(4):
             text = httpx.get(f"{url}/metrics").text
             total = sample(text, "finetune_http_requests_total", route="/healthz", status="200")
-            assert total is not None and total >= 20 + (before or 0), text[-2000:]
-        assert len(list((tmp_path / "prometheus-multiproc").glob("counter_*.db"))) == 2
+            assert total is not None and total >= sent + (before or 0), text[-2000:]
     finally:
         stop(api)
 

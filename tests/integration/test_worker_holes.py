@@ -328,3 +328,22 @@ def test_a_worker_shutting_down_leaves_a_task_it_receives_on_the_queue(job_id):
     assert refused.value.requeue  # back on the queue for a worker that stays
     job = row(job_id)
     assert job.status == "queued" and job.attempts == 0 and job.started_at is None
+
+
+def test_progress_counts_the_epochs_a_budget_re_fit_planned(job_id, integration_env):
+    """Fewer epochs on a slow machine, more on a fast one: the job's total_epochs, steps
+    and ETA follow the plan, never "epoch 12 of 10" or a negative ETA."""
+    from worker.reporting import DbReporter
+
+    settings = get_settings()
+    with session_scope() as s:
+        assert transitions.claim(s, job_id, "fast-worker")
+    reporter = DbReporter(job_id, "fast-worker", settings, 10)
+    reporter.on_phase("training")
+    reporter.on_step(1, 5, 5)
+    assert (row(job_id).total_epochs, row(job_id).total_steps) == (10, 50)
+    reporter.on_plan(12)
+    reporter.on_step(11, 5, 5)
+    job = row(job_id)
+    assert (job.total_epochs, job.step, job.total_steps) == (12, 55, 60)
+    assert job.eta_seconds is not None and job.eta_seconds >= 0

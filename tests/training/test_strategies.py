@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from core.jobspec import Augmentation, EarlyStopping, JobSpec
+from core.jobspec import Augmentation, EarlyStopping, JobConfig, JobSpec
 from worker.training.callbacks import Callbacks
 from worker.training.data import prepare
 from worker.training.fit import fit
@@ -137,6 +137,61 @@ def test_time_budget_ends_training_early_with_a_usable_model(digits):
     assert elapsed < 10 + 3 * result.history[0]["epoch_seconds"] + 5
     assert result.extra.get("epochs_fitted_to_budget") or result.stopped_reason == "time_budget"
     assert result.best["val_accuracy"] > 0.15  # usable: above chance (0.1) on a slow machine too
+
+
+class Plans(Callbacks):
+    def __init__(self) -> None:
+        self.plans: list[int] = []
+        self.checkpoints: list[dict] = []
+
+    def on_plan(self, epochs: int) -> None:
+        self.plans.append(epochs)
+
+    def on_checkpoint(self, state: dict) -> None:
+        self.checkpoints.append(state)
+
+
+def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(digits, monkeypatch):
+    """Planning timed a few steps and planned 2 epochs; the first epoch shows that more fit:
+    the schedule grows (here up to a cap of 5) while it still warms up, and its cosine
+    still ends near zero."""
+    from worker.training import finetune
+
+    monkeypatch.setattr(finetune, "EPOCHS_CAP", 5)
+    archive, index, tmp = digits
+    config = JobConfig(
+        dataset_id="ds_1",
+        strategy="full",
+        epochs=2,
+        warmup_epochs=2,
+        time_budget_seconds=300,
+        image_size=32,
+        batch_size=32,
+        learning_rate=2e-3,
+        augmentation=Augmentation(hflip=False),
+        refit=False,
+        plan={"choices": {"epochs": 2}},  # as the worker stores the recipe's record
+    )
+    told = Plans()
+    result = fit(config, prepare(archive, index, config, tmp / "cache"), told, num_workers=0)
+    tuned = [h for h in result.history if h["phase"] == "fine_tune"]
+    assert len(tuned) == 5 and told.plans == [5], result.history
+    assert result.extra["epochs_fitted_to_budget"] == 5 and result.stopped_reason is None
+    rates = [h["learning_rate"] for h in tuned]  # each epoch's rate at its start
+    # Warm-up over epochs 1-2, then the cosine over the 3 grown epochs (1, 0.75, 0.25).
+    assert rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] < 0.3 * max(rates), rates
+    # A restart after the growth goes on with the grown plan, and says so to progress.
+    after_two = next(c for c in told.checkpoints if c["phase"] == "fine_tune" and c["epoch"] == 2)
+    assert after_two["planned"] == 5
+    again = Plans()
+    data = prepare(archive, index, config, tmp / "cache")
+    resumed = fit(config, data, again, num_workers=0, resume=after_two)
+    assert again.plans == [5]
+    assert len([h for h in resumed.history if h["phase"] == "fine_tune"]) == 5
+    # The same job with `epochs` set by the user runs them as set.
+    pinned = config.model_copy(update={"plan": None})
+    result = fit(pinned, prepare(archive, index, pinned, tmp / "cache"), num_workers=0)
+    assert len([h for h in result.history if h["phase"] == "fine_tune"]) == 2
 
 
 def test_imbalance_turns_on_class_weights_automatically(digits):

@@ -73,3 +73,91 @@ def test_a_budget_limited_probe_keeps_every_class():
     counts = np.bincount(np.asarray(labels)[subset], minlength=3)
     assert counts.tolist() == [13, 12, 5]  # round robin: the small class is kept whole
     assert np.array_equal(subset, balanced_subset(idx, labels, 30, seed=0))
+
+
+def chosen_by_recipe(epochs: int, strategy: str = "lp_ft", **fields: object) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "dataset_id": "ds_1",
+            "epochs": epochs,
+            "strategy": strategy,
+            "plan": {"choices": {"epochs": epochs}},
+            **fields,
+        }
+    )
+
+
+def test_only_epochs_the_recipe_chose_may_grow_and_a_short_lp_ft_plan_stays_short():
+    from worker.training.finetune import BACKOFF_MAX_EPOCHS, EPOCHS_CAP, growth_cap
+
+    assert growth_cap(chosen_by_recipe(8)) == EPOCHS_CAP
+    assert growth_cap(chosen_by_recipe(2, strategy="full")) == EPOCHS_CAP
+    # gradual unfreezes over the planned epochs; step and one-cycle have no warm-up to grow in.
+    assert growth_cap(chosen_by_recipe(8, strategy="gradual")) is None
+    assert growth_cap(chosen_by_recipe(8, schedule="step")) is None
+    assert growth_cap(chosen_by_recipe(8, schedule="onecycle")) is None
+    # Its 1e-4 rate and backoff were chosen for a short plan.
+    assert growth_cap(chosen_by_recipe(2)) == BACKOFF_MAX_EPOCHS
+    # The user's epochs (the recipe's record has none), a manual job, a search trial's spec.
+    user_set = JobConfig.model_validate(
+        {"dataset_id": "ds_1", "epochs": 8, "plan": {"choices": {"backbone": "resnet18"}}}
+    )
+    assert growth_cap(user_set) is None
+    assert growth_cap(chosen_by_recipe(8, recipe="manual")) is None
+    assert growth_cap(JobConfig(dataset_id="ds_1", epochs=8)) is None
+
+
+class Planned(Callbacks):
+    def __init__(self) -> None:
+        self.plans: list[int] = []
+
+    def on_plan(self, epochs: int) -> None:
+        self.plans.append(epochs)
+
+
+def refit_run(config: JobConfig, seconds_left: float, steps_per_epoch: int = 10):
+    from worker.training.optim import LrPlan
+
+    told = Planned()
+    control = Control(told, None, deadline=time.monotonic() + seconds_left)
+    run = SimpleNamespace(config=config, control=control, extra={})
+    plan = LrPlan("cosine", steps_per_epoch, config.epochs, warmup_steps=2 * steps_per_epoch)
+    return run, plan, told
+
+
+def test_a_faster_machine_grows_the_schedule_while_it_warms_up_only():
+    from worker.training.finetune import GROW_MARGIN, refit_to_budget
+
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=100.0)
+    # After epoch 1 of 8 (10 s each): still warming up, 1 + 100 // 11 = 10 fit.
+    fits = refit_to_budget(run, plan, 1, 8, per_epoch=10.0, steps_done=10)  # type: ignore[arg-type]
+    assert fits == 1 + int(100.0 // (10.0 * GROW_MARGIN)) == 10
+    assert plan.epochs == 10 and plan.total_steps == 100
+    assert run.extra["epochs_fitted_to_budget"] == 10 and told.plans == [10]
+    # At the warm-up's end the cosine has not started yet: it still grows.
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=100.0)
+    assert refit_to_budget(run, plan, 2, 8, 10.0, steps_done=20) == 11  # type: ignore[arg-type]
+    # Past the warm-up the cosine has started: the schedule is kept as it is.
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=100.0)
+    assert refit_to_budget(run, plan, 3, 8, 10.0, steps_done=30) == 8  # type: ignore[arg-type]
+    assert plan.epochs == 8 and told.plans == [] and "epochs_fitted_to_budget" not in run.extra
+
+
+def test_a_slower_machine_shrinks_the_schedule_and_users_epochs_never_grow():
+    from worker.training.finetune import refit_to_budget
+
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=35.0)
+    assert refit_to_budget(run, plan, 1, 8, 10.0, steps_done=10) == 4  # type: ignore[arg-type]
+    assert plan.epochs == 4 and told.plans == [4]
+    pinned = JobConfig(dataset_id="ds_1", epochs=8)
+    run, plan, told = refit_run(pinned, seconds_left=1000.0)
+    assert refit_to_budget(run, plan, 1, 8, 10.0, steps_done=10) == 8  # type: ignore[arg-type]
+    assert told.plans == []
+
+
+def test_a_job_that_grew_its_schedule_has_no_warning():
+    (warning,) = budget_warnings(trained(None, 3, epochs=6, done=3))  # type: ignore[arg-type]
+    assert budget_warnings(trained(None, 9, epochs=6, done=9)) == []  # type: ignore[arg-type]
+    # Grown to 9, then the deadline cut the 8th: counted against the grown plan.
+    (warning,) = budget_warnings(trained("time_budget", 9, epochs=6, done=8))  # type: ignore[arg-type]
+    assert "8 of the 9 planned" in warning

@@ -32,6 +32,11 @@ def test_separable_classes_are_learned_and_standardisation_is_folded_in():
     assert fit.folds == 3
     assert set(fit.cv_scores) == {f"{p:g}" for p in PENALTIES}
     assert fit.penalty in PENALTIES
+    # Each image's held-out verdict, per penalty: what the scores are the mean of (the
+    # recipe compares two candidates image by image with them).
+    assert set(fit.cv_correct) == set(fit.cv_scores)
+    for key, right in fit.cv_correct.items():
+        assert right.shape == (len(y),) and right.mean() == pytest.approx(fit.cv_scores[key])
 
 
 def test_cross_validation_picks_a_stronger_penalty_for_noisy_high_dimensional_data():

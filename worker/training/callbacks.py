@@ -17,6 +17,10 @@ class Callbacks:
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         """After validation, with this epoch's metrics and the best so far."""
 
+    def on_plan(self, epochs: int) -> None:
+        """When the time budget re-fits the fine-tuning schedule: the epochs it now plans
+        in all (fewer on a machine slower than measured, more on a faster one)."""
+
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         """After each epoch (and after lp_ft's probe): everything needed to resume, as
         tensors, numbers, strings, lists and dicts (loadable with `weights_only=True`).

@@ -224,6 +224,8 @@ class Relay:
             cb.on_step(event["epoch"], event["step"], event["steps"])
         elif hook == "epoch_end":
             cb.on_epoch_end(event["metrics"], event["best"])
+        elif hook == "plan":
+            cb.on_plan(event["epochs"])
         elif hook == "checkpoint":
             path = Path(event["file"])
             cb.on_checkpoint(load_checkpoint(path))  # weights-only, as any checkpoint
@@ -308,6 +310,9 @@ class RankZeroCallbacks(RankCallbacks):
 
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         self._emit(hook="epoch_end", metrics=metrics, best=best)
+
+    def on_plan(self, epochs: int) -> None:
+        self._emit(hook="plan", epochs=epochs)
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         self.saved += 1

@@ -41,6 +41,10 @@ BACKOFF_DROP = 0.02  # an epoch this far below the best so far halves the learni
 # best epoch (the probe's included) is still what is kept, so a fine-tune that never
 # recovers delivers the probe. `full` and `gradual` keep the backoff (not measured).
 BACKOFF_MAX_EPOCHS = 3
+EPOCHS_CAP = 30  # fine-tuning epochs the auto recipe never plans, nor a budget re-fit grows past
+# A schedule grows only with room for this much more per epoch than measured: an epoch
+# the deadline cuts short ends the run at a learning rate the cosine never brought down.
+GROW_MARGIN = 1.05
 
 
 def train_loaders(run: Run) -> tuple[DataLoader, DataLoader, EpochSampler, torch.Generator]:
@@ -156,6 +160,48 @@ def back_off(
     )
 
 
+def growth_cap(config: JobSpec) -> int | None:
+    """How many epochs a budget re-fit may grow the schedule to, or None: never more than
+    planned. Only epochs the auto recipe chose grow (`config.plan["choices"]`, the worker's
+    JobConfig), never ones the user set, on the cosine schedule, not `gradual`'s; an lp_ft
+    plan of at most `BACKOFF_MAX_EPOCHS` epochs only up to that: its rate and backoff were
+    chosen for a short plan."""
+    plan = getattr(config, "plan", None)
+    if config.recipe != "auto" or not plan or "epochs" not in plan.get("choices", {}):
+        return None
+    if config.strategy == "gradual" or config.schedule != "cosine":
+        # `gradual` spreads its unfreezing over the planned epochs (a longer plan would
+        # freeze again what it had unfrozen); a step or one-cycle schedule has no warm-up
+        # before which a longer plan changes nothing.
+        return None
+    if config.strategy == "lp_ft" and config.epochs <= BACKOFF_MAX_EPOCHS:
+        return BACKOFF_MAX_EPOCHS
+    return EPOCHS_CAP
+
+
+def refit_to_budget(
+    run: Run, plan: LrPlan, epoch: int, planned: int, per_epoch: float, steps_done: int
+) -> int:
+    """The epochs the schedule plans from now on: fewer when the measured `per_epoch` says
+    `planned` would overrun the deadline, more (up to `growth_cap`) until the warm-up ends,
+    when the machine turned out faster than planning measured. The cosine has not started
+    then, so the weights trained so far followed the longer schedule exactly. A first
+    epoch slower than the rest (the first steps of each shape, the unaugmented epoch) may
+    shrink the plan; the second can grow it back. The new count goes in
+    `extra["epochs_fitted_to_budget"]` and to `on_plan`."""
+    control = run.control
+    fits = control.epochs_within_budget(epoch, planned, per_epoch)
+    cap = growth_cap(run.config)
+    if fits == planned and cap is not None and cap > planned and steps_done <= plan.warmup_steps:
+        fits = max(planned, control.epochs_within_budget(epoch, cap, per_epoch * GROW_MARGIN))
+    if fits != planned:
+        plan.replan(fits)
+        run.extra["epochs_fitted_to_budget"] = fits
+        control.on_plan(fits)
+        log.info("time budget: %d fine-tuning epochs planned instead of %d", fits, planned)
+    return fits
+
+
 def weight_average(config: JobSpec, model: nn.Module, steps_per_epoch: int) -> Any:
     """timm's ModelEmaV3 of `model`, or None (`ema: false`). Its horizon is about half an
     epoch, so the averaged model is never far behind on the short runs a time budget
@@ -222,6 +268,8 @@ def fine_tune(
     epoch, planned, partial = 0, config.epochs, None
     if resume is not None and resume["phase"] == "fine_tune":
         epoch, planned, partial = restore_training(resume, optimizer, scheduler, scaler, generator)
+        if planned != config.epochs:  # a budget re-fit before the restart: progress counts it
+            control.on_plan(planned)
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
     started, first_epoch = time.monotonic(), epoch
@@ -272,21 +320,19 @@ def fine_tune(
         run.record.add(
             metrics, ema.module if ema is not None else model, es.min_delta if es else 0.0
         )
-        log.info("epoch %d/%d %s", epoch, config.epochs, metrics)
+        log.info("epoch %d/%d %s", epoch, planned, metrics)
         if isinstance(plan, LrPlan) and regressed(run, metrics):
             back_off(run, plan, optimizer, model, ema, epoch)
+        ends = stats.stopped or run.record.early_stop()
+        if not ends and control.deadline is not None and isinstance(plan, LrPlan):
+            # Fit the schedule to the epochs the time budget leaves room for (before the
+            # checkpoint: a restart goes on with the re-fitted plan).
+            per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
+            planned = refit_to_budget(run, plan, epoch, planned, per_epoch, scheduler.last_epoch)
         run.checkpoint("fine_tune", epoch, **training_state(planned, generator.get_state()))
         if stats.stopped:
             break
         if run.record.early_stop():
             control.reason = "early_stopping"
             break
-        if control.deadline is not None and isinstance(plan, LrPlan):
-            # Fit the schedule to the epochs the time budget leaves room for.
-            per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
-            fits = control.epochs_within_budget(epoch, planned, per_epoch)
-            if fits < planned:
-                planned = fits
-                plan.replan(planned)
-                run.extra["epochs_fitted_to_budget"] = planned
     set_trainable(list(model.parameters()), True)

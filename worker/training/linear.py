@@ -37,6 +37,8 @@ class LinearFit:
     cv_scores: dict[str, float] = field(default_factory=dict)  # penalty -> mean fold score
     folds: int = 0
     cv_metric: str = "accuracy"  # "map" for multi-label
+    # penalty -> each image's held-out verdict (right or not) in the folds; single-label only
+    cv_correct: dict[str, np.ndarray] = field(default_factory=dict)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T + self.bias
@@ -144,11 +146,13 @@ def fit_linear(
     counts = np.bincount(labels, minlength=n_classes)
     k = min(folds, int(counts[counts > 0].min())) if len(labels) else 0
     scores: dict[str, float] = {}
+    verdicts: dict[str, np.ndarray] = {}
     if k >= 2 and len(penalties) > 1:
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         splits = list(splitter.split(np.zeros(len(labels)), labels))
         for lam in penalties:
             correct, fold_maps = 0, []
+            right = np.zeros(len(labels), dtype=bool)
             for tr, te in splits:
                 ftr = torch.as_tensor(tr, device=x.device)
                 fte = torch.as_tensor(te, device=x.device)
@@ -159,8 +163,12 @@ def fit_linear(
                 if multilabel:
                     fold_maps.append(fold_map(out, y[fte]))
                 else:
-                    correct += int((out.argmax(1) == y[fte]).sum())
+                    hits = (out.argmax(1) == y[fte]).cpu().numpy()
+                    right[te] = hits
+                    correct += int(hits.sum())
             scores[f"{lam:g}"] = float(np.mean(fold_maps)) if multilabel else correct / len(labels)
+            if not multilabel:
+                verdicts[f"{lam:g}"] = right
         best = max(scores.values())
         # The strongest penalty within half an image of the best (fewer, smaller weights).
         chosen = max(lam for lam in penalties if scores[f"{lam:g}"] >= best - 0.5 / len(labels))
@@ -170,7 +178,8 @@ def fit_linear(
     w, b = _solve(z, y, n_classes, chosen, loss_fn, max_iter)
     weight = w / std
     bias = b - weight @ mean
-    return LinearFit(weight, bias, chosen, scores, k, "map" if multilabel else "accuracy")
+    metric = "map" if multilabel else "accuracy"
+    return LinearFit(weight, bias, chosen, scores, k, metric, verdicts)
 
 
 def fold_map(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -8,9 +8,10 @@ Run by the worker before the image cache is built (`plan`), inside the job's tim
    each pretrained backbone at each size, timed (this device's images/s), and a
    cross-validated logistic regression on them (`linear.fit_linear`, the probe's own
    solver). A size is worth its cost only when it scores measurably better than a cheaper
-   one: the cheapest candidate within `TOLERANCE` of the best wins (so once the choice
-   scores within `TOLERANCE` of 1.0, no larger size is measured). A multi-label dataset
-   is scored by its own metric: one-vs-rest (BCE) probes' cross-validated mAP.
+   one: the cheapest candidate that no other outscores by more than `candidates.margin`
+   (1.5 points, or two standard errors of the image-by-image difference) wins (so once the
+   choice scores within 1.5 points of 1.0, no larger size is measured). A multi-label
+   dataset is scored by its own metric: one-vs-rest (BCE) probes' cross-validated mAP.
 3. **Flips**: a cross-validated probe fitted with and without mirrored copies of its
    training images; when the copies cost accuracy (digits, text) flips stay out of
    augmentation.
@@ -43,23 +44,23 @@ from core.jobspec import JobSpec
 from worker.training import measure
 from worker.training import multilabel as multilabel_lib
 from worker.training.backbones import create_model
+from worker.training.candidates import Candidate, choice_record, choice_settled, choose
 from worker.training.data import MULTI_LABEL
-from worker.training.finetune import BACKOFF_MAX_EPOCHS
+from worker.training.finetune import BACKOFF_MAX_EPOCHS, EPOCHS_CAP
 from worker.training.linear import fit_linear
 from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
 
 SIZES = (96, 128, 160, 224)  # candidate input sizes (px), cheapest first
-TOLERANCE = 0.015  # a costlier candidate must score this much more (cross-validated)
 # Why a candidate is in `not_measured`: planning's share of the budget was spent, a feature
-# pass over every image would be too long for the budget, or it cannot win (`_settled`).
+# pass over every image would be too long for the budget, or it cannot win
+# (`candidates.choice_settled`).
 PLANNING_TIME = "planning time"
 PASS_TOO_LONG = "a feature pass over every image would take over its share of the budget"
 CANNOT_WIN = "the choice so far scored within the tolerance of 1.0: no larger size can change it"
 FLIP_TOLERANCE = 0.01  # flips stay on unless mirrored copies cost more accuracy than this
 SUBSAMPLE = 320  # images decoded and scored per candidate (fewer for tiny budgets)
-EPOCHS_CAP = 30  # fine-tuning epochs the plan never exceeds
 AUTO_CROP_SCALE_MIN = 0.6  # random resized crops keep at least this share of the area
 MULTI_LABEL_SHIFT = 1 / 16  # multi-label: shifts of at most this share of the side, no crop
 MIN_PROBE_PER_CLASS = 20  # a budget-limited probe still learns from this many a class
@@ -104,41 +105,6 @@ def augmentation_crop(multilabel: bool, size: int) -> dict[str, Any]:
     if multilabel:
         return {"name": "random_crop", "padding": max(1, round(size * MULTI_LABEL_SHIFT))}
     return {"name": "random_resized_crop", "scale_min": AUTO_CROP_SCALE_MIN}
-
-
-@dataclass
-class Candidate:
-    backbone: str
-    size: int
-    cv_accuracy: float
-    images_per_second: float  # inference, measured on this device
-    seconds: float = 0.0  # what measuring and scoring it took (planning time)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone,
-            "image_size": self.size,
-            "cv_accuracy": round(self.cv_accuracy, 4),
-            "images_per_second": round(self.images_per_second, 1),
-            "seconds": round(self.seconds, 2),
-        }
-
-
-def _choose(candidates: list[Candidate]) -> Candidate:
-    """The cheapest (by measured images/s) of the candidates within TOLERANCE of the best."""
-    best = max(c.cv_accuracy for c in candidates)
-    good = [c for c in candidates if c.cv_accuracy >= best - TOLERANCE]
-    return min(good, key=lambda c: 1.0 / c.images_per_second)
-
-
-def _settled(candidates: list[Candidate]) -> bool:
-    """Can no further, costlier candidate change the choice? A larger size can only raise
-    the best score, to 1.0 at most, which only narrows the candidates within TOLERANCE of it.
-    If today's choice scored within TOLERANCE of 1.0, it stays within any such narrowing and
-    stays the cheapest, so the larger sizes are not measured (lfw: 96 px scored 0.9875 and
-    128-224 px took 11 of the 14 s of planning). Asked of one backbone's sizes only: another
-    backbone's are not always costlier."""
-    return _choose(candidates).cv_accuracy >= 1.0 - TOLERANCE
 
 
 @dataclass
@@ -229,7 +195,7 @@ def plan(
     )
     max_pass = PASS_SHARE * max(horizon - (time.monotonic() - t0), 1.0)
     steps: dict[str, float] = {"profile_and_decode": time.monotonic() - t0}
-    settled = False  # one backbone's choice that no larger size can change (`_settled`)
+    settled = False  # one backbone's choice that no larger size can change (`choice_settled`)
     for name in backbones:
         if candidates and time.monotonic() - t0 > PLAN_SHARE * horizon:  # not even loaded
             skipped += [{"backbone": name, "image_size": s, "reason": PLANNING_TIME} for s in sizes]
@@ -276,15 +242,18 @@ def plan(
                 seed=spec.seed,
                 penalties=SCORING_PENALTIES,
             )
-            score = max(solved.cv_scores.values()) if solved.cv_scores else 0.0
-            last = Candidate(name, size, score, rate, time.monotonic() - started)
+            score, correct = 0.0, None
+            if solved.cv_scores:
+                key = max(solved.cv_scores, key=lambda k: solved.cv_scores[k])
+                score, correct = solved.cv_scores[key], solved.cv_correct.get(key)
+            last = Candidate(name, size, score, rate, time.monotonic() - started, correct)
             candidates.append(last)
             features[(name, size)] = (x, feats)
-            settled = len(backbones) == 1 and _settled(candidates)
-    chosen = _choose(candidates)
-    record["candidates"] = [c.record() for c in candidates]
+            settled = len(backbones) == 1 and choice_settled(candidates)
+    chosen = choose(candidates)
+    record["candidates"] = choice_record(candidates, chosen)
     # Too slow for the budget by a smaller size's speed, past planning's share of it, or
-    # unable to win (`_settled`).
+    # unable to win (`choice_settled`).
     record["not_measured"] = skipped
     record["chosen"] = {"backbone": chosen.backbone, "image_size": chosen.size}
 

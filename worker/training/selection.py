@@ -50,8 +50,26 @@ class BestEpoch:
             value = -metrics["train_loss"] if self.maximize else metrics["train_loss"]
         return float(value) if self.maximize else -float(value)
 
+    def _tie_break(self, metrics: dict[str, Any]) -> float:
+        """The validation loss, lower is better: what decides between epochs whose selection
+        metric is equal, as it often is on a small validation set (50 images: 2 points an
+        image), where the first of them would otherwise win by default."""
+        value = metrics.get("val_loss")
+        if self.metric == "val_loss" or value is None or math.isnan(value):
+            return math.inf
+        return float(value)
+
     def update(self, metrics: dict[str, Any], model: nn.Module, min_delta: float = 0.0) -> bool:
-        better = not self.metrics or self._score(metrics) > self._score(self.metrics) + min_delta
+        score, best = (self._score(metrics), self._score(self.metrics)) if self.metrics else (0, 0)
+        better = (
+            not self.metrics
+            or score > best + min_delta
+            or (
+                min_delta == 0
+                and score == best
+                and self._tie_break(metrics) < self._tie_break(self.metrics)
+            )
+        )
         if better:
             self.metrics = dict(metrics)
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
