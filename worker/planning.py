@@ -4,6 +4,7 @@ running time (every attempt, download and planning included)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,13 @@ def budget_warnings(trained: Trained) -> list[str]:
     fitted = result.extra.get("epochs_fitted_to_budget")
     budget = config.time_budget_seconds
     if result.stopped_reason == "time_budget" or (fitted is not None and fitted < config.epochs):
-        done = len(history)
+        done: float = len(history)
+        if fitted is not None and result.stopped_reason is None and done == math.ceil(fitted):
+            done = fitted  # the re-fit plan ran to its end, a shorter last epoch included
         # A plan the budget grew (a faster machine than measured) counts its grown epochs.
-        planned = max(config.epochs, fitted or 0)
+        planned = max(config.epochs, math.ceil(fitted or 0))
         return [
-            f"the time budget ({budget:g} s) ended training after {done} of the "
+            f"the time budget ({budget:g} s) ended training after {done:g} of the "
             f"{planned} planned fine-tuning epochs; the model is the best epoch so far "
             f"(epoch {result.best.get('epoch')}); a larger time_budget_seconds trains longer"
         ]

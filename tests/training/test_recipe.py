@@ -165,9 +165,10 @@ def test_the_flip_check_scores_multi_label_by_map():
 
 
 def test_no_costlier_candidate_is_measured_once_one_scores_near_perfect(tmp_path):
-    """Stripes, horizontal or vertical: the 96-px probe scores 1.0, and since no candidate
-    scores above 1.0, none costlier could be chosen (the cheapest within TOLERANCE of the
-    best wins): 128, 160 and 224 px are recorded as not measured, and 96 px is chosen."""
+    """Stripes, horizontal or vertical, 32 px: the 64-px probe scores 1.0, and since no
+    candidate scores above 1.0, none costlier could be chosen (the cheapest within
+    TOLERANCE of the best wins): 96 to 224 px are recorded as not measured, and 64 px is
+    chosen."""
     rng = np.random.default_rng(0)
     files = []
     for i in range(24):
@@ -178,12 +179,20 @@ def test_no_costlier_candidate_is_measured_once_one_scores_near_perfect(tmp_path
     index = ingest_bytes(make_zip(files), tmp_path / "images.zip").index()
     plan = planned((tmp_path / "images.zip", index, None), time_budget_seconds=120)
     rec = plan.record
-    assert [c["image_size"] for c in rec["candidates"]] == [96]
+    assert [c["image_size"] for c in rec["candidates"]] == [64]
     assert rec["candidates"][0]["cv_accuracy"] >= 1.0 - TOLERANCE
     assert [(c["image_size"], c["reason"]) for c in rec["not_measured"]] == [
         (size, recipe.CANNOT_WIN) for size in recipe.SIZES[1:]
     ]
-    assert plan.spec.image_size == 96
+    assert plan.spec.image_size == 64
+
+
+def test_64_px_is_a_candidate_for_low_resolution_images_only():
+    assert recipe.candidate_sizes(8) == [64, 96, 128, 160, 224]
+    assert recipe.candidate_sizes(64) == [64, 96, 128, 160, 224]
+    # A larger image would lose detail it has: 96 px and up.
+    assert recipe.candidate_sizes(65) == [96, 128, 160, 224]
+    assert recipe.candidate_sizes(250) == [96, 128, 160, 224]
 
 
 @pytest.mark.parametrize(
@@ -201,7 +210,9 @@ def test_no_costlier_candidate_is_measured_once_one_scores_near_perfect(tmp_path
 def test_measuring_stops_exactly_when_no_larger_size_can_change_the_choice(
     digits, monkeypatch, scores, measured, chosen
 ):
-    """Scripted scores and speeds (larger sizes slower), the recipe's own choice rule."""
+    """Scripted scores and speeds (larger sizes slower), the recipe's own choice rule. The
+    sizes from 96 px (as for images larger than 64 px)."""
+    monkeypatch.setattr(recipe, "SIZES", (96, 128, 160, 224))
     rates = {96: 1000.0, 128: 600.0, 160: 400.0, 224: 200.0}
     sizes: list[int] = []
 
@@ -236,7 +247,9 @@ def test_a_candidate_whose_measuring_would_take_planning_past_its_share_is_skipp
     """A fake clock: measuring a size costs 2, 3.5, 5.5 and 11 s, all of it the timed pass
     (the speed says so). Planning may take 12% of the budget. After 160 px (11 s in), 224
     px would cost about 10.8 s (160 px's pass scaled by the pixels): it is started only when
-    planning would still end within its share."""
+    planning would still end within its share. The sizes from 96 px (as for images larger
+    than 64 px)."""
+    monkeypatch.setattr(recipe, "SIZES", (96, 128, 160, 224))
     now = [time.monotonic()]
     cost = {96: 2.0, 128: 3.5, 160: 5.5, 224: 11.0}
 

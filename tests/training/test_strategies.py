@@ -151,14 +151,14 @@ class Plans(Callbacks):
         self.checkpoints.append(state)
 
 
-def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(digits, monkeypatch):
+def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(few_digits, monkeypatch):
     """Planning timed a few steps and planned 2 epochs; the first epoch shows that more fit:
     the schedule grows (here up to a cap of 5) while it still warms up, and its cosine
     still ends near zero."""
     from worker.training import finetune
 
     monkeypatch.setattr(finetune, "EPOCHS_CAP", 5)
-    archive, index, tmp = digits
+    archive, index, cache = few_digits
     config = JobConfig(
         dataset_id="ds_1",
         strategy="full",
@@ -166,14 +166,14 @@ def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(digits, monkeypat
         warmup_epochs=2,
         time_budget_seconds=300,
         image_size=32,
-        batch_size=32,
+        batch_size=8,
         learning_rate=2e-3,
         augmentation=Augmentation(hflip=False),
         refit=False,
         plan={"choices": {"epochs": 2}},  # as the worker stores the recipe's record
     )
     told = Plans()
-    result = fit(config, prepare(archive, index, config, tmp / "cache"), told, num_workers=0)
+    result = fit(config, prepare(archive, index, config, cache), told, num_workers=0)
     tuned = [h for h in result.history if h["phase"] == "fine_tune"]
     assert len(tuned) == 5 and told.plans == [5], result.history
     assert result.extra["epochs_fitted_to_budget"] == 5 and result.stopped_reason is None
@@ -184,14 +184,67 @@ def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(digits, monkeypat
     after_two = next(c for c in told.checkpoints if c["phase"] == "fine_tune" and c["epoch"] == 2)
     assert after_two["planned"] == 5
     again = Plans()
-    data = prepare(archive, index, config, tmp / "cache")
+    data = prepare(archive, index, config, cache)
     resumed = fit(config, data, again, num_workers=0, resume=after_two)
     assert again.plans == [5]
     assert len([h for h in resumed.history if h["phase"] == "fine_tune"]) == 5
     # The same job with `epochs` set by the user runs them as set.
     pinned = config.model_copy(update={"plan": None})
-    result = fit(pinned, prepare(archive, index, pinned, tmp / "cache"), num_workers=0)
+    result = fit(pinned, prepare(archive, index, pinned, cache), num_workers=0)
     assert len([h for h in result.history if h["phase"] == "fine_tune"]) == 2
+
+
+def test_a_budget_fitted_plan_ends_in_a_shorter_last_epoch(few_digits, monkeypatch):
+    """A re-fit to the budget may leave room for part of an epoch (`epochs_within_budget`
+    with the seconds of validation a shorter epoch still pays): the last epoch runs that
+    share of its steps, is validated and checkpointed like the others, and the cosine ends
+    at its last step. Here the budget's answer is fixed (2.5 epochs) to test the loop."""
+    from worker.training.control import Control
+
+    def fits(self, epoch, planned, per_epoch, fixed=None):
+        return min(planned, 2.5) if fixed is not None else planned
+
+    monkeypatch.setattr(Control, "epochs_within_budget", fits)
+    archive, index, cache = few_digits
+    config = JobConfig(
+        dataset_id="ds_1",
+        strategy="full",
+        epochs=4,
+        warmup_epochs=1,
+        time_budget_seconds=300,
+        image_size=32,
+        batch_size=8,  # 80 training images: 10 steps an epoch
+        learning_rate=2e-3,
+        augmentation=Augmentation(hflip=False),
+        refit=False,
+        plan={"choices": {"epochs": 4}},
+    )
+
+    class Steps(Plans):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: dict[int, list[tuple[int, int]]] = {}
+
+        def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+            self.steps.setdefault(epoch, []).append((step, steps_per_epoch))
+
+    told = Steps()
+    result = fit(config, prepare(archive, index, config, cache), told, num_workers=0)
+    tuned = [h for h in result.history if h["phase"] == "fine_tune"]
+    assert len(tuned) == 3 and told.plans == [3], result.history
+    assert result.extra["epochs_fitted_to_budget"] == 2.5 and result.stopped_reason is None
+    full = len(told.steps[1])
+    assert full >= 4 and len(told.steps[2]) == full
+    short = round(2.5 * full) - 2 * full
+    # The last epoch stops after its share (progress still counts an epoch's full length),
+    # and it is validated and kept like the others.
+    assert told.steps[3] == [(i, full) for i in range(1, short + 1)]
+    assert tuned[-1]["epoch"] == 3 and tuned[-1]["val_accuracy"] is not None
+    last = [c for c in told.checkpoints if c["phase"] == "fine_tune"][-1]
+    assert last["epoch"] == 3 and last["planned"] == 3
+    sched = last["scheduler"]
+    assert sched["last_epoch"] == round(2.5 * full)  # every planned step taken
+    assert sched["lr_lambdas"][0]["total_steps"] == round(2.5 * full)
 
 
 def test_imbalance_turns_on_class_weights_automatically(digits):

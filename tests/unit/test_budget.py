@@ -3,6 +3,7 @@ the warning a cut-short job carries. (Planning itself trains: tests/training/tes
 
 from __future__ import annotations
 
+import math
 import time
 from types import SimpleNamespace
 
@@ -31,6 +32,15 @@ def test_epochs_are_planned_only_up_to_the_deadline_less_the_reserve():
     assert control.epochs_within_budget(1, 50, per_epoch=10.0) == 7  # 1 + 69 // 10
     control.reserve = 500.0
     assert control.epochs_within_budget(3, 50, per_epoch=10.0) == 3  # never below what ran
+    # With the seconds a shorter epoch pays in full (validation, checkpoint): the part of
+    # one that fits. 750 s left at 100 s an epoch: 7 epochs, then 50 s, 30 of them
+    # training (30 / 80 = 0.375: 0.35 in twentieths, and seconds of drift change nothing).
+    control = Control(Callbacks(), None, deadline=time.monotonic() + 1000.0)
+    control.reserve = 250.0
+    assert control.epochs_within_budget(1, 50, 100.0, fixed=20.0) == pytest.approx(8.35)
+    assert control.epochs_within_budget(1, 8.2, 100.0, fixed=20.0) == pytest.approx(8.2)
+    control.reserve = 275.0  # 25 s after 7 epochs: 5 s of training, under a quarter
+    assert control.epochs_within_budget(1, 50, 100.0, fixed=20.0) == 8
 
 
 def test_a_deadline_given_by_the_caller_wins_over_counting_from_now():
@@ -128,31 +138,82 @@ def refit_run(config: JobConfig, seconds_left: float, steps_per_epoch: int = 10)
 def test_a_faster_machine_grows_the_schedule_while_it_warms_up_only():
     from worker.training.finetune import GROW_MARGIN, refit_to_budget
 
-    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=100.0)
-    # After epoch 1 of 8 (10 s each): still warming up, 1 + 100 // 11 = 10 fit.
-    fits = refit_to_budget(run, plan, 1, 8, per_epoch=10.0, steps_done=10)  # type: ignore[arg-type]
-    assert fits == 1 + int(100.0 // (10.0 * GROW_MARGIN)) == 10
-    assert plan.epochs == 10 and plan.total_steps == 100
-    assert run.extra["epochs_fitted_to_budget"] == 10 and told.plans == [10]
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
+    # After epoch 1 of 8 (100 s each, 20 of them validation and checkpoint): still warming
+    # up. 9 more epochs fit at 105 s (945 s); of the 55 s left, 35 s train: 35 / 85 = 0.41
+    # of an epoch, a last epoch of 0.4 (in twentieths).
+    fits = refit_to_budget(run, plan, 1, per_epoch=100.0, steps_done=10, fixed_seconds=20.0)  # type: ignore[arg-type]
+    assert GROW_MARGIN == 1.05 and fits == 11
+    assert plan.planned_epochs == pytest.approx(10.4) and plan.total_steps == 104
+    assert [plan.steps_in_epoch(e) for e in (10, 11, 12)] == [10, 4, 0]
+    assert run.extra["epochs_fitted_to_budget"] == 10.4 and told.plans == [11]
     # At the warm-up's end the cosine has not started yet: it still grows.
-    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=100.0)
-    assert refit_to_budget(run, plan, 2, 8, 10.0, steps_done=20) == 11  # type: ignore[arg-type]
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
+    assert refit_to_budget(run, plan, 2, 100.0, steps_done=20, fixed_seconds=20.0) == 12  # type: ignore[arg-type]
+    assert plan.planned_epochs == pytest.approx(11.4)
     # Past the warm-up the cosine has started: the schedule is kept as it is.
-    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=100.0)
-    assert refit_to_budget(run, plan, 3, 8, 10.0, steps_done=30) == 8  # type: ignore[arg-type]
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
+    assert refit_to_budget(run, plan, 3, 100.0, steps_done=30) == 8  # type: ignore[arg-type]
     assert plan.epochs == 8 and told.plans == [] and "epochs_fitted_to_budget" not in run.extra
 
 
-def test_a_slower_machine_shrinks_the_schedule_and_users_epochs_never_grow():
+def test_a_slower_machine_shrinks_the_schedule_to_the_part_of_an_epoch_that_fits():
     from worker.training.finetune import refit_to_budget
 
-    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=35.0)
-    assert refit_to_budget(run, plan, 1, 8, 10.0, steps_done=10) == 4  # type: ignore[arg-type]
-    assert plan.epochs == 4 and told.plans == [4]
+    # 350 s left after epoch 1, 100 s an epoch (20 s fixed): 3 epochs, then 50 s, of which
+    # 30 s train (30 / 80 = 0.375 of an epoch): a last epoch of 0.35.
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=350.0, steps_per_epoch=20)
+    assert refit_to_budget(run, plan, 1, 100.0, steps_done=20, fixed_seconds=20.0) == 5  # type: ignore[arg-type]
+    assert plan.planned_epochs == pytest.approx(4.35) and plan.total_steps == 87
+    assert plan.steps_in_epoch(5) == 7 and told.plans == [5]
+    # Less than a quarter of an epoch's training left over: whole epochs only.
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=330.0, steps_per_epoch=20)
+    assert refit_to_budget(run, plan, 1, 100.0, steps_done=20, fixed_seconds=20.0) == 4  # type: ignore[arg-type]
+    assert plan.planned_epochs == 4 and plan.steps_in_epoch(4) == 20
+    # The user's epochs: never grown, and a budget shrinks them to whole epochs.
     pinned = JobConfig(dataset_id="ds_1", epochs=8)
-    run, plan, told = refit_run(pinned, seconds_left=1000.0)
-    assert refit_to_budget(run, plan, 1, 8, 10.0, steps_done=10) == 8  # type: ignore[arg-type]
+    run, plan, told = refit_run(pinned, seconds_left=10000.0)
+    assert refit_to_budget(run, plan, 1, 100.0, steps_done=10) == 8  # type: ignore[arg-type]
     assert told.plans == []
+    run, plan, told = refit_run(pinned, seconds_left=350.0)
+    assert refit_to_budget(run, plan, 1, 100.0, steps_done=10, fixed_seconds=20.0) == 4  # type: ignore[arg-type]
+    assert plan.planned_epochs == 4 and told.plans == [4]
+
+
+def test_a_plan_never_grows_after_its_shorter_last_epoch_ran():
+    from worker.training.finetune import refit_to_budget
+
+    # A slow first epoch: 55 s left at 100 s an epoch (20 fixed), a last epoch of 35 / 80:
+    # 0.4 in twentieths (4 steps of 10).
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=55.0)
+    assert refit_to_budget(run, plan, 1, 100.0, steps_done=10, fixed_seconds=20.0) == 2  # type: ignore[arg-type]
+    assert plan.total_steps == 14
+    # That epoch ran (still within the warm-up) and the machine turned fast: no growth.
+    run.control.deadline = time.monotonic() + 500.0
+    assert refit_to_budget(run, plan, 2, 40.0, steps_done=14, fixed_seconds=5.0) == 2  # type: ignore[arg-type]
+    assert plan.total_steps == 14 and run.extra["epochs_fitted_to_budget"] == 1.4
+
+
+def test_a_shorter_last_epoch_ends_the_cosine_at_its_last_step():
+    from worker.training.optim import LrPlan
+
+    plan = LrPlan("cosine", steps_per_epoch=10, epochs=5, warmup_steps=10)
+    plan.replan(3.3)
+    assert plan.epochs == 4 and plan.total_steps == 33
+    assert [plan.steps_in_epoch(e) for e in (1, 3, 4, 5)] == [10, 10, 3, 0]
+    assert plan(32) == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 23)))
+    assert plan(33) == pytest.approx(0.0)
+    plan.replan(3)  # whole epochs: as before
+    assert plan.epochs == 3 and plan.total_steps == 30 and plan.steps_in_epoch(3) == 10
+    # A part too small for one step (1 or 2 steps an epoch) adds no epoch.
+    one = LrPlan("cosine", steps_per_epoch=1, epochs=5, warmup_steps=1)
+    one.replan(3.4)
+    assert one.epochs == 3 and one.total_steps == 3 and one.steps_in_epoch(4) == 0
+    two = LrPlan("cosine", steps_per_epoch=2, epochs=5, warmup_steps=1)
+    two.replan(4.25)
+    assert two.epochs == 4 and two.total_steps == 8
+    two.replan(4.75)
+    assert two.epochs == 5 and two.total_steps == 10 and two.steps_in_epoch(5) == 2
 
 
 def test_a_job_that_grew_its_schedule_has_no_warning():
@@ -161,3 +222,10 @@ def test_a_job_that_grew_its_schedule_has_no_warning():
     # Grown to 9, then the deadline cut the 8th: counted against the grown plan.
     (warning,) = budget_warnings(trained("time_budget", 9, epochs=6, done=8))  # type: ignore[arg-type]
     assert "8 of the 9 planned" in warning
+    # Shrunk to a shorter last epoch, run to its end.
+    (warning,) = budget_warnings(trained(None, 5.35, epochs=6, done=6))  # type: ignore[arg-type]
+    assert "5.35 of the 6 planned" in warning
+    # Early stopping ended it before: the epochs that ran.
+    stopped = trained("early_stopping", 5.35, epochs=6, done=3)
+    (warning,) = budget_warnings(stopped)  # type: ignore[arg-type]
+    assert "3 of the 6 planned" in warning

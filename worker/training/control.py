@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 from worker.training.callbacks import Callbacks
+
+# A schedule's last epoch is cut to the part of one that fits (`epochs_within_budget`),
+# never to less than this: each epoch pays a validation pass in full.
+MIN_LAST_EPOCH = 0.25
 
 
 class Interrupted(Exception):
@@ -76,12 +81,21 @@ class Control(Callbacks):
             self.reason = "time_budget"
         return self.reason is not None
 
-    def epochs_within_budget(self, epoch: int, planned: int, per_epoch: float) -> int:
+    def epochs_within_budget(
+        self, epoch: int, planned: float, per_epoch: float, fixed: float | None = None
+    ) -> float:
         """How many epochs in all fit before the deadline, after `epoch` epochs that took
         `per_epoch` seconds each: at least `epoch` (this one was the last), at most
-        `planned`."""
+        `planned`. Whole epochs; with `fixed` (the seconds of an epoch that a shorter one
+        still pays in full: its validation) the last may be a part of one, in twentieths,
+        when at least `MIN_LAST_EPOCH` of one fits."""
         if self.deadline is None:
             return planned
         left = max(0.0, self.deadline - self.reserve - time.monotonic())
-        fits = min(planned, epoch + int(left // per_epoch))
-        return fits if self.agree is None else int(self.agree([float(fits)], "min")[0])
+        more = float(left // per_epoch)
+        if fixed is not None:
+            part = (left - more * per_epoch - fixed) / max(per_epoch - fixed, 1e-9)
+            if part >= MIN_LAST_EPOCH:
+                more += math.floor(part * 20) / 20
+        fits = min(planned, epoch + more)
+        return fits if self.agree is None else self.agree([float(fits)], "min")[0]

@@ -180,26 +180,44 @@ def growth_cap(config: JobSpec) -> int | None:
 
 
 def refit_to_budget(
-    run: Run, plan: LrPlan, epoch: int, planned: int, per_epoch: float, steps_done: int
+    run: Run,
+    plan: LrPlan,
+    epoch: int,
+    per_epoch: float,
+    steps_done: int,
+    fixed_seconds: float = 0.0,
 ) -> int:
-    """The epochs the schedule plans from now on: fewer when the measured `per_epoch` says
-    `planned` would overrun the deadline, more (up to `growth_cap`) until the warm-up ends,
-    when the machine turned out faster than planning measured. The cosine has not started
-    then, so the weights trained so far followed the longer schedule exactly. A first
-    epoch slower than the rest (the first steps of each shape, the unaugmented epoch) may
-    shrink the plan; the second can grow it back. The new count goes in
-    `extra["epochs_fitted_to_budget"]` and to `on_plan`."""
+    """The epochs the schedule plans from now on (the last one may be shorter: see
+    `plan.planned_epochs`): fewer when the measured `per_epoch` says the plan would overrun
+    the deadline, more (up to `growth_cap`) until the warm-up ends, when the machine turned
+    out faster than planning measured. The cosine has not started then, so the weights
+    trained so far followed the longer schedule exactly. A first epoch slower than the rest
+    (the first steps of each shape, the unaugmented epoch) may shrink the plan; the second
+    can grow it back. Epochs the recipe chose end in the part of an epoch that fits (at
+    least `control.MIN_LAST_EPOCH`; `fixed_seconds` of each epoch, its validation and
+    checkpoint, are paid in full by a shorter one); a user's stay whole. The new plan goes in
+    `extra["epochs_fitted_to_budget"]`, its epoch count to `on_plan`."""
     control = run.control
-    fits = control.epochs_within_budget(epoch, planned, per_epoch)
     cap = growth_cap(run.config)
-    if fits == planned and cap is not None and cap > planned and steps_done <= plan.warmup_steps:
-        fits = max(planned, control.epochs_within_budget(epoch, cap, per_epoch * GROW_MARGIN))
-    if fits != planned:
+    fixed = fixed_seconds if cap is not None else None
+    planned = plan.epochs
+    current = plan.planned_epochs
+    fits = control.epochs_within_budget(epoch, current, per_epoch, fixed)
+    # Growth only while warming up, and never after a shorter epoch ran (it would sit
+    # in the middle of the longer run).
+    whole = steps_done == epoch * plan.steps_per_epoch
+    warming = steps_done <= plan.warmup_steps
+    if fits >= current and cap is not None and cap > current and warming and whole:
+        fits = max(
+            current, control.epochs_within_budget(epoch, cap, per_epoch * GROW_MARGIN, fixed)
+        )
+    if abs(fits - current) > 1e-6:
         plan.replan(fits)
-        run.extra["epochs_fitted_to_budget"] = fits
-        control.on_plan(fits)
-        log.info("time budget: %d fine-tuning epochs planned instead of %d", fits, planned)
-    return fits
+        run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
+        if plan.epochs != planned:
+            control.on_plan(plan.epochs)
+        log.info("time budget: %g fine-tuning epochs planned instead of %g", fits, current)
+    return plan.epochs
 
 
 def weight_average(config: JobSpec, model: nn.Module, steps_per_epoch: int) -> Any:
@@ -273,6 +291,7 @@ def fine_tune(
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
     started, first_epoch = time.monotonic(), epoch
+    saving = 0.0  # seconds the last checkpoint took: a shorter epoch pays it in full too
     while epoch < planned:
         epoch += 1
         if stages:
@@ -300,6 +319,8 @@ def fine_tune(
             freeze_norm_stats=config.effective_freeze_norm_stats,
             resume_from=done,
             after_step=(lambda: ema.update(model)) if ema is not None else None,
+            # A re-fit's last epoch may be a part of one.
+            max_steps=plan.steps_in_epoch(epoch) if isinstance(plan, LrPlan) else None,
         )
         if stats.stopped and control.reason == "callback":
             if control.checkpoint_on_stop():
@@ -313,7 +334,8 @@ def fine_tune(
             lambda: predict(eval_model, val_loader, rt.device, rt.amp_dtype)
         )
         # The final evaluation (validation + test) and export come after the last epoch.
-        control.reserve = (time.monotonic() - val_start) * eval_share + EXPORT_RESERVE
+        val_seconds = time.monotonic() - val_start
+        control.reserve = val_seconds * eval_share + EXPORT_RESERVE
         report = evaluate(logits, targets, data.classes, data.multilabel)
         metrics = epoch_metrics(epoch, stats, report, lr, "fine_tune")
         es = config.early_stopping
@@ -328,8 +350,12 @@ def fine_tune(
             # Fit the schedule to the epochs the time budget leaves room for (before the
             # checkpoint: a restart goes on with the re-fitted plan).
             per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
-            planned = refit_to_budget(run, plan, epoch, planned, per_epoch, scheduler.last_epoch)
+            planned = refit_to_budget(
+                run, plan, epoch, per_epoch, scheduler.last_epoch, val_seconds + saving
+            )
+        saving = time.monotonic()
         run.checkpoint("fine_tune", epoch, **training_state(planned, generator.get_state()))
+        saving = time.monotonic() - saving
         if stats.stopped:
             break
         if run.record.early_stop():

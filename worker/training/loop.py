@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -103,12 +104,15 @@ def train_one_epoch(
     freeze_norm_stats: bool = False,
     resume_from: EpochStats | None = None,
     after_step: Callable[[], None] | None = None,
+    max_steps: int | None = None,
 ) -> EpochStats:
     """One pass over `loader`: images through the whole network (fine-tuning), or cached
     features through the head alone (the linear probe). `resume_from`: what a mid-epoch
     checkpoint recorded of this epoch so far (its steps and sums); the loader then holds
-    only the remaining batches. With multi-hot targets (multi-label) the accuracy counted
-    is subset accuracy: images whose every class is right at probability 0.5."""
+    only the remaining batches. `max_steps`: the epoch ends after this many steps (a
+    schedule's last, shorter epoch: `LrPlan.steps_in_epoch`). With multi-hot targets
+    (multi-label) the accuracy counted is subset accuracy: images whose every class is
+    right at probability 0.5."""
     model.train()
     if freeze_norm_stats:
         # Keep BatchNorm on its running statistics: the batch statistics of a small,
@@ -121,13 +125,15 @@ def train_one_epoch(
     loss_sum = torch.full((), done.loss * done.images, device=device)
     correct = torch.full((), round(done.accuracy * done.images), device=device, dtype=torch.long)
     seen = done.images
-    steps = done.steps + len(loader)
+    steps = done.steps + len(loader)  # progress counts the epoch's full length
+    limit = steps if max_steps is None else min(steps, max_steps)
     start = time.perf_counter() - done.seconds
     data_seconds = done.data_seconds
     stopped = False
     step = done.steps
     fetch_start = time.perf_counter()
-    for step, (images, targets) in enumerate(loader, start=done.steps + 1):
+    batches = loader if limit == steps else itertools.islice(loader, max(0, limit - done.steps))
+    for step, (images, targets) in enumerate(batches, start=done.steps + 1):
         data_seconds += time.perf_counter() - fetch_start
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)

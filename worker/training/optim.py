@@ -23,10 +23,23 @@ class LrPlan:
         self.scale = 1.0  # lowered by `fine_tune` when an epoch regresses (backoff)
         self.replan(epochs)
 
-    def replan(self, epochs: int) -> None:
-        self.epochs = epochs
-        self.total_steps = max(1, self.steps_per_epoch * epochs)
-        self.step_every = max(1, epochs // 3) * self.steps_per_epoch
+    def replan(self, epochs: float) -> None:
+        """Plan `epochs` epochs; a fraction (a time budget's re-fit) makes the last epoch
+        shorter: it runs that share of its steps (`steps_in_epoch`)."""
+        self.total_steps = max(1, round(self.steps_per_epoch * epochs))
+        # Counted from the steps: a fraction too small for one step adds no epoch.
+        self.epochs = max(1, math.ceil(self.total_steps / max(1, self.steps_per_epoch)))
+        self.step_every = max(1, self.epochs // 3) * self.steps_per_epoch
+
+    @property
+    def planned_epochs(self) -> float:
+        """The epochs planned, with the last one's fraction."""
+        return self.total_steps / max(1, self.steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps epoch `epoch` (from 1) takes: all of them but in a last, shorter one."""
+        done = (epoch - 1) * self.steps_per_epoch
+        return max(0, min(self.steps_per_epoch, self.total_steps - done))
 
     def __call__(self, step: int) -> float:
         return self.scale * self._shape(step)
