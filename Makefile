@@ -38,11 +38,14 @@ serve: install
 	$(BIN)/finetune serve --port $(PORT)
 
 # The whole suite: every benchmark at its --smoke size (they must keep running), then every
-# test tier. A subset (PYTEST_ARGS=...) skips the benchmarks.
+# test tier in TEST_PROCESSES pytest processes (pytest-xdist, a test file per process at a
+# time; each process has its own database, bucket, queues and workers: tests/conftest.py).
+# A subset (PYTEST_ARGS=...) skips the benchmarks and runs in one process.
+TEST_PROCESSES ?= 2
 test: install
 	bash .ci/services
 	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory bench-smoke)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(or $(PYTEST_ARGS),-n $(TEST_PROCESSES) --dist loadfile)
 
 bench-smoke: install
 	@mkdir -p var

@@ -15,6 +15,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest processes (pytest-xdist) on a 2-core machine: one torch
+    # thread each, and in the worker processes they start, so that no thread waits for a
+    # core (a training test of 12 s took 295 s beside another suite's torch processes;
+    # measured: 19:42 for the suite this way, 21:07 with two threads that sleep while they
+    # wait, OMP_WAIT_POLICY=PASSIVE). Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

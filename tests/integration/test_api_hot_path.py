@@ -59,16 +59,16 @@ def test_a_key_revoked_elsewhere_is_refused_within_the_cache_ttl(env):
         with session_scope() as s:  # what `finetune keys revoke` does, in another process
             revoke_key(s, key_id)
         revoked_at = time.monotonic()
-        # Until the TTL runs out the verified key may still be served from the cache...
-        while time.monotonic() - revoked_at < ttl + 0.5:
+        while True:
+            asked = time.monotonic() - revoked_at  # when the request was sent, not answered
             resp = client.get("/v1/me", headers=bearer(token))
             if resp.status_code == 401:
                 break
-            assert resp.status_code == 200
+            # Until the TTL runs out the verified key may still be served from the cache,
+            # never after it.
+            assert resp.status_code == 200 and asked <= ttl + 0.5, (resp.status_code, asked)
             time.sleep(0.1)
-        # ...never after it.
-        assert time.monotonic() - revoked_at <= ttl + 0.5
-        assert resp.status_code == 401 and "revoked" in resp.json()["detail"]
+        assert "revoked" in resp.json()["detail"]
 
 
 def test_a_key_revoked_through_this_api_is_refused_at_once(env):

@@ -49,7 +49,8 @@ def test_a_long_plan_learns_faster_and_is_not_backed_off_to_the_probe():
     to the best weights."""
     from types import SimpleNamespace
 
-    from worker.training.finetune import BACKOFF_MAX_EPOCHS, regressed
+    from worker.training.finetune import regressed
+    from worker.training.refit import BACKOFF_MAX_EPOCHS
 
     assert recipe.lp_ft_learning_rate(1) == recipe.lp_ft_learning_rate(BACKOFF_MAX_EPOCHS)
     assert recipe.lp_ft_learning_rate(1) == recipe.LP_FT_LEARNING_RATE

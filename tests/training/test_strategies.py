@@ -155,9 +155,9 @@ def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(few_digits, monke
     """Planning timed a few steps and planned 2 epochs; the first epoch shows that more fit:
     the schedule grows (here up to a cap of 5) while it still warms up, and its cosine
     still ends near zero."""
-    from worker.training import finetune
+    from worker.training import refit
 
-    monkeypatch.setattr(finetune, "EPOCHS_CAP", 5)
+    monkeypatch.setattr(refit, "EPOCHS_CAP", 5)
     archive, index, cache = few_digits
     config = JobConfig(
         dataset_id="ds_1",
@@ -194,6 +194,40 @@ def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(few_digits, monke
     assert len([h for h in result.history if h["phase"] == "fine_tune"]) == 2
 
 
+def test_a_one_epoch_plan_grows_as_its_warm_up_ends(few_digits, monkeypatch):
+    """A 1-epoch plan warms up over half its epoch: the re-fit at the warm-up's last step
+    (`refit.WarmupRefit`) grows it, here to the cap of 3, and the cosine that starts there
+    runs over the grown plan."""
+    from worker.training import refit
+
+    monkeypatch.setattr(refit, "EPOCHS_CAP", 3)
+    archive, index, cache = few_digits
+    config = JobConfig(
+        dataset_id="ds_1",
+        strategy="full",
+        epochs=1,
+        warmup_epochs=0.5,
+        time_budget_seconds=300,
+        image_size=32,
+        batch_size=8,
+        learning_rate=2e-3,
+        augmentation=Augmentation(hflip=False),
+        refit=False,
+        plan={"choices": {"epochs": 1}, "speed": {"inference_images_per_second": 200.0}},
+    )
+    told = Plans()
+    result = fit(config, prepare(archive, index, config, cache), told, num_workers=0)
+    tuned = [h for h in result.history if h["phase"] == "fine_tune"]
+    assert len(tuned) == 3 and told.plans == [3], result.history
+    assert result.extra["epochs_fitted_to_budget"] == 3 and result.stopped_reason is None
+    first = next(c for c in told.checkpoints if c["phase"] == "fine_tune" and c["epoch"] == 1)
+    assert first["planned"] == 3
+    plan = first["scheduler"]["lr_lambdas"][0]
+    assert plan["total_steps"] == 3 * plan["steps_per_epoch"]
+    rates = [h["learning_rate"] for h in tuned]  # the cosine over the grown plan
+    assert rates[1] > rates[2] and rates[2] < 0.6 * rates[1], rates
+
+
 def test_a_budget_fitted_plan_ends_in_a_shorter_last_epoch(few_digits, monkeypatch):
     """A re-fit to the budget may leave room for part of an epoch (`epochs_within_budget`
     with the seconds of validation a shorter epoch still pays): the last epoch runs that
@@ -201,7 +235,7 @@ def test_a_budget_fitted_plan_ends_in_a_shorter_last_epoch(few_digits, monkeypat
     at its last step. Here the budget's answer is fixed (2.5 epochs) to test the loop."""
     from worker.training.control import Control
 
-    def fits(self, epoch, planned, per_epoch, fixed=None):
+    def fits(self, epoch, planned, per_epoch, fixed=None, ahead=0.0):
         return min(planned, 2.5) if fixed is not None else planned
 
     monkeypatch.setattr(Control, "epochs_within_budget", fits)

@@ -98,7 +98,7 @@ def chosen_by_recipe(epochs: int, strategy: str = "lp_ft", **fields: object) -> 
 
 
 def test_only_epochs_the_recipe_chose_may_grow_and_a_short_lp_ft_plan_stays_short():
-    from worker.training.finetune import BACKOFF_MAX_EPOCHS, EPOCHS_CAP, growth_cap
+    from worker.training.refit import BACKOFF_MAX_EPOCHS, EPOCHS_CAP, growth_cap
 
     assert growth_cap(chosen_by_recipe(8)) == EPOCHS_CAP
     assert growth_cap(chosen_by_recipe(2, strategy="full")) == EPOCHS_CAP
@@ -136,7 +136,7 @@ def refit_run(config: JobConfig, seconds_left: float, steps_per_epoch: int = 10)
 
 
 def test_a_faster_machine_grows_the_schedule_while_it_warms_up_only():
-    from worker.training.finetune import GROW_MARGIN, refit_to_budget
+    from worker.training.refit import GROW_MARGIN, refit_to_budget
 
     run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
     # After epoch 1 of 8 (100 s each, 20 of them validation and checkpoint): still warming
@@ -158,7 +158,7 @@ def test_a_faster_machine_grows_the_schedule_while_it_warms_up_only():
 
 
 def test_a_slower_machine_shrinks_the_schedule_to_the_part_of_an_epoch_that_fits():
-    from worker.training.finetune import refit_to_budget
+    from worker.training.refit import refit_to_budget
 
     # 350 s left after epoch 1, 100 s an epoch (20 s fixed): 3 epochs, then 50 s, of which
     # 30 s train (30 / 80 = 0.375 of an epoch): a last epoch of 0.35.
@@ -181,7 +181,7 @@ def test_a_slower_machine_shrinks_the_schedule_to_the_part_of_an_epoch_that_fits
 
 
 def test_a_plan_never_grows_after_its_shorter_last_epoch_ran():
-    from worker.training.finetune import refit_to_budget
+    from worker.training.refit import refit_to_budget
 
     # A slow first epoch: 55 s left at 100 s an epoch (20 fixed), a last epoch of 35 / 80:
     # 0.4 in twentieths (4 steps of 10).
@@ -229,3 +229,100 @@ def test_a_job_that_grew_its_schedule_has_no_warning():
     stopped = trained("early_stopping", 5.35, epochs=6, done=3)
     (warning,) = budget_warnings(stopped)  # type: ignore[arg-type]
     assert "3 of the 6 planned" in warning
+
+
+def warmup_run(config: JobConfig, seconds_left: float, clock: list[float]):
+    from worker.training.optim import LrPlan
+
+    told = Planned()
+    control = Control(told, None, deadline=clock[0] + seconds_left)
+    data = SimpleNamespace(val_idx=list(range(100)))  # 1 s of validation at 100 images/s
+    run = SimpleNamespace(config=config, control=control, extra={}, data=data)
+    # A 1-epoch plan's warm-up: half of its 10 steps.
+    plan = LrPlan("cosine", 10, config.epochs, warmup_steps=5)
+    return run, plan, told
+
+
+def one_epoch_plan(**fields: object) -> JobConfig:
+    speed = {"inference_images_per_second": 100.0}
+    return chosen_by_recipe(1, plan={"choices": {"epochs": 1}, "speed": speed}, **fields)
+
+
+def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends(monkeypatch):
+    from worker.training.refit import WARMUP_GROW_MARGIN, WarmupRefit
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    def steps(refit: WarmupRefit, per_step: float, until: int) -> None:
+        for done in range(1, until + 1):
+            refit(done)
+            clock[0] += per_step
+
+    # 1 s a step (timed from the first step's end), 10 steps and 1 s of validation an
+    # epoch: at the warm-up's end (step 5, 4 s after the first) epoch 1 needs 5 + 1 s
+    # more; the final evaluation and export keep 1 + 3 s back. Of 34 s, 20 s are left
+    # after epoch 1: one more epoch at 11 x 1.1 s, and (20 - 12.1 - 1) / 11.1 = 0.62 of
+    # one: 2.6 epochs.
+    run, plan, told = warmup_run(one_epoch_plan(), 34.0, clock)
+    refit = WarmupRefit(run, plan, steps_done=0, eval_share=1.0)  # type: ignore[arg-type]
+    assert refit.active and refit.val_seconds == pytest.approx(1.0)
+    assert WARMUP_GROW_MARGIN == 1.1
+    steps(refit, 1.0, 4)
+    assert told.plans == []  # still warming up
+    refit(5)
+    assert plan.planned_epochs == pytest.approx(2.6) and told.plans == [3]
+    assert [plan.steps_in_epoch(e) for e in (1, 2, 3)] == [10, 10, 6]  # epoch 1 stays whole
+    assert run.extra["epochs_fitted_to_budget"] == 2.6 and run.control.reserve == 4.0
+    refit(6)  # once only
+    assert told.plans == [3]
+    # Room for more: up to the short lp_ft plan's cap of 3 epochs.
+    run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
+    steps(WarmupRefit(run, plan, 0, 1.0), 1.0, 5)  # type: ignore[arg-type]
+    assert plan.planned_epochs == 3 and told.plans == [3]
+    # No room: the plan stays (never shrunk here; the epoch-end re-fit measures a whole epoch).
+    run, plan, told = warmup_run(one_epoch_plan(), 15.0, clock)
+    steps(WarmupRefit(run, plan, 0, 1.0), 1.0, 5)  # type: ignore[arg-type]
+    assert plan.planned_epochs == 1 and told.plans == [] and run.extra == {}
+
+
+def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):
+    from worker.training.optim import LrPlan
+    from worker.training.refit import WarmupRefit
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    def active(config: JobConfig, plan: LrPlan | None = None, done: int = 0) -> bool:
+        run, default, _ = warmup_run(config, 100.0, clock)
+        return WarmupRefit(run, plan or default, done, 1.0).active  # type: ignore[arg-type]
+
+    assert active(one_epoch_plan())
+    # The user's epochs, no measured speed to estimate validation by, no budget.
+    assert not active(JobConfig(dataset_id="ds_1", epochs=1))
+    assert not active(chosen_by_recipe(1))
+    no_budget, _, _ = warmup_run(one_epoch_plan(), 100.0, clock)
+    no_budget.control.deadline = None
+    assert not WarmupRefit(no_budget, LrPlan("cosine", 10, 1, 5), 0, 1.0).active  # type: ignore[arg-type]
+    # A warm-up that ends with an epoch: the epoch-end re-fit grows it in time.
+    assert not active(one_epoch_plan(), LrPlan("cosine", 10, 1, 10))
+    # A warm-up that ends in epoch 2 (a 3-epoch plan's): the re-fit after epoch 1 grows it.
+    assert not active(chosen_by_recipe(3, plan=one_epoch_plan().plan), LrPlan("cosine", 10, 3, 15))
+    # Resumed past the warm-up.
+    assert not active(one_epoch_plan(), done=5)
+    # A plan whose first epoch is no longer whole by the warm-up's end: left alone.
+    run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
+    refit = WarmupRefit(run, plan, 0, 1.0)  # type: ignore[arg-type]
+    plan.replan(0.6)
+    for done in range(1, 6):
+        refit(done)
+        clock[0] += 1.0
+    assert plan.total_steps == 6 and told.plans == []
+    # Two steps of warm-up (a small dataset): timed over the one after the first.
+    run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
+    plan.warmup_steps = 2
+    refit = WarmupRefit(run, plan, 0, 1.0)  # type: ignore[arg-type]
+    refit(1)
+    clock[0] += 1.0
+    refit(2)
+    assert told.plans == [3]

@@ -82,16 +82,22 @@ class Control(Callbacks):
         return self.reason is not None
 
     def epochs_within_budget(
-        self, epoch: int, planned: float, per_epoch: float, fixed: float | None = None
+        self,
+        epoch: int,
+        planned: float,
+        per_epoch: float,
+        fixed: float | None = None,
+        ahead: float = 0.0,
     ) -> float:
         """How many epochs in all fit before the deadline, after `epoch` epochs that took
         `per_epoch` seconds each: at least `epoch` (this one was the last), at most
         `planned`. Whole epochs; with `fixed` (the seconds of an epoch that a shorter one
         still pays in full: its validation) the last may be a part of one, in twentieths,
-        when at least `MIN_LAST_EPOCH` of one fits."""
+        when at least `MIN_LAST_EPOCH` of one fits. `ahead`: seconds before epoch `epoch`
+        ends (asked in the middle of it)."""
         if self.deadline is None:
             return planned
-        left = max(0.0, self.deadline - self.reserve - time.monotonic())
+        left = max(0.0, self.deadline - self.reserve - time.monotonic() - ahead)
         more = float(left // per_epoch)
         if fixed is not None:
             part = (left - more * per_epoch - fixed) / max(per_epoch - fixed, 1e-9)

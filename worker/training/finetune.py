@@ -27,24 +27,17 @@ from worker.training.optim import (
     param_groups,
     set_trainable,
 )
+from worker.training.refit import (
+    BACKOFF_MAX_EPOCHS,
+    EXPORT_RESERVE,
+    WarmupRefit,
+    refit_to_budget,
+)
 from worker.training.run import Run
 from worker.training.selection import epoch_metrics
 
 log = logging.getLogger(__name__)
-EXPORT_RESERVE = 3.0  # seconds: writing the model files after training
 BACKOFF_DROP = 0.02  # an epoch this far below the best so far halves the learning rate
-# lp_ft plans of more fine-tuning epochs than this never back off: they have room to climb
-# out of the dip of their first epochs, and the recipe gives them a higher rate (3e-4,
-# recipe.LP_FT_LONG_LEARNING_RATE). On 240 degraded digits, 8 epochs at 128 px, the
-# backoff sent every run back to the probe (test 0.43 at 1e-4 and at 1e-3); without it
-# 3e-4 reached 0.60 and 0.67 (1e-4 stayed at 0.43 and 0.45: the rate matters too). The
-# best epoch (the probe's included) is still what is kept, so a fine-tune that never
-# recovers delivers the probe. `full` and `gradual` keep the backoff (not measured).
-BACKOFF_MAX_EPOCHS = 3
-EPOCHS_CAP = 30  # fine-tuning epochs the auto recipe never plans, nor a budget re-fit grows past
-# A schedule grows only with room for this much more per epoch than measured: an epoch
-# the deadline cuts short ends the run at a learning rate the cosine never brought down.
-GROW_MARGIN = 1.05
 
 
 def train_loaders(run: Run) -> tuple[DataLoader, DataLoader, EpochSampler, torch.Generator]:
@@ -160,66 +153,6 @@ def back_off(
     )
 
 
-def growth_cap(config: JobSpec) -> int | None:
-    """How many epochs a budget re-fit may grow the schedule to, or None: never more than
-    planned. Only epochs the auto recipe chose grow (`config.plan["choices"]`, the worker's
-    JobConfig), never ones the user set, on the cosine schedule, not `gradual`'s; an lp_ft
-    plan of at most `BACKOFF_MAX_EPOCHS` epochs only up to that: its rate and backoff were
-    chosen for a short plan."""
-    plan = getattr(config, "plan", None)
-    if config.recipe != "auto" or not plan or "epochs" not in plan.get("choices", {}):
-        return None
-    if config.strategy == "gradual" or config.schedule != "cosine":
-        # `gradual` spreads its unfreezing over the planned epochs (a longer plan would
-        # freeze again what it had unfrozen); a step or one-cycle schedule has no warm-up
-        # before which a longer plan changes nothing.
-        return None
-    if config.strategy == "lp_ft" and config.epochs <= BACKOFF_MAX_EPOCHS:
-        return BACKOFF_MAX_EPOCHS
-    return EPOCHS_CAP
-
-
-def refit_to_budget(
-    run: Run,
-    plan: LrPlan,
-    epoch: int,
-    per_epoch: float,
-    steps_done: int,
-    fixed_seconds: float = 0.0,
-) -> int:
-    """The epochs the schedule plans from now on (the last one may be shorter: see
-    `plan.planned_epochs`): fewer when the measured `per_epoch` says the plan would overrun
-    the deadline, more (up to `growth_cap`) until the warm-up ends, when the machine turned
-    out faster than planning measured. The cosine has not started then, so the weights
-    trained so far followed the longer schedule exactly. A first epoch slower than the rest
-    (the first steps of each shape, the unaugmented epoch) may shrink the plan; the second
-    can grow it back. Epochs the recipe chose end in the part of an epoch that fits (at
-    least `control.MIN_LAST_EPOCH`; `fixed_seconds` of each epoch, its validation and
-    checkpoint, are paid in full by a shorter one); a user's stay whole. The new plan goes in
-    `extra["epochs_fitted_to_budget"]`, its epoch count to `on_plan`."""
-    control = run.control
-    cap = growth_cap(run.config)
-    fixed = fixed_seconds if cap is not None else None
-    planned = plan.epochs
-    current = plan.planned_epochs
-    fits = control.epochs_within_budget(epoch, current, per_epoch, fixed)
-    # Growth only while warming up, and never after a shorter epoch ran (it would sit
-    # in the middle of the longer run).
-    whole = steps_done == epoch * plan.steps_per_epoch
-    warming = steps_done <= plan.warmup_steps
-    if fits >= current and cap is not None and cap > current and warming and whole:
-        fits = max(
-            current, control.epochs_within_budget(epoch, cap, per_epoch * GROW_MARGIN, fixed)
-        )
-    if abs(fits - current) > 1e-6:
-        plan.replan(fits)
-        run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
-        if plan.epochs != planned:
-            control.on_plan(plan.epochs)
-        log.info("time budget: %g fine-tuning epochs planned instead of %g", fits, current)
-    return plan.epochs
-
-
 def weight_average(config: JobSpec, model: nn.Module, steps_per_epoch: int) -> Any:
     """timm's ModelEmaV3 of `model`, or None (`ema: false`). Its horizon is about half an
     epoch, so the averaged model is never far behind on the short runs a time budget
@@ -291,6 +224,18 @@ def fine_tune(
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
     started, first_epoch = time.monotonic(), epoch
+    warmup_refit = (
+        WarmupRefit(run, plan, scheduler.last_epoch, eval_share)
+        if isinstance(plan, LrPlan)
+        else None
+    )
+
+    def after_step() -> None:
+        if ema is not None:
+            ema.update(model)
+        if warmup_refit is not None:
+            warmup_refit(scheduler.last_epoch)
+
     saving = 0.0  # seconds the last checkpoint took: a shorter epoch pays it in full too
     while epoch < planned:
         epoch += 1
@@ -318,10 +263,12 @@ def fine_tune(
             config.grad_clip_norm,
             freeze_norm_stats=config.effective_freeze_norm_stats,
             resume_from=done,
-            after_step=(lambda: ema.update(model)) if ema is not None else None,
+            after_step=after_step,
             # A re-fit's last epoch may be a part of one.
             max_steps=plan.steps_in_epoch(epoch) if isinstance(plan, LrPlan) else None,
         )
+        if isinstance(plan, LrPlan):  # a re-fit within the epoch (WarmupRefit) may grow it
+            planned = plan.epochs
         if stats.stopped and control.reason == "callback":
             if control.checkpoint_on_stop():
                 # Epochs complete so far; `partial` is how far this one got.

@@ -46,8 +46,8 @@ from worker.training import multilabel as multilabel_lib
 from worker.training.backbones import create_model
 from worker.training.candidates import Candidate, choice_record, choice_settled, choose
 from worker.training.data import MULTI_LABEL
-from worker.training.finetune import BACKOFF_MAX_EPOCHS, EPOCHS_CAP
 from worker.training.linear import fit_linear
+from worker.training.refit import BACKOFF_MAX_EPOCHS, EPOCHS_CAP
 from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ MIN_DEFAULT_BUDGET = 60.0
 # the probe (digits 8 px at 32 px: 0.913 -> 0.882; degraded digits: 0.521 -> 0.226; lfw:
 # training loss 0.1 -> 6.3), and a lower backbone rate alone (x0.1) did not prevent it.
 LP_FT_LEARNING_RATE = 1e-4
-# A longer plan (more than `finetune.BACKOFF_MAX_EPOCHS` epochs) climbs out of the first
+# A longer plan (more than `refit.BACKOFF_MAX_EPOCHS` epochs) climbs out of the first
 # epochs' dip, and 1e-4 was too slow to: 8 lp_ft epochs on 240 degraded digits at 128 px
 # (no backoff) scored 0.43 and 0.45 on the test split at 1e-4, 0.60 and 0.67 at 3e-4,
 # 0.60 and 0.60 at 1e-3 (a deeper dip: validation fell from 0.54 to 0.30 and 0.24).

@@ -1,0 +1,157 @@
+"""How many epochs a fine-tuning schedule runs under a time budget: re-fitted to what the
+measured speed leaves room for, after each epoch and as a warm-up that ends inside an
+epoch ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from core.jobspec import JobSpec
+from worker.training.optim import LrPlan
+from worker.training.run import Run
+
+log = logging.getLogger(__name__)
+EXPORT_RESERVE = 3.0  # seconds: writing the model files after training
+
+# lp_ft plans of more fine-tuning epochs than this never back off: they have room to climb
+# out of the dip of their first epochs, and the recipe gives them a higher rate (3e-4,
+# recipe.LP_FT_LONG_LEARNING_RATE). On 240 degraded digits, 8 epochs at 128 px, the
+# backoff sent every run back to the probe (test 0.43 at 1e-4 and at 1e-3); without it
+# 3e-4 reached 0.60 and 0.67 (1e-4 stayed at 0.43 and 0.45: the rate matters too). The
+# best epoch (the probe's included) is still what is kept, so a fine-tune that never
+# recovers delivers the probe. `full` and `gradual` keep the backoff (not measured).
+BACKOFF_MAX_EPOCHS = 3
+EPOCHS_CAP = 30  # fine-tuning epochs the auto recipe never plans, nor a budget re-fit grows past
+# A schedule grows only with room for this much more per epoch than measured: an epoch
+# the deadline cuts short ends the run at a learning rate the cosine never brought down.
+GROW_MARGIN = 1.05
+# The same at the warm-up's end inside the first epoch (`WarmupRefit`), where the epoch's
+# checkpoint and validation are estimated, not timed.
+WARMUP_GROW_MARGIN = 1.10
+
+
+def growth_cap(config: JobSpec) -> int | None:
+    """How many epochs a budget re-fit may grow the schedule to, or None: never more than
+    planned. Only epochs the auto recipe chose grow (`config.plan["choices"]`, the worker's
+    JobConfig), never ones the user set, on the cosine schedule, not `gradual`'s; an lp_ft
+    plan of at most `BACKOFF_MAX_EPOCHS` epochs only up to that: its rate and backoff were
+    chosen for a short plan."""
+    plan = getattr(config, "plan", None)
+    if config.recipe != "auto" or not plan or "epochs" not in plan.get("choices", {}):
+        return None
+    if config.strategy == "gradual" or config.schedule != "cosine":
+        # `gradual` spreads its unfreezing over the planned epochs (a longer plan would
+        # freeze again what it had unfrozen); a step or one-cycle schedule has no warm-up
+        # before which a longer plan changes nothing.
+        return None
+    if config.strategy == "lp_ft" and config.epochs <= BACKOFF_MAX_EPOCHS:
+        return BACKOFF_MAX_EPOCHS
+    return EPOCHS_CAP
+
+
+def refit_to_budget(
+    run: Run,
+    plan: LrPlan,
+    epoch: int,
+    per_epoch: float,
+    steps_done: int,
+    fixed_seconds: float = 0.0,
+) -> int:
+    """The epochs the schedule plans from now on (the last one may be shorter: see
+    `plan.planned_epochs`): fewer when the measured `per_epoch` says the plan would overrun
+    the deadline, more (up to `growth_cap`) until the warm-up ends, when the machine turned
+    out faster than planning measured. The cosine has not started then, so the weights
+    trained so far followed the longer schedule exactly. A first epoch slower than the rest
+    (the first steps of each shape, the unaugmented epoch) may shrink the plan; the second
+    can grow it back. Epochs the recipe chose end in the part of an epoch that fits (at
+    least `control.MIN_LAST_EPOCH`; `fixed_seconds` of each epoch, its validation and
+    checkpoint, are paid in full by a shorter one); a user's stay whole. The new plan goes in
+    `extra["epochs_fitted_to_budget"]`, its epoch count to `on_plan`."""
+    control = run.control
+    cap = growth_cap(run.config)
+    fixed = fixed_seconds if cap is not None else None
+    planned = plan.epochs
+    current = plan.planned_epochs
+    fits = control.epochs_within_budget(epoch, current, per_epoch, fixed)
+    # Growth only while warming up, and never after a shorter epoch ran (it would sit
+    # in the middle of the longer run).
+    whole = steps_done == epoch * plan.steps_per_epoch
+    warming = steps_done <= plan.warmup_steps
+    if fits >= current and cap is not None and cap > current and warming and whole:
+        fits = max(
+            current, control.epochs_within_budget(epoch, cap, per_epoch * GROW_MARGIN, fixed)
+        )
+    if abs(fits - current) > 1e-6:
+        plan.replan(fits)
+        run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
+        if plan.epochs != planned:
+            control.on_plan(plan.epochs)
+        log.info("time budget: %g fine-tuning epochs planned instead of %g", fits, current)
+    return plan.epochs
+
+
+class WarmupRefit:
+    """The re-fit at the last step of a warm-up that ends inside the first epoch: a 1-epoch
+    plan warms up over half of it, so its epoch-end re-fit came after the cosine had
+    started and it never grew (a 60-s job on 1,797 digits at 96 px ended at 43-47 s).
+    Called after each optimizer step with the steps done; at the warm-up's last one it
+    times the steps since the first it saw, adds the validation the planner's inference
+    speed estimates (`plan["speed"]`: none has run yet) and `WARMUP_GROW_MARGIN` for what
+    it cannot time (the checkpoint, validation's loader), and grows the plan as
+    `refit_to_budget` would at an epoch's end. It never shrinks it: the epoch-end re-fit
+    does, from a measured epoch. Longer plans warm up over a whole epoch at least, and the
+    epoch-end re-fit grows them."""
+
+    def __init__(self, run: Run, plan: LrPlan, steps_done: int, eval_share: float) -> None:
+        self.run, self.plan, self.eval_share = run, plan, eval_share
+        self.first: tuple[float, int] | None = None  # (time, steps) after the first step
+        speed = (getattr(run.config, "plan", None) or {}).get("speed") or {}
+        rate = speed.get("inference_images_per_second") or 0.0
+        self.val_seconds = len(run.data.val_idx) / rate if rate > 0 else 0.0
+        cap = growth_cap(run.config)
+        self.active = (
+            run.control.deadline is not None
+            and cap is not None
+            and cap > plan.planned_epochs
+            and rate > 0
+            and steps_done < plan.warmup_steps < plan.steps_per_epoch
+        )
+        self.cap = cap or 0
+        device = getattr(getattr(run, "runtime", None), "device", None)
+        self.cuda = device is not None and device.type == "cuda"
+
+    def _now(self) -> float:
+        if self.cuda:  # steps are queued on the GPU: time them done
+            import torch
+
+            torch.cuda.synchronize()
+        return time.monotonic()
+
+    def __call__(self, steps_done: int) -> None:
+        if not self.active:
+            return
+        if self.first is None:  # the first step pays one-time costs: timed from its end
+            self.first = (self._now(), steps_done)
+            return
+        if steps_done < self.plan.warmup_steps:
+            return
+        self.active = False
+        since, counted = self.first
+        plan, control = self.plan, self.run.control
+        if steps_done == counted or plan.steps_in_epoch(1) != plan.steps_per_epoch:
+            return
+        per_step = (self._now() - since) / (steps_done - counted)
+        left_in_epoch = (plan.steps_per_epoch - steps_done) * per_step
+        per_epoch = (plan.steps_per_epoch * per_step + self.val_seconds) * WARMUP_GROW_MARGIN
+        # The final evaluation and export after training, as the first validation will set it.
+        control.reserve = max(control.reserve, self.val_seconds * self.eval_share + EXPORT_RESERVE)
+        current = plan.planned_epochs
+        fits = control.epochs_within_budget(
+            1, self.cap, per_epoch, self.val_seconds, ahead=left_in_epoch + self.val_seconds
+        )
+        if fits > current + 1e-6:
+            plan.replan(fits)
+            self.run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
+            control.on_plan(plan.epochs)
+            log.info("time budget: %g fine-tuning epochs planned at the warm-up's end", fits)
