@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality explain_latency label_issues onnx_export predict_latency api_load start_latency lp_ft_first_epoch
+BENCHMARKS := auth_overhead ingest_memory hostile_uploads strategy_cost epoch_overhead budget_quality gpu_path quality explain_latency label_issues onnx_export predict_latency api_load start_latency lp_ft_first_epoch budget_wall
 
 .PHONY: install demo serve test lint bench bench-smoke clean
 

@@ -227,3 +227,48 @@ def test_ranks_augment_differently_from_one_seed_and_reproducibly():
     assert worker_draws(0) != worker_draws(1)
     assert worker_draws(1) == worker_draws(1)
     assert rank_seed(7, 0) == 7 and rank_seed(7, 1) != rank_seed(7, 2)
+
+
+def test_ranks_without_loader_workers_augment_from_streams_of_their_own(prepared):
+    """No loader workers: each rank's main process crops (and mixes) from its `RankStream`,
+    seeded by (job seed, epoch, rank); the process's global stream, whose draws the ranks
+    share, is left where it was."""
+    from types import SimpleNamespace
+
+    from worker.training.finetune import train_loaders
+    from worker.training.runtime import RankAugmented, RankStream, Runtime
+
+    config = spec(augmentation=Augmentation(preset="standard", hflip=True))
+    images = prepared.train_set(config)
+
+    def crops(rank: int, epoch: int) -> list[torch.Tensor]:
+        stream = RankStream(rank)
+        stream.start(config.seed, epoch)
+        augmented = RankAugmented(images, stream)
+        return [augmented[i][0] for i in range(6)]
+
+    torch.manual_seed(5)
+    outside = torch.get_rng_state()
+    rank0, rank1 = crops(0, 1), crops(1, 1)
+    assert torch.equal(torch.get_rng_state(), outside)  # the shared draws are untouched
+    assert all(a.shape == b.shape for a, b in zip(rank0, rank1, strict=True))
+    assert sum(not torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True)) >= 4
+    assert all(torch.equal(a, b) for a, b in zip(rank1, crops(1, 1), strict=True))  # seeded
+    assert not all(torch.equal(a, b) for a, b in zip(rank1, crops(1, 2), strict=True))
+
+    mixed = RankStream(1).wrap(lambda n: torch.rand(n))  # the batch mixing's draws
+    assert torch.equal(mixed(3), RankStream(1).call(torch.rand, 3))
+    assert not torch.equal(RankStream(1).call(torch.rand, 3), RankStream(0).call(torch.rand, 3))
+
+    # The wiring: a rank's loader wraps its training images only where no workers augment.
+    def loader_images(num_workers: int):
+        rt = Runtime(torch.device("cpu"), None, {"num_workers": num_workers}, 1, 2)
+        run = SimpleNamespace(
+            config=config, data=prepared, runtime=rt, extra={"class_balance": "none"}
+        )
+        loader, plain, *_ = train_loaders(run, RankStream(1))  # type: ignore[arg-type]
+        assert not isinstance(plain.dataset, RankAugmented)  # unaugmented: nothing to draw
+        return loader.dataset
+
+    assert isinstance(loader_images(0), RankAugmented)
+    assert not isinstance(loader_images(2), RankAugmented)

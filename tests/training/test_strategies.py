@@ -442,3 +442,40 @@ def test_fine_tuned_models_are_not_refitted(digits):
     result = run(digits, strategy="full", epochs=1, refit=True)
     assert "refit" not in result.extra
     assert "held_out" not in result.report["validation"]
+
+
+def test_no_fine_tuning_starts_when_only_what_follows_training_fits(few_digits):
+    """The probe always finishes; fine-tuning then starts only if a step fits before the
+    time kept back for the final evaluation and the model's delivery (`refit.keep_back`):
+    here the deadline is already that close, so the probe is the model, and the job says
+    why (`stopped_reason`, then the worker's budget warning)."""
+    from types import SimpleNamespace
+
+    from worker.planning import budget_warnings
+
+    archive, index, cache = few_digits
+    config = JobConfig(
+        dataset_id="ds_1",
+        strategy="lp_ft",
+        epochs=2,
+        time_budget_seconds=300,
+        image_size=32,
+        batch_size=8,
+        augmentation=Augmentation(hflip=False),
+        refit=False,
+    )
+    data = prepare(archive, index, config, cache)
+    told = Plans()
+    # Delivery alone is estimated at 3.5 s and more: 2 s from now leaves no room.
+    result = fit(config, data, told, num_workers=0, deadline=time.monotonic() + 2.0)
+    assert [h["phase"] for h in result.history] == ["probe"], result.history
+    assert result.stopped_reason == "time_budget" and result.best["epoch"] == 0
+    assert result.report["validation"]["top1_accuracy"] > 0.3  # the probe, evaluated
+    trained = SimpleNamespace(config=config, result=result, data=data)
+    (warning,) = budget_warnings(trained)  # type: ignore[arg-type]
+    assert "after 0 of the 2 planned fine-tuning epochs" in warning
+    # `full` has no probe: with no model yet, a step still runs and is validated.
+    full = config.model_copy(update={"strategy": "full"})
+    result = fit(full, data, Plans(), num_workers=0, deadline=time.monotonic() + 2.0)
+    assert [h["phase"] for h in result.history] == ["fine_tune"], result.history
+    assert result.stopped_reason == "time_budget" and result.best["epoch"] == 1

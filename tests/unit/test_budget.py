@@ -43,6 +43,48 @@ def test_epochs_are_planned_only_up_to_the_deadline_less_the_reserve():
     assert control.epochs_within_budget(1, 50, 100.0, fixed=20.0) == 8
 
 
+def test_training_keeps_back_the_final_evaluation_and_the_delivery_and_stops_before_them(
+    monkeypatch,
+):
+    """After training a job evaluates its model (validation and test), exports it and finds
+    its label issues: epochs are planned only up to the deadline less all of that, and a
+    step ends training once only that and its epoch's validation are left."""
+    from worker.training.refit import delivery_seconds, keep_back
+    from worker.training.search_callbacks import TrialCallbacks
+
+    # 3 s of export + 256 + 256 + 80 checked images at 0.01 s, 0.5 s + 1,000 x 1 ms of
+    # label issues; a validation split over 256 images is checked on 256 only.
+    assert delivery_seconds(300, 1000, 0.01) == pytest.approx(3.0 + 5.92 + 0.5 + 1.0)
+    assert delivery_seconds(10, 50, 0.0) == pytest.approx(3.0 + 0.5 + 0.05)
+    assert delivery_seconds(10, 50, 0.1) > delivery_seconds(10, 50, 0.01)
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    data = SimpleNamespace(
+        val_idx=list(range(100)), train_idx=list(range(400)), test_idx=list(range(300))
+    )
+    control = Control(Callbacks(), None, deadline=1100.0)
+    run = SimpleNamespace(control=control, data=data, probe_cache=("the probe's features",))
+    keep_back(run, 2.0, saving=0.5)  # type: ignore[arg-type]
+    # Validation 2 s, test 6 s; delivery 3 + 280 x 0.02 + 0.5 + 0.5 = 9.6 s.
+    assert control.reserve == pytest.approx(8.0 + 9.6)
+    # ... and the stopped epoch's own validation and checkpoint.
+    assert control.stop_margin == pytest.approx(control.reserve + 2.0 + 0.5)
+    clock[0] = 1100.0 - control.stop_margin - 0.1
+    assert not control.should_stop()
+    clock[0] += 0.2  # still 20 s before the deadline: what follows training needs them
+    assert control.should_stop() and control.reason == "time_budget"
+    # No probe features (`full`, a resumed run): the label issues pass 500 images first.
+    run.probe_cache = None
+    keep_back(run, 2.0)  # type: ignore[arg-type]
+    assert control.reserve == pytest.approx(8.0 + 9.6 + 500 * 0.02)
+    # A search's trial: its model is not delivered (the search keeps time for the best one's).
+    trial = Control(TrialCallbacks(Callbacks(), None, "trial 1", 2000.0), None, deadline=1100.0)
+    assert not trial.delivers_model
+    keep_back(SimpleNamespace(control=trial, data=data), 2.0)  # type: ignore[arg-type]
+    assert trial.reserve == pytest.approx(8.0) and trial.stop_margin == pytest.approx(10.0)
+
+
 def test_a_deadline_given_by_the_caller_wins_over_counting_from_now():
     deadline = time.monotonic() + 7.0
     assert Control(Callbacks(), 60.0, deadline=deadline).deadline == deadline
@@ -236,8 +278,12 @@ def warmup_run(config: JobConfig, seconds_left: float, clock: list[float]):
 
     told = Planned()
     control = Control(told, None, deadline=clock[0] + seconds_left)
-    data = SimpleNamespace(val_idx=list(range(100)))  # 1 s of validation at 100 images/s
-    run = SimpleNamespace(config=config, control=control, extra={}, data=data)
+    # 1 s of validation at 100 images/s; after training, the job's delivery of the model
+    # (refit.delivery_seconds): 3 s + 280 checked images at 0.01 s + 0.5 s + 500 x 1 ms.
+    data = SimpleNamespace(val_idx=list(range(100)), train_idx=list(range(400)), test_idx=None)
+    run = SimpleNamespace(
+        config=config, control=control, extra={}, data=data, probe_cache=("the probe's",)
+    )
     # A 1-epoch plan's warm-up: half of its 10 steps.
     plan = LrPlan("cosine", 10, config.epochs, warmup_steps=5)
     return run, plan, told
@@ -261,11 +307,11 @@ def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends
 
     # 1 s a step (timed from the first step's end), 10 steps and 1 s of validation an
     # epoch: at the warm-up's end (step 5, 4 s after the first) epoch 1 needs 5 + 1 s
-    # more; the final evaluation and export keep 1 + 3 s back. Of 34 s, 20 s are left
-    # after epoch 1: one more epoch at 11 x 1.1 s, and (20 - 12.1 - 1) / 11.1 = 0.62 of
-    # one: 2.6 epochs.
-    run, plan, told = warmup_run(one_epoch_plan(), 34.0, clock)
-    refit = WarmupRefit(run, plan, steps_done=0, eval_share=1.0)  # type: ignore[arg-type]
+    # more; the final evaluation and the delivery keep 1 + 6.8 s back. Of 37.8 s, 20 s are
+    # left after epoch 1: one more epoch at 11 x 1.1 s, and (20 - 12.1 - 1) / 11.1 = 0.62
+    # of one: 2.6 epochs.
+    run, plan, told = warmup_run(one_epoch_plan(), 37.8, clock)
+    refit = WarmupRefit(run, plan, steps_done=0)  # type: ignore[arg-type]
     assert refit.active and refit.val_seconds == pytest.approx(1.0)
     assert WARMUP_GROW_MARGIN == 1.1
     steps(refit, 1.0, 4)
@@ -273,16 +319,17 @@ def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends
     refit(5)
     assert plan.planned_epochs == pytest.approx(2.6) and told.plans == [3]
     assert [plan.steps_in_epoch(e) for e in (1, 2, 3)] == [10, 10, 6]  # epoch 1 stays whole
-    assert run.extra["epochs_fitted_to_budget"] == 2.6 and run.control.reserve == 4.0
+    assert run.extra["epochs_fitted_to_budget"] == 2.6
+    assert run.control.reserve == pytest.approx(7.8)
     refit(6)  # once only
     assert told.plans == [3]
     # Room for more: up to the short lp_ft plan's cap of 3 epochs.
     run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
-    steps(WarmupRefit(run, plan, 0, 1.0), 1.0, 5)  # type: ignore[arg-type]
+    steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
     assert plan.planned_epochs == 3 and told.plans == [3]
     # No room: the plan stays (never shrunk here; the epoch-end re-fit measures a whole epoch).
-    run, plan, told = warmup_run(one_epoch_plan(), 15.0, clock)
-    steps(WarmupRefit(run, plan, 0, 1.0), 1.0, 5)  # type: ignore[arg-type]
+    run, plan, told = warmup_run(one_epoch_plan(), 18.8, clock)
+    steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
     assert plan.planned_epochs == 1 and told.plans == [] and run.extra == {}
 
 
@@ -295,7 +342,7 @@ def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):
 
     def active(config: JobConfig, plan: LrPlan | None = None, done: int = 0) -> bool:
         run, default, _ = warmup_run(config, 100.0, clock)
-        return WarmupRefit(run, plan or default, done, 1.0).active  # type: ignore[arg-type]
+        return WarmupRefit(run, plan or default, done).active  # type: ignore[arg-type]
 
     assert active(one_epoch_plan())
     # The user's epochs, no measured speed to estimate validation by, no budget.
@@ -303,7 +350,7 @@ def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):
     assert not active(chosen_by_recipe(1))
     no_budget, _, _ = warmup_run(one_epoch_plan(), 100.0, clock)
     no_budget.control.deadline = None
-    assert not WarmupRefit(no_budget, LrPlan("cosine", 10, 1, 5), 0, 1.0).active  # type: ignore[arg-type]
+    assert not WarmupRefit(no_budget, LrPlan("cosine", 10, 1, 5), 0).active  # type: ignore[arg-type]
     # A warm-up that ends with an epoch: the epoch-end re-fit grows it in time.
     assert not active(one_epoch_plan(), LrPlan("cosine", 10, 1, 10))
     # A warm-up that ends in epoch 2 (a 3-epoch plan's): the re-fit after epoch 1 grows it.
@@ -312,7 +359,7 @@ def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):
     assert not active(one_epoch_plan(), done=5)
     # A plan whose first epoch is no longer whole by the warm-up's end: left alone.
     run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
-    refit = WarmupRefit(run, plan, 0, 1.0)  # type: ignore[arg-type]
+    refit = WarmupRefit(run, plan, 0)  # type: ignore[arg-type]
     plan.replan(0.6)
     for done in range(1, 6):
         refit(done)
@@ -321,8 +368,18 @@ def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):
     # Two steps of warm-up (a small dataset): timed over the one after the first.
     run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
     plan.warmup_steps = 2
-    refit = WarmupRefit(run, plan, 0, 1.0)  # type: ignore[arg-type]
+    refit = WarmupRefit(run, plan, 0)  # type: ignore[arg-type]
     refit(1)
     clock[0] += 1.0
     refit(2)
     assert told.plans == [3]
+
+
+def test_a_search_keeps_the_recipes_delivery_estimate_for_its_best_model():
+    from worker.training.search import DELIVERY_SHARE, EXPORT_SECONDS, delivery_reserve
+
+    planned = chosen_by_recipe(2, plan={"speed": {"estimated_delivery_seconds": 6.5}})
+    assert delivery_reserve(planned, 600.0) == 6.5
+    assert delivery_reserve(planned, 40.0) == pytest.approx(DELIVERY_SHARE * 40.0)  # capped
+    manual = JobConfig(dataset_id="ds_1", recipe="manual")  # no recipe, no estimate
+    assert delivery_reserve(manual, 600.0) == EXPORT_SECONDS

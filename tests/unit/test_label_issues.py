@@ -240,3 +240,28 @@ def test_a_failure_is_recorded_never_raised_and_a_canceled_job_is_skipped(monkey
     assert "the store is down" in failed["error"]
     skipped = label_issues(attempt(MemoryStore()), trained, EndReason.CANCELED_KEEP)
     assert "canceled (stop-and-keep)" in skipped["skipped"]
+
+
+def test_the_folds_keep_groups_whole_and_every_class_spread():
+    """Groups go whole to one fold, stratified by class; every image is held out once."""
+    rng = np.random.default_rng(1)
+    strata = np.repeat(np.arange(4), 100)
+    groups = np.arange(400)
+    copies = np.arange(0, 399, 7)  # every 7th image copies its neighbour, class and all
+    groups[copies], strata[copies] = groups[copies + 1], strata[copies + 1]
+    order = rng.permutation(400)
+    strata, groups = strata[order], groups[order]
+    splits = fold_splits(strata, groups, 5, seed=0)
+    assert len(splits) == 5
+    held = np.concatenate([part for _, part in splits])
+    assert sorted(held.tolist()) == list(range(400))  # each image held out exactly once
+    for train, part in splits:
+        assert not set(groups[train]) & set(groups[part])
+        assert len(set(train.tolist()) | set(part.tolist())) == 400
+        counts = np.bincount(strata[part], minlength=4)
+        assert counts.min() >= 15 and counts.max() <= 25, counts  # about 20 a class a fold
+
+
+def test_copies_of_one_image_are_skipped_not_an_error():
+    with pytest.raises(LabelIssuesSkipped, match="copy of one image"):
+        fold_splits(np.array([0, 1, 0, 1]), np.zeros(4, dtype=np.int64), 5, 0)

@@ -8,6 +8,10 @@ from typing import Any
 class Callbacks:
     """Override what you need; every hook is optional."""
 
+    # Whether the caller exports what `fit` returns (a job: its model files and label
+    # issues); a time budget keeps time for that delivery. False: a search's trial.
+    delivers_model = True
+
     def on_phase(self, phase: str) -> None:
         """'preparing', 'training', 'evaluating', 'exporting'."""
 

@@ -26,6 +26,7 @@ class Control(Callbacks):
 
     def __init__(self, inner: Callbacks, budget: float | None, deadline: float | None = None):
         self.inner = inner
+        self.delivers_model = inner.delivers_model  # a time budget keeps time for delivery
         # `deadline` (time.monotonic) when the caller counts the budget from earlier (the
         # job's start: the budget covers its whole running time); else from now.
         if deadline is None and budget:
@@ -34,6 +35,9 @@ class Control(Callbacks):
         # Seconds kept back at the end for what runs after training (final evaluation,
         # export): `epochs_within_budget` plans epochs only up to `deadline - reserve`.
         self.reserve = 0.0
+        # Seconds before the deadline at which a training step ends training (the reserve
+        # and the stopped epoch's validation: `refit.keep_back`).
+        self.stop_margin = 0.0
         self.reason: str | None = None
         # The ranks of a distributed fit (`Runtime.agree`): each rank's stop flags and
         # epoch plan are agreed on, so that all stop at the same step and plan alike.
@@ -72,7 +76,7 @@ class Control(Callbacks):
 
     def should_stop(self) -> bool:
         asked = self.inner.should_stop()
-        late = self.deadline is not None and time.monotonic() > self.deadline
+        late = self.deadline is not None and time.monotonic() > self.deadline - self.stop_margin
         if self.agree is not None:
             asked, late = (v > 0 for v in self.agree([float(asked), float(late)], "max"))
         if asked:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from core.jobspec import JobSpec
 from worker.training.augment import batch_mixing
@@ -29,23 +29,31 @@ from worker.training.optim import (
 )
 from worker.training.refit import (
     BACKOFF_MAX_EPOCHS,
-    EXPORT_RESERVE,
     WarmupRefit,
+    estimated_val_seconds,
+    keep_back,
     refit_to_budget,
 )
 from worker.training.run import Run
+from worker.training.runtime import RankAugmented, RankStream
 from worker.training.selection import epoch_metrics
 
 log = logging.getLogger(__name__)
 BACKOFF_DROP = 0.02  # an epoch this far below the best so far halves the learning rate
 
 
-def train_loaders(run: Run) -> tuple[DataLoader, DataLoader, EpochSampler, torch.Generator]:
+def train_loaders(
+    run: Run, stream: RankStream | None = None
+) -> tuple[DataLoader, DataLoader, EpochSampler, torch.Generator]:
     """The augmented training images in a seeded order (weighted with `balanced_sampler`),
     and the same order of the same images without augmentation (as the probe saw them:
-    `clean_epochs`); one sampler and generator, so a checkpoint's order holds for both."""
+    `clean_epochs`); one sampler and generator, so a checkpoint's order holds for both.
+    `stream`: a rank's own augmentation draws, where no loader workers make them."""
     config, data = run.config, run.data
-    train_set = data.train_set(config)
+    cached = data.train_set(config)
+    train_set: Dataset[Any] = cached
+    if stream is not None and not run.runtime.loader_kwargs.get("num_workers"):
+        train_set = RankAugmented(train_set, stream)
     generator = torch.Generator().manual_seed(config.seed)
     weights = None
     if run.extra["class_balance"] == "balanced_sampler" and data.targets is not None:
@@ -56,7 +64,7 @@ def train_loaders(run: Run) -> tuple[DataLoader, DataLoader, EpochSampler, torch
         counts = np.bincount(labels, minlength=len(data.classes)).astype(float)
         weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
     rt = run.runtime  # distributed: this rank's share of each epoch, `batch_size` a rank
-    sampler = EpochSampler(len(train_set), generator, weights, rt.rank, rt.world_size)
+    sampler = EpochSampler(len(cached), generator, weights, rt.rank, rt.world_size)
     batch_size = min(config.batch_size, len(sampler))
     loader, plain = (
         rt.loader(
@@ -170,7 +178,8 @@ def fine_tune(
 ) -> None:
     """Train the whole network; with `stages` (gradual), unfrozen from the top down."""
     config, data, model, rt, control = run.config, run.data, run.model, run.runtime, run.control
-    loader, plain_loader, sampler, generator = train_loaders(run)
+    stream = RankStream(rt.rank) if rt.distributed else None  # each rank augments its own way
+    loader, plain_loader, sampler, generator = train_loaders(run, stream)
     clean = clean_epochs(run)
     if clean:
         run.extra["unaugmented_epochs"] = clean
@@ -190,6 +199,8 @@ def fine_tune(
         log.info("MixUp/CutMix are off: this is a multi-label dataset")
         run.extra["batch_mixing"] = "off (multi-label)"
         mixing = None
+    if mixing is not None and stream is not None:
+        mixing = stream.wrap(mixing)
     train_model = rt.parallel(model, find_unused=stages is not None)  # DDP when distributed
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
@@ -211,9 +222,6 @@ def fine_tune(
             **more,
         }
 
-    n_val = max(1, len(data.val_idx))
-    n_test = 0 if data.test_idx is None else len(data.test_idx)
-    eval_share = (n_val + n_test) / n_val
     control.on_phase("training")
     plan: LrPlan | None = getattr(scheduler, "lr_lambdas", [None])[0]
     epoch, planned, partial = 0, config.epochs, None
@@ -224,10 +232,19 @@ def fine_tune(
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
     started, first_epoch = time.monotonic(), epoch
+    if control.deadline is not None:
+        # Until a validation is timed: the recipe's measured speed, else none.
+        keep_back(run, estimated_val_seconds(run) or 0.0)
+        late = time.monotonic() > control.deadline - control.stop_margin
+        if control.agree is not None:  # distributed: every rank trains, or none
+            late = control.agree([float(late)], "max")[0] > 0
+        # Not one step fits before what follows training: the probe (or the epochs of an
+        # earlier attempt) is the model. With no model yet (`full`), one step still runs.
+        if late and run.record.best.state is not None:
+            log.info("time budget: no room left for fine-tuning")
+            control.reason, planned = "time_budget", epoch
     warmup_refit = (
-        WarmupRefit(run, plan, scheduler.last_epoch, eval_share)
-        if isinstance(plan, LrPlan)
-        else None
+        WarmupRefit(run, plan, scheduler.last_epoch) if isinstance(plan, LrPlan) else None
     )
 
     def after_step() -> None:
@@ -243,6 +260,8 @@ def fine_tune(
             unfreeze_from_the_top(stages, epoch, planned)
         lr = optimizer.param_groups[-1]["lr"]
         epoch_rng = generator.get_state()  # this epoch's order and worker seeds follow from it
+        if stream is not None:
+            stream.start(config.seed, epoch)
         done = None
         if partial is not None:  # go on after the batches the checkpoint had trained on
             done = EpochStats(**partial)
@@ -282,7 +301,7 @@ def fine_tune(
         )
         # The final evaluation (validation + test) and export come after the last epoch.
         val_seconds = time.monotonic() - val_start
-        control.reserve = val_seconds * eval_share + EXPORT_RESERVE
+        keep_back(run, val_seconds, saving)
         report = evaluate(logits, targets, data.classes, data.multilabel)
         metrics = epoch_metrics(epoch, stats, report, lr, "fine_tune")
         es = config.early_stopping

@@ -135,7 +135,10 @@ def fold_splits(
     with warnings.catch_warnings():  # a class smaller than K: sklearn warns, the folds are fine
         warnings.simplefilter("ignore", UserWarning)
         if groups is not None and len(np.unique(groups)) < len(groups):
-            k = min(k, len(np.unique(groups)))
+            n_groups = len(np.unique(groups))
+            if n_groups < 2:
+                raise LabelIssuesSkipped("every image is a copy of one image: nothing to compare")
+            k = min(k, n_groups)
             splitter: Any = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
             return list(splitter.split(x, strata, groups))
         return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(x, strata))

@@ -47,7 +47,7 @@ from worker.training.backbones import create_model
 from worker.training.candidates import Candidate, choice_record, choice_settled, choose
 from worker.training.data import MULTI_LABEL
 from worker.training.linear import fit_linear
-from worker.training.refit import BACKOFF_MAX_EPOCHS, EPOCHS_CAP
+from worker.training.refit import BACKOFF_MAX_EPOCHS, EPOCHS_CAP, delivery_seconds
 from worker.training.weights import WeightsSource
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ MIN_PROBE_PER_CLASS = 20  # a budget-limited probe still learns from this many a
 PLAN_SHARE = 0.12  # no candidate is measured that would take planning past this share
 PASS_SHARE = 0.3  # one feature pass over every image may take this share of the budget
 SCORING_PENALTIES = (1e-3, 1e-2, 1e-1)  # the candidates' probes (the job's probe: more)
-EXPORT_SECONDS = 5.0  # writing and uploading the model files (measured: 2-4 s for lite0)
 # Default budget when the user sets none: this many fine-tuning epochs at the measured
 # speed, within [MIN, cap(n)] where cap grows with the dataset (1,000 images: 150 s).
 DEFAULT_EPOCHS = {"cpu": 6, "cuda": 15}
@@ -294,7 +293,13 @@ def plan(
     final_eval = n_eval / fwd
     epoch = n_train / train_rate + n_eval / fwd * 0.5  # train + validate (val ~ half of eval)
     probe = 1.0 + 0.003 * n_train  # the probe's cross-validated solves (measured: 3.3 s at 1,150)
-    fixed = cache + extract + probe + final_eval + EXPORT_SECONDS
+    n_val = n_val_given or len(pool) - n_train
+    # Export and label issues after the final evaluation: the job's time too.
+    n_labelled = len(pool) + n_val_given
+    delivery = delivery_seconds(n_val, n_labelled, 1.0 / fwd)
+    if "strategy" in keep and spec.strategy in ("full", "gradual"):
+        delivery += n_labelled / fwd  # no probe features for the label issues: a pass
+    fixed = cache + extract + probe + final_eval + delivery
     budget: float | None
     if deadline is not None:
         budget = float(spec.time_budget_seconds or 0)
@@ -326,6 +331,7 @@ def plan(
         "planning_seconds": round(planning, 1),
         "estimated_epoch_seconds": round(epoch, 1),
         "estimated_fixed_seconds": round(fixed, 1),
+        "estimated_delivery_seconds": round(delivery, 1),
         "planning_steps": {k: round(v, 2) for k, v in steps.items()},  # candidates: their own
     }
     choices: dict[str, Any] = {

@@ -12,7 +12,16 @@ from worker.training.optim import LrPlan
 from worker.training.run import Run
 
 log = logging.getLogger(__name__)
-EXPORT_RESERVE = 3.0  # seconds: writing the model files after training
+
+# What a job pays after `fit` returns (`delivery_seconds`), measured for lite0 at 64 px on
+# 1,438 digits on a 2-core CPU (BENCHMARKS.md, "A time budget as the user reads it"): the
+# model files (TorchScript trace 1.2 s, ONNX export 1.1 s, writing them), the ONNX checks
+# (onnxruntime on up to `CHECKED_IMAGES` validation images, again mirrored for the flip
+# check, PyTorch on about 80 of them: 1.4 s), and the label issues (cross-validated probes
+# on the cached features of every labelled image: 2.0 s).
+EXPORT_SECONDS = 3.0
+CHECKED_IMAGES = 256  # export.export_checks' limit
+LABEL_ISSUES_SECONDS, LABEL_ISSUES_PER_IMAGE = 0.5, 0.001
 
 # lp_ft plans of more fine-tuning epochs than this never back off: they have room to climb
 # out of the dip of their first epochs, and the recipe gives them a higher rate (3e-4,
@@ -29,6 +38,50 @@ GROW_MARGIN = 1.05
 # The same at the warm-up's end inside the first epoch (`WarmupRefit`), where the epoch's
 # checkpoint and validation are estimated, not timed.
 WARMUP_GROW_MARGIN = 1.10
+
+
+def delivery_seconds(n_val: int, n_labelled: int, per_image: float) -> float:
+    """Seconds a job spends after training and its final evaluation, estimated: exporting
+    and checking the model (`per_image`: seconds of inference an image on this device) and
+    finding the label issues of its `n_labelled` training and validation images."""
+    checked = min(n_val, CHECKED_IMAGES)
+    export = EXPORT_SECONDS + (2 * checked + min(checked, 80)) * per_image
+    return export + LABEL_ISSUES_SECONDS + LABEL_ISSUES_PER_IMAGE * n_labelled
+
+
+def after_training(run: Run, val_seconds: float) -> float:
+    """Seconds to keep back at the end of fine-tuning (`control.reserve`): the final
+    evaluation (validation and test, at `val_seconds` for the validation images) and, when
+    the caller delivers the model (`Callbacks.delivers_model`), its delivery. Without the
+    probe's cached features (`full`, `gradual`, a run resumed past its probe) the label
+    issues first pass every training and validation image through the model."""
+    data = run.data
+    n_val = max(1, len(data.val_idx))
+    n_test = 0 if data.test_idx is None else len(data.test_idx)
+    per_image = val_seconds / n_val
+    final = per_image * (n_val + n_test)
+    if not run.control.delivers_model:
+        return final
+    n_labelled = len(data.train_idx) + n_val
+    features = n_labelled * per_image if getattr(run, "probe_cache", None) is None else 0.0
+    return final + features + delivery_seconds(n_val, n_labelled, per_image)
+
+
+def keep_back(run: Run, val_seconds: float, saving: float = 0.0) -> None:
+    """Set what the deadline keeps back: epochs are planned only up to `deadline - reserve`,
+    and a step ends training once only the reserve, its epoch's validation and checkpoint
+    (`saving` seconds, as the last one took) are left."""
+    control = run.control
+    control.reserve = after_training(run, val_seconds)
+    control.stop_margin = control.reserve + val_seconds + saving
+
+
+def estimated_val_seconds(run: Run) -> float | None:
+    """The validation pass at the inference speed the recipe measured (`plan["speed"]`), or
+    None when there is no such measurement (a manual job)."""
+    speed = (getattr(run.config, "plan", None) or {}).get("speed") or {}
+    rate = speed.get("inference_images_per_second") or 0.0
+    return len(run.data.val_idx) / rate if rate > 0 else None
 
 
 def growth_cap(config: JobSpec) -> int | None:
@@ -103,18 +156,17 @@ class WarmupRefit:
     does, from a measured epoch. Longer plans warm up over a whole epoch at least, and the
     epoch-end re-fit grows them."""
 
-    def __init__(self, run: Run, plan: LrPlan, steps_done: int, eval_share: float) -> None:
-        self.run, self.plan, self.eval_share = run, plan, eval_share
+    def __init__(self, run: Run, plan: LrPlan, steps_done: int) -> None:
+        self.run, self.plan = run, plan
         self.first: tuple[float, int] | None = None  # (time, steps) after the first step
-        speed = (getattr(run.config, "plan", None) or {}).get("speed") or {}
-        rate = speed.get("inference_images_per_second") or 0.0
-        self.val_seconds = len(run.data.val_idx) / rate if rate > 0 else 0.0
+        val_seconds = estimated_val_seconds(run)
+        self.val_seconds = val_seconds or 0.0
         cap = growth_cap(run.config)
         self.active = (
             run.control.deadline is not None
             and cap is not None
             and cap > plan.planned_epochs
-            and rate > 0
+            and val_seconds is not None
             and steps_done < plan.warmup_steps < plan.steps_per_epoch
         )
         self.cap = cap or 0
@@ -144,8 +196,8 @@ class WarmupRefit:
         per_step = (self._now() - since) / (steps_done - counted)
         left_in_epoch = (plan.steps_per_epoch - steps_done) * per_step
         per_epoch = (plan.steps_per_epoch * per_step + self.val_seconds) * WARMUP_GROW_MARGIN
-        # The final evaluation and export after training, as the first validation will set it.
-        control.reserve = max(control.reserve, self.val_seconds * self.eval_share + EXPORT_RESERVE)
+        # What follows training, as the first validation will set it.
+        control.reserve = max(control.reserve, after_training(self.run, self.val_seconds))
         current = plan.planned_epochs
         fits = control.epochs_within_budget(
             1, self.cap, per_epoch, self.val_seconds, ahead=left_in_epoch + self.val_seconds

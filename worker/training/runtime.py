@@ -66,10 +66,52 @@ def rank_seed(seed: int, rank: int) -> int:
     """Rank `rank`'s seed for its loader workers' augmentation. Every rank draws the same
     sample order (the sampler's generator), so the same seed would give rank r's i-th image
     the crop of rank 0's i-th image: correlated augmentation across the batch DDP averages.
-    Loader workers only: with `num_workers=0` the ranks' main processes still share a seed
-    (reseeding them after the model is built made DDP's fine-tuning diverge: some random
-    draws after it must agree between ranks)."""
+    Loader workers only: without them a rank's main process augments from its
+    `RankStream` (reseeding the process itself after the model is built made DDP's
+    fine-tuning diverge: some random draws after it must agree between ranks)."""
     return (seed + RANK_SEED_STRIDE * rank) % 2**63
+
+
+class RankStream:
+    """Rank `rank`'s own stream of random draws, for the augmentation its main process does
+    (the dataset's transforms without loader workers; the batch mixing): while `call` runs,
+    the process's global stream is set aside and afterwards left where it was, so the draws
+    the ranks must share stay in step while each rank crops, flips and mixes its images its
+    own way. Seeded per epoch (`start`): a resumed epoch draws from that epoch's seed again."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.start(0, 0)
+
+    def start(self, seed: int, epoch: int) -> None:
+        high, low = np.random.SeedSequence([seed, epoch, self.rank]).generate_state(2)
+        generator = torch.Generator().manual_seed((int(high) << 32 | int(low)) % 2**63)
+        self.state = generator.get_state()  # a CPU generator's, as set_rng_state takes
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            return fn(*args)
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outside)
+
+    def wrap(self, fn: Callable[..., T]) -> Callable[..., T]:
+        return lambda *args: self.call(fn, *args)
+
+
+class RankAugmented(Dataset):  # type: ignore[type-arg]
+    """`dataset` with its transforms drawing from `stream` (a rank without loader workers)."""
+
+    def __init__(self, dataset: Dataset[Any], stream: RankStream) -> None:
+        self.dataset, self.stream = dataset, stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.stream.call(self.dataset.__getitem__, index)
 
 
 class _Interrupted:

@@ -51,9 +51,9 @@ log = logging.getLogger(__name__)
 # rule that waits for epoch 2 and two finished trials (Optuna's defaults) prunes nothing.
 PRUNE_WARMUP_EPOCHS = 1
 PRUNE_STARTUP_TRIALS = 1
-# Kept for what follows the search inside its budget: the worker's export and upload of
-# the best model (recipe.EXPORT_SECONDS measures them), at most this share of the budget.
-EXPORT_SECONDS, EXPORT_SHARE = 5.0, 0.05
+# Kept for what follows the search inside its budget: the worker's delivery of the best
+# model (export, checks, label issues: `delivery_reserve`), at most this share of it.
+EXPORT_SECONDS, DELIVERY_SHARE = 5.0, 0.1
 
 C = TypeVar("C", bound=JobSpec)
 
@@ -63,6 +63,15 @@ def default_pruner() -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(
         n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS
     )
+
+
+def delivery_reserve(config: JobSpec, budget: float) -> float:
+    """Seconds the search keeps for the best model's delivery: the auto recipe's estimate
+    (`plan.speed.estimated_delivery_seconds`, from the dataset and the measured speed) when
+    it planned the job, else `EXPORT_SECONDS`; at most `DELIVERY_SHARE` of the budget."""
+    speed = (getattr(config, "plan", None) or {}).get("speed") or {}
+    estimated = speed.get("estimated_delivery_seconds") or EXPORT_SECONDS
+    return float(min(estimated, DELIVERY_SHARE * budget))
 
 
 class Search:
@@ -85,7 +94,7 @@ class Search:
         self.start = time.monotonic() if started is None else started
         budget = self.spec.budget_seconds
         self.end = self.start + budget  # what the user reads as the budget
-        self.deadline = self.end - min(EXPORT_SECONDS, EXPORT_SHARE * budget)
+        self.deadline = self.end - delivery_reserve(config, budget)
         self.space = SearchSpace.around(config)
         # The trials end early enough for the final run (`search_final.py`): the best
         # trial's config trained again for what is left, at least FINAL_SHARE of the budget.
@@ -339,8 +348,9 @@ def run_search(
     `fit_kwargs` go to every `fit` (device, weights, num_workers, pretrained). `pruner`
     replaces the default median pruner. `started` (time.monotonic): when the job started;
     `budget_seconds` counts from there (default: from this call), everything included,
-    a few seconds kept for the export. A trial that raises is recorded as failed and the
-    search goes on; when every trial failed, the first error is raised."""
+    the best model's delivery kept back (`delivery_reserve`). A trial that raises is
+    recorded as failed and the search goes on; when every trial failed, the first error is
+    raised."""
     if config.search is None:
         raise ValueError("run_search needs a config with `search`")
     if fit_kwargs.pop("resume", None) is not None:

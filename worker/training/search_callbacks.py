@@ -20,7 +20,10 @@ class TrialCallbacks(Callbacks):
     """One trial's view of the job's callbacks: phases are labelled with the trial, steps go
     through (progress, and the reporter's cancel check), epochs are reported to Optuna for
     pruning but not to the job (its metrics become the best trial's, replayed at the end).
-    Stops the trial when the job asks, when Optuna prunes it, or at the search's deadline."""
+    Stops the trial when the job asks, when Optuna prunes it, or at the search's deadline.
+    A trial's model is not exported (the search keeps time for the best one's)."""
+
+    delivers_model = False
 
     def __init__(self, outer: Callbacks, trial: optuna.Trial | None, label: str, deadline: float):
         self.outer = outer
