@@ -331,6 +331,14 @@ def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends
     run, plan, told = warmup_run(one_epoch_plan(), 18.8, clock)
     steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
     assert plan.planned_epochs == 1 and told.plans == [] and run.extra == {}
+    # Not even the first epoch fits before training must stop (the margin `keep_back`
+    # sets): it ends at the last step that does, and the cosine with it.
+    run, plan, told = warmup_run(one_epoch_plan(), 18.8, clock)
+    run.control.stop_margin = 12.8  # 2 s of steps left at the warm-up's end
+    steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
+    assert plan.total_steps == 7 and plan.steps_in_epoch(1) == 7 and plan.epochs == 1
+    assert told.plans == [] and run.extra["epochs_fitted_to_budget"] == 0.7
+    assert plan(6) > 0.0 and plan(7) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):
@@ -383,3 +391,30 @@ def test_a_search_keeps_the_recipes_delivery_estimate_for_its_best_model():
     assert delivery_reserve(planned, 40.0) == pytest.approx(DELIVERY_SHARE * 40.0)  # capped
     manual = JobConfig(dataset_id="ds_1", recipe="manual")  # no recipe, no estimate
     assert delivery_reserve(manual, 600.0) == EXPORT_SECONDS
+
+
+def test_an_epoch_ends_where_its_plan_says_as_it_runs():
+    """`max_steps` as a callable is asked after each step: a plan shortened in the middle
+    of the epoch (`WarmupRefit`) ends it there, with no stop recorded."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from worker.training.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    images = TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    limit = [10]
+
+    def after_step() -> None:
+        if scheduler.last_epoch == 3:
+            limit[0] = 5  # the re-fit at step 3 ends the epoch at step 5
+
+    stats = train_one_epoch(
+        model, DataLoader(images, batch_size=4), optimizer, scheduler, nn.CrossEntropyLoss(),
+        torch.device("cpu"), 1, Callbacks(), after_step=after_step, max_steps=lambda: limit[0],
+    )  # fmt: skip
+    assert stats.steps == 5 and stats.images == 20 and not stats.stopped

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -82,6 +83,11 @@ def train_loaders(
         )
     )
     return loader, plain, sampler, generator
+
+
+def epoch_steps(plan: LrPlan, epoch: int) -> Callable[[], int]:
+    """The steps epoch `epoch` takes, asked as it runs: the warm-up's re-fit may end it."""
+    return lambda: plan.steps_in_epoch(epoch)
 
 
 def unfreeze_from_the_top(stages: list[list[nn.Parameter]], epoch: int, planned: int) -> None:
@@ -284,7 +290,7 @@ def fine_tune(
             resume_from=done,
             after_step=after_step,
             # A re-fit's last epoch may be a part of one.
-            max_steps=plan.steps_in_epoch(epoch) if isinstance(plan, LrPlan) else None,
+            max_steps=epoch_steps(plan, epoch) if isinstance(plan, LrPlan) else None,
         )
         if isinstance(plan, LrPlan):  # a re-fit within the epoch (WarmupRefit) may grow it
             planned = plan.epochs

@@ -104,13 +104,14 @@ def train_one_epoch(
     freeze_norm_stats: bool = False,
     resume_from: EpochStats | None = None,
     after_step: Callable[[], None] | None = None,
-    max_steps: int | None = None,
+    max_steps: int | Callable[[], int] | None = None,
 ) -> EpochStats:
     """One pass over `loader`: images through the whole network (fine-tuning), or cached
     features through the head alone (the linear probe). `resume_from`: what a mid-epoch
     checkpoint recorded of this epoch so far (its steps and sums); the loader then holds
     only the remaining batches. `max_steps`: the epoch ends after this many steps (a
-    schedule's last, shorter epoch: `LrPlan.steps_in_epoch`). With multi-hot targets
+    schedule's last, shorter epoch: `LrPlan.steps_in_epoch`); a callable is asked again
+    after each step (a plan shortened during the epoch: `refit.WarmupRefit`). With multi-hot targets
     (multi-label) the accuracy counted is subset accuracy: images whose every class is
     right at probability 0.5."""
     model.train()
@@ -126,7 +127,8 @@ def train_one_epoch(
     correct = torch.full((), round(done.accuracy * done.images), device=device, dtype=torch.long)
     seen = done.images
     steps = done.steps + len(loader)  # progress counts the epoch's full length
-    limit = steps if max_steps is None else min(steps, max_steps)
+    first_limit = max_steps() if callable(max_steps) else max_steps
+    limit = steps if first_limit is None else min(steps, first_limit)
     start = time.perf_counter() - done.seconds
     data_seconds = done.data_seconds
     stopped = False
@@ -171,6 +173,8 @@ def train_one_epoch(
         callbacks.on_step(epoch, step, steps)
         if callbacks.should_stop():
             stopped = True
+            break
+        if callable(max_steps) and step >= max_steps():  # the plan ended this epoch early
             break
         fetch_start = time.perf_counter()
     seconds = time.perf_counter() - start

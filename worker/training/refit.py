@@ -152,9 +152,10 @@ class WarmupRefit:
     times the steps since the first it saw, adds the validation the planner's inference
     speed estimates (`plan["speed"]`: none has run yet) and `WARMUP_GROW_MARGIN` for what
     it cannot time (the checkpoint, validation's loader), and grows the plan as
-    `refit_to_budget` would at an epoch's end. It never shrinks it: the epoch-end re-fit
-    does, from a measured epoch. Longer plans warm up over a whole epoch at least, and the
-    epoch-end re-fit grows them."""
+    `refit_to_budget` would at an epoch's end. When not even the first epoch fits before
+    training must stop, it ends that epoch (and its cosine) at the last step that does;
+    otherwise it never shrinks the plan: the epoch-end re-fit does, from a measured epoch.
+    Longer plans warm up over a whole epoch at least, and the epoch-end re-fit grows them."""
 
     def __init__(self, run: Run, plan: LrPlan, steps_done: int) -> None:
         self.run, self.plan = run, plan
@@ -193,7 +194,8 @@ class WarmupRefit:
         plan, control = self.plan, self.run.control
         if steps_done == counted or plan.steps_in_epoch(1) != plan.steps_per_epoch:
             return
-        per_step = (self._now() - since) / (steps_done - counted)
+        now = self._now()
+        per_step = (now - since) / (steps_done - counted)
         left_in_epoch = (plan.steps_per_epoch - steps_done) * per_step
         per_epoch = (plan.steps_per_epoch * per_step + self.val_seconds) * WARMUP_GROW_MARGIN
         # What follows training, as the first validation will set it.
@@ -207,3 +209,13 @@ class WarmupRefit:
             self.run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
             control.on_plan(plan.epochs)
             log.info("time budget: %g fine-tuning epochs planned at the warm-up's end", fits)
+            return
+        # The epoch itself does not fit before training must stop (`control.stop_margin`):
+        # it ends, and the cosine with it, at the last step that does, not cut at a high
+        # learning rate (the loop follows `plan.steps_in_epoch`).
+        room = control.deadline - control.stop_margin - now if control.deadline else 0.0
+        last = steps_done + max(1, int(room / per_step))
+        if last < plan.steps_in_epoch(1):
+            plan.replan(last / plan.steps_per_epoch)
+            self.run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
+            log.info("time budget: the first epoch ends at step %d of %d", last, plan.total_steps)
