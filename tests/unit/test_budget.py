@@ -334,11 +334,24 @@ def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends
     # Not even the first epoch fits before training must stop (the margin `keep_back`
     # sets): it ends at the last step that does, and the cosine with it.
     run, plan, told = warmup_run(one_epoch_plan(), 18.8, clock)
-    run.control.stop_margin = 12.8  # 2 s of steps left at the warm-up's end
+    run.control.stop_margin = 11.8  # 3 s left at the warm-up's end: 2 steps at 1.1 s
     steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
     assert plan.total_steps == 7 and plan.steps_in_epoch(1) == 7 and plan.epochs == 1
     assert told.plans == [] and run.extra["epochs_fitted_to_budget"] == 0.7
     assert plan(6) > 0.0 and plan(7) == pytest.approx(0.0, abs=1e-9)
+    # Distributed: the ranks agree on the step (the least any of them timed), or one would
+    # wait in a collective the other never joins.
+    run, plan, told = warmup_run(one_epoch_plan(), 18.8, clock)
+    run.control.stop_margin = 11.8
+    asked: list[tuple[list[float], str]] = []
+
+    def agree(values: list[float], op: str) -> list[float]:
+        asked.append((values, op))
+        return [min(values[0], 6.0)] if op == "min" else values  # another rank: step 6
+
+    run.control.agree = agree
+    steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
+    assert ([7.0], "min") in asked and plan.total_steps == 6
 
 
 def test_the_warm_up_re_fit_keeps_out_of_plans_it_cannot_help(monkeypatch):

@@ -214,8 +214,14 @@ class WarmupRefit:
         # it ends, and the cosine with it, at the last step that does, not cut at a high
         # learning rate (the loop follows `plan.steps_in_epoch`).
         room = control.deadline - control.stop_margin - now if control.deadline else 0.0
-        last = steps_done + max(1, int(room / per_step))
+        slow = max(per_step * WARMUP_GROW_MARGIN, 1e-9)  # a step later than timed: no cut
+        last = steps_done + max(1, int(room / slow))
+        if control.agree is not None:  # distributed: every rank ends the epoch at one step
+            last = int(control.agree([float(last)], "min")[0])
         if last < plan.steps_in_epoch(1):
+            log.info("time budget: the first epoch ends at step %d of %d", last, plan.total_steps)
+            epochs = plan.epochs
             plan.replan(last / plan.steps_per_epoch)
             self.run.extra["epochs_fitted_to_budget"] = round(plan.planned_epochs, 2)
-            log.info("time budget: the first epoch ends at step %d of %d", last, plan.total_steps)
+            if plan.epochs != epochs:
+                control.on_plan(plan.epochs)
