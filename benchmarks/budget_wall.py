@@ -90,6 +90,11 @@ def summarise(name: str, budget: float, out: dict[str, Any]) -> dict[str, Any]:
         "estimated_epoch_seconds": speed.get("estimated_epoch_seconds"),
         "test_accuracy": test,
         "speed": speed,
+        "candidates": plan.get("candidates"),
+        "not_measured": plan.get("not_measured"),
+        "epochs": [
+            {k: m.get(k) for k in ("epoch", "val_accuracy", "epoch_seconds")} for m in tuned
+        ],
     }
 
 

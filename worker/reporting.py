@@ -5,6 +5,7 @@ stop (canceled, lost, time-limited, shutting down) and should it checkpoint when
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -45,6 +46,7 @@ class DbReporter(Callbacks):
         self.worker_id = worker_id
         self.settings = settings
         self.total_epochs = total_epochs
+        self.planned_epochs = float(total_epochs)  # a re-fit's last epoch may be a part
         self.phase = "starting"
         self.lost = threading.Event()  # another worker or the reaper took the job
         self.cancel = threading.Event()  # the user asked to cancel
@@ -81,11 +83,15 @@ class DbReporter(Callbacks):
     def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         self.epoch = epoch
         self.done_steps = (epoch - 1) * steps_per_epoch + step
-        self.total_steps = total = self.total_epochs * steps_per_epoch
+        # A shorter last epoch counts the steps it runs (at least those done: a plan that
+        # shrank below them is at its end).
+        total = max(self.done_steps, round(self.planned_epochs * steps_per_epoch))
+        self.total_steps = total
         now = time.monotonic()
         if (
             now - self.last_write < self.settings.progress_interval_seconds
             and step != steps_per_epoch
+            and self.done_steps < total  # a shorter last epoch's last step is written too
         ):
             return
         self.last_write = now
@@ -100,9 +106,11 @@ class DbReporter(Callbacks):
             eta_seconds=eta,
         )
 
-    def on_plan(self, epochs: int) -> None:
-        # The budget re-fitted the schedule: progress and ETA count the epochs now planned.
-        self.total_epochs = epochs
+    def on_plan(self, epochs: float) -> None:
+        # The budget re-fitted the schedule: progress and ETA count the epochs now planned,
+        # a shorter last one by its steps.
+        self.planned_epochs = epochs
+        self.total_epochs = math.ceil(epochs - 1e-9)
 
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         with session_scope(self.settings) as s:

@@ -347,3 +347,10 @@ def test_progress_counts_the_epochs_a_budget_re_fit_planned(job_id, integration_
     job = row(job_id)
     assert (job.total_epochs, job.step, job.total_steps) == (12, 55, 60)
     assert job.eta_seconds is not None and job.eta_seconds >= 0
+    # A shorter last epoch (11.4: 2 of its 5 steps): counted by the steps it runs; its
+    # last step is written (not throttled) like an epoch's last, with nothing left.
+    reporter.on_plan(11.4)
+    reporter.on_step(12, 2, 5)
+    job = row(job_id)
+    assert (job.total_epochs, job.step, job.total_steps) == (12, 57, 57)
+    assert job.eta_seconds == 0.0

@@ -141,10 +141,10 @@ def test_time_budget_ends_training_early_with_a_usable_model(digits):
 
 class Plans(Callbacks):
     def __init__(self) -> None:
-        self.plans: list[int] = []
+        self.plans: list[float] = []
         self.checkpoints: list[dict] = []
 
-    def on_plan(self, epochs: int) -> None:
+    def on_plan(self, epochs: float) -> None:
         self.plans.append(epochs)
 
     def on_checkpoint(self, state: dict) -> None:
@@ -153,8 +153,7 @@ class Plans(Callbacks):
 
 def test_epochs_the_recipe_chose_grow_when_the_budget_has_room(few_digits, monkeypatch):
     """Planning timed a few steps and planned 2 epochs; the first epoch shows that more fit:
-    the schedule grows (here up to a cap of 5) while it still warms up, and its cosine
-    still ends near zero."""
+    the schedule grows (here up to a cap of 5), and its cosine still ends near zero."""
     from worker.training import refit
 
     monkeypatch.setattr(refit, "EPOCHS_CAP", 5)
@@ -265,12 +264,12 @@ def test_a_budget_fitted_plan_ends_in_a_shorter_last_epoch(few_digits, monkeypat
     told = Steps()
     result = fit(config, prepare(archive, index, config, cache), told, num_workers=0)
     tuned = [h for h in result.history if h["phase"] == "fine_tune"]
-    assert len(tuned) == 3 and told.plans == [3], result.history
+    assert len(tuned) == 3 and told.plans == [2.5], result.history
     assert result.extra["epochs_fitted_to_budget"] == 2.5 and result.stopped_reason is None
     full = len(told.steps[1])
     assert full >= 4 and len(told.steps[2]) == full
     short = round(2.5 * full) - 2 * full
-    # The last epoch stops after its share (progress still counts an epoch's full length),
+    # The last epoch stops after its share (progress counts its steps: `on_plan` had 2.5),
     # and it is validated and kept like the others.
     assert told.steps[3] == [(i, full) for i in range(1, short + 1)]
     assert tuned[-1]["epoch"] == 3 and tuned[-1]["val_accuracy"] is not None

@@ -161,9 +161,9 @@ def test_only_epochs_the_recipe_chose_may_grow_and_a_short_lp_ft_plan_stays_shor
 
 class Planned(Callbacks):
     def __init__(self) -> None:
-        self.plans: list[int] = []
+        self.plans: list[float] = []
 
-    def on_plan(self, epochs: int) -> None:
+    def on_plan(self, epochs: float) -> None:
         self.plans.append(epochs)
 
 
@@ -177,8 +177,8 @@ def refit_run(config: JobConfig, seconds_left: float, steps_per_epoch: int = 10)
     return run, plan, told
 
 
-def test_a_faster_machine_grows_the_schedule_while_it_warms_up_only():
-    from worker.training.refit import GROW_MARGIN, refit_to_budget
+def test_a_faster_machine_grows_the_schedule_during_and_after_the_warm_up():
+    from worker.training.refit import GROW_MARGIN, GROW_UNTIL_DECAYED, refit_to_budget
 
     run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
     # After epoch 1 of 8 (100 s each, 20 of them validation and checkpoint): still warming
@@ -188,15 +188,85 @@ def test_a_faster_machine_grows_the_schedule_while_it_warms_up_only():
     assert GROW_MARGIN == 1.05 and fits == 11
     assert plan.planned_epochs == pytest.approx(10.4) and plan.total_steps == 104
     assert [plan.steps_in_epoch(e) for e in (10, 11, 12)] == [10, 4, 0]
-    assert run.extra["epochs_fitted_to_budget"] == 10.4 and told.plans == [11]
+    assert run.extra["epochs_fitted_to_budget"] == 10.4 and told.plans == [10.4]
     # At the warm-up's end the cosine has not started yet: it still grows.
     run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
     assert refit_to_budget(run, plan, 2, 100.0, steps_done=20, fixed_seconds=20.0) == 12  # type: ignore[arg-type]
     assert plan.planned_epochs == pytest.approx(11.4)
-    # Past the warm-up the cosine has started: the schedule is kept as it is.
+    # Past the warm-up the cosine has started: it grows too, and goes on from the learning
+    # rate it has reached (no jump), decaying more slowly over the longer plan.
     run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
-    assert refit_to_budget(run, plan, 3, 100.0, steps_done=30) == 8  # type: ignore[arg-type]
-    assert plan.epochs == 8 and told.plans == [] and "epochs_fitted_to_budget" not in run.extra
+    before = [plan(s) for s in range(32)]
+    # 9 more epochs at 105 s, then 55 s: half an epoch (no fixed seconds given).
+    assert refit_to_budget(run, plan, 3, 100.0, steps_done=30) == 13  # type: ignore[arg-type]
+    assert plan.planned_epochs == 12.5 and told.plans == [12.5]
+    assert plan(30) == before[30]  # the next step's rate, as it was
+    assert before[31] < plan(31) < before[30]
+    assert plan(124) > 0.0 and plan(125) == pytest.approx(0.0)
+    # Past half the decay (and at the plan's end, where it would add epochs at a rate of
+    # zero): no growth.
+    for done_epochs in (6, 8):
+        run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
+        assert plan.decayed(done_epochs * 10) > GROW_UNTIL_DECAYED
+        assert refit_to_budget(run, plan, done_epochs, 100.0, steps_done=done_epochs * 10) == 8  # type: ignore[arg-type]
+        assert plan.planned_epochs == 8 and told.plans == []
+    # A shorter epoch ran: no growth (it would sit in the middle of the longer run).
+    run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=1000.0)
+    plan.replan(7.5)
+    assert refit_to_budget(run, plan, 8, 100.0, steps_done=75) == 8  # type: ignore[arg-type]
+    assert plan.planned_epochs == 7.5 and told.plans == []
+
+
+def test_a_refit_past_the_warm_up_keeps_the_learning_rate_where_it_is():
+    from worker.training.optim import LrPlan
+
+    plan = LrPlan("cosine", steps_per_epoch=10, epochs=10, warmup_steps=20)
+    at_50 = plan(50)  # 30 of 80 decay steps done
+    assert at_50 == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 80)))
+    plan.refit(50, 6)  # shorter: from the same rate to zero over the 10 steps left
+    assert plan(50) == pytest.approx(at_50) and plan(60) == pytest.approx(0.0)
+    assert plan(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * (30 / 80 + 50 / 80 / 2))))
+    plan.refit(55, 16)  # longer again: no jump at step 55, zero at the new end
+    assert plan(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * (30 / 80 + 50 / 80 / 2))))
+    assert plan(160) == pytest.approx(0.0) and plan(100) > plan(130) > 0.0
+    # Within the warm-up (and at its last step) nothing has decayed: a plain re-plan.
+    warm = LrPlan("cosine", steps_per_epoch=10, epochs=4, warmup_steps=20)
+    warm.refit(20, 8)
+    assert warm.anchor_step == 20 and warm.anchor_progress == 0.0
+    assert warm(50) == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 60)))
+
+
+def test_a_refitted_schedule_resumes_with_the_same_learning_rates(tmp_path):
+    """LambdaLR saves a callable object's fields: a restart after a re-fit past the warm-up
+    goes on at the same rates; a checkpoint written before schedules had an anchor (no such
+    fields) resumes on the plain cosine, as it was planned."""
+    import torch
+
+    from worker.training.optim import LrPlan
+
+    def scheduler() -> torch.optim.lr_scheduler.LambdaLR:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return torch.optim.lr_scheduler.LambdaLR(opt, LrPlan("cosine", 10, 10, 20))
+
+    first = scheduler()
+    for _ in range(50):
+        first.optimizer.step()
+        first.step()
+    first.lr_lambdas[0].refit(50, 14)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    old = first.state_dict()
+    for fn in old["lr_lambdas"]:
+        fn.pop("anchor_step"), fn.pop("anchor_progress")
+    expected = [first.lr_lambdas[0](s) for s in range(50, 140)]
+
+    resumed = scheduler()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert [resumed.lr_lambdas[0](s) for s in range(50, 140)] == expected
+    assert resumed.get_last_lr() == first.get_last_lr()
+    legacy = scheduler()
+    legacy.load_state_dict(old)
+    plain = LrPlan("cosine", 10, 14, 20)
+    assert [legacy.lr_lambdas[0](s) for s in range(50, 140)] == [plain(s) for s in range(50, 140)]
 
 
 def test_a_slower_machine_shrinks_the_schedule_to_the_part_of_an_epoch_that_fits():
@@ -207,7 +277,7 @@ def test_a_slower_machine_shrinks_the_schedule_to_the_part_of_an_epoch_that_fits
     run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=350.0, steps_per_epoch=20)
     assert refit_to_budget(run, plan, 1, 100.0, steps_done=20, fixed_seconds=20.0) == 5  # type: ignore[arg-type]
     assert plan.planned_epochs == pytest.approx(4.35) and plan.total_steps == 87
-    assert plan.steps_in_epoch(5) == 7 and told.plans == [5]
+    assert plan.steps_in_epoch(5) == 7 and told.plans == [4.35]
     # Less than a quarter of an epoch's training left over: whole epochs only.
     run, plan, told = refit_run(chosen_by_recipe(8), seconds_left=330.0, steps_per_epoch=20)
     assert refit_to_budget(run, plan, 1, 100.0, steps_done=20, fixed_seconds=20.0) == 4  # type: ignore[arg-type]
@@ -317,12 +387,12 @@ def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends
     steps(refit, 1.0, 4)
     assert told.plans == []  # still warming up
     refit(5)
-    assert plan.planned_epochs == pytest.approx(2.6) and told.plans == [3]
+    assert plan.planned_epochs == pytest.approx(2.6) and told.plans == [2.6]
     assert [plan.steps_in_epoch(e) for e in (1, 2, 3)] == [10, 10, 6]  # epoch 1 stays whole
     assert run.extra["epochs_fitted_to_budget"] == 2.6
     assert run.control.reserve == pytest.approx(7.8)
     refit(6)  # once only
-    assert told.plans == [3]
+    assert told.plans == [2.6]
     # Room for more: up to the short lp_ft plan's cap of 3 epochs.
     run, plan, told = warmup_run(one_epoch_plan(), 100.0, clock)
     steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
@@ -337,7 +407,7 @@ def test_a_warm_up_that_ends_inside_the_first_epoch_may_grow_the_plan_as_it_ends
     run.control.stop_margin = 11.8  # 3 s left at the warm-up's end: 2 steps at 1.1 s
     steps(WarmupRefit(run, plan, 0), 1.0, 5)  # type: ignore[arg-type]
     assert plan.total_steps == 7 and plan.steps_in_epoch(1) == 7 and plan.epochs == 1
-    assert told.plans == [] and run.extra["epochs_fitted_to_budget"] == 0.7
+    assert told.plans == [0.7] and run.extra["epochs_fitted_to_budget"] == 0.7
     assert plan(6) > 0.0 and plan(7) == pytest.approx(0.0, abs=1e-9)
     # Distributed: the ranks agree on the step (the least any of them timed), or one would
     # wait in a collective the other never joins.

@@ -21,7 +21,7 @@ class Heard(Callbacks):
     def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         self.events.append(("step", (epoch, step, steps_per_epoch)))
 
-    def on_plan(self, epochs: int) -> None:
+    def on_plan(self, epochs: float) -> None:
         self.events.append(("plan", epochs))
 
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:

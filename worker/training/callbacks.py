@@ -21,9 +21,11 @@ class Callbacks:
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         """After validation, with this epoch's metrics and the best so far."""
 
-    def on_plan(self, epochs: int) -> None:
+    def on_plan(self, epochs: float) -> None:
         """When the time budget re-fits the fine-tuning schedule: the epochs it now plans
-        in all (fewer on a machine slower than measured, more on a faster one)."""
+        in all (fewer on a machine slower than measured, more on a faster one), with the
+        last one's share when it is a part of one (`5.35`: 5 whole epochs and 35% of a
+        sixth)."""
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         """After each epoch (and after lp_ft's probe): everything needed to resume, as

@@ -60,7 +60,7 @@ class Control(Callbacks):
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         self.inner.on_checkpoint(state)
 
-    def on_plan(self, epochs: int) -> None:
+    def on_plan(self, epochs: float) -> None:
         self.inner.on_plan(epochs)
 
     def checkpoint_on_stop(self) -> bool:

@@ -311,7 +311,7 @@ class RankZeroCallbacks(RankCallbacks):
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         self._emit(hook="epoch_end", metrics=metrics, best=best)
 
-    def on_plan(self, epochs: int) -> None:
+    def on_plan(self, epochs: float) -> None:
         self._emit(hook="plan", epochs=epochs)
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:

@@ -233,8 +233,10 @@ def fine_tune(
     epoch, planned, partial = 0, config.epochs, None
     if resume is not None and resume["phase"] == "fine_tune":
         epoch, planned, partial = restore_training(resume, optimizer, scheduler, scaler, generator)
-        if planned != config.epochs:  # a budget re-fit before the restart: progress counts it
-            control.on_plan(planned)
+        # A budget re-fit before the restart (the plan is the scheduler's): progress counts it.
+        told = plan.planned_epochs if isinstance(plan, LrPlan) else planned
+        if told != config.epochs:
+            control.on_plan(told)
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
     started, first_epoch = time.monotonic(), epoch

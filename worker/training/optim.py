@@ -13,14 +13,28 @@ from core.jobspec import JobSpec
 
 
 class LrPlan:
-    """Per-step LR factor. Re-plannable: under a time budget the schedule is shrunk to the
-    epochs that fit, so the cosine decay still completes."""
+    """Per-step LR factor. Re-plannable: under a time budget the schedule is re-fitted to
+    the epochs that fit, so the cosine decay still completes."""
 
     def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, warmup_steps: int):
         self.schedule = schedule
         self.steps_per_epoch = steps_per_epoch
         self.warmup_steps = warmup_steps
         self.scale = 1.0  # lowered by `fine_tune` when an epoch regresses (backoff)
+        # Where the cosine goes on from after a re-fit past the warm-up (`refit`): the step
+        # and the share of the decay done there. Saved with the scheduler's state.
+        self.anchor_step = warmup_steps
+        self.anchor_progress = 0.0
+        self.replan(epochs)
+
+    def refit(self, step: int, epochs: float) -> None:
+        """Re-plan `epochs` epochs at optimizer step `step`. Past the warm-up the cosine
+        goes on from where it is over the steps left: the learning rate at `step` stays
+        what it was, and decays more slowly from there (a longer plan) or faster (a
+        shorter one), instead of jumping up or down with the decay's share."""
+        if self.schedule == "cosine" and step > self.warmup_steps:
+            self.anchor_progress = self.decayed(step)
+            self.anchor_step = step
         self.replan(epochs)
 
     def replan(self, epochs: float) -> None:
@@ -53,8 +67,17 @@ class LrPlan:
             # Quadratic from zero: the first steps after the probe move the pretrained
             # weights very little (a linear ramp already lost what the probe had learned).
             return ((step + 1) / self.warmup_steps) ** 2
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+
+    def decayed(self, step: int) -> float:
+        """The share of the cosine's decay done at `step` (0 until the warm-up ends)."""
+        return 0.0 if step <= self.warmup_steps else self._progress(step)
+
+    def _progress(self, step: int) -> float:
+        """The share of the cosine's decay done at `step` (past the warm-up)."""
+        done, left = self.anchor_progress, 1.0 - self.anchor_progress
+        span = max(1, self.total_steps - self.anchor_step)
+        return min(1.0, done + left * max(0, step - self.anchor_step) / span)
 
 
 def class_weights(

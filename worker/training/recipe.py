@@ -10,7 +10,8 @@ Run by the worker before the image cache is built (`plan`), inside the job's tim
    solver). A size is worth its cost only when it scores measurably better than a cheaper
    one: the cheapest candidate that no other outscores by more than `candidates.margin`
    (1.5 points, or two standard errors of the image-by-image difference) wins (so once the
-   choice scores within 1.5 points of 1.0, no larger size is measured). A multi-label
+   choice scores within 1.5 points of 1.0, no larger size is measured; nor after two
+   larger sizes in a row scored no better than a smaller one). A multi-label
    dataset is scored by its own metric: one-vs-rest (BCE) probes' cross-validated mAP.
 3. **Flips**: a cross-validated probe fitted with and without mirrored copies of its
    training images; when the copies cost accuracy (digits, text) flips stay out of
@@ -59,11 +60,17 @@ SIZES = (64, 96, 128, 160, 224)  # candidate input sizes (px), cheapest first
 # test split, 3 of 3 seeds better; degraded digits +2.5). A photo keeps 96 px and up.
 LOW_RES_SIZE = 64
 # Why a candidate is in `not_measured`: planning's share of the budget was spent, a feature
-# pass over every image would be too long for the budget, or it cannot win
-# (`candidates.choice_settled`).
+# pass over every image would be too long for the budget, it cannot win
+# (`candidates.choice_settled`), or the sizes below it stopped gaining (`NO_GAIN`).
 PLANNING_TIME = "planning time"
 PASS_TOO_LONG = "a feature pass over every image would take over its share of the budget"
 CANNOT_WIN = "the choice so far scored within the tolerance of 1.0: no larger size can change it"
+NO_GAIN = "two larger sizes in a row scored no better than the best smaller one"
+# Larger sizes stop being measured after this many in a row scored no better than the best
+# smaller one (`NO_GAIN`): a larger one must beat the choice by the margin to be chosen,
+# and the scores do not climb back after falling twice (degraded digits at 120 s: 64 px
+# .506, 96 px .491, 128 px .497, then 160 px .494 took 6.5 s of the 16 s of planning).
+NO_GAIN_RUN = 2
 FLIP_TOLERANCE = 0.01  # flips stay on unless mirrored copies cost more accuracy than this
 SUBSAMPLE = 320  # images decoded and scored per candidate (fewer for tiny budgets)
 AUTO_CROP_SCALE_MIN = 0.6  # random resized crops keep at least this share of the area
@@ -214,9 +221,13 @@ def plan(
         steps[f"load {name}"] = time.monotonic() - started
         models[name] = model
         last: Candidate | None = None
+        top, misses = -1.0, 0  # this backbone's best score so far; sizes since it
         for size in sizes:
             if settled:
                 skipped.append({"backbone": name, "image_size": size, "reason": CANNOT_WIN})
+                continue
+            if misses >= NO_GAIN_RUN:
+                skipped.append({"backbone": name, "image_size": size, "reason": NO_GAIN})
                 continue
             # Planning keeps to its share of the budget: a candidate is not started when its
             # cost would take planning past it. The cost is the last one's, its timed pass
@@ -258,11 +269,12 @@ def plan(
             last = Candidate(name, size, score, rate, time.monotonic() - started, correct)
             candidates.append(last)
             features[(name, size)] = (x, feats)
+            top, misses = (score, 0) if score > top else (top, misses + 1)
             settled = len(backbones) == 1 and choice_settled(candidates)
     chosen = choose(candidates)
     record["candidates"] = choice_record(candidates, chosen)
-    # Too slow for the budget by a smaller size's speed, past planning's share of it, or
-    # unable to win (`choice_settled`).
+    # Too slow for the budget by a smaller size's speed, past planning's share of it,
+    # unable to win (`choice_settled`), or after smaller sizes stopped gaining (`NO_GAIN`).
     record["not_measured"] = skipped
     record["chosen"] = {"backbone": chosen.backbone, "image_size": chosen.size}
 
