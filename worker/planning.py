@@ -49,6 +49,8 @@ def choose_recipe(
             s, run.job_id, run.worker_id, resolved.model_dump(mode="json")
         ):
             raise JobLost(f"job {run.job_id} could not record its recipe")
+    # Progress counts the epochs the recipe chose (the reporter began with the default's).
+    run.reporter.on_plan(resolved.epochs)
     return resolved
 
 

@@ -85,13 +85,14 @@ class DbReporter(Callbacks):
         self.done_steps = (epoch - 1) * steps_per_epoch + step
         # A shorter last epoch counts the steps it runs (at least those done: a plan that
         # shrank below them is at its end).
-        total = max(self.done_steps, round(self.planned_epochs * steps_per_epoch))
+        planned = round(self.planned_epochs * steps_per_epoch)
+        total = max(self.done_steps, planned)
         self.total_steps = total
         now = time.monotonic()
         if (
             now - self.last_write < self.settings.progress_interval_seconds
             and step != steps_per_epoch
-            and self.done_steps < total  # a shorter last epoch's last step is written too
+            and self.done_steps != planned  # a shorter last epoch's last step is written too
         ):
             return
         self.last_write = now

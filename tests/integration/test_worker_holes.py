@@ -354,3 +354,7 @@ def test_progress_counts_the_epochs_a_budget_re_fit_planned(job_id, integration_
     job = row(job_id)
     assert (job.total_epochs, job.step, job.total_steps) == (12, 57, 57)
     assert job.eta_seconds == 0.0
+    # Steps past the reporter's plan (one it was not told of) stay throttled: no write each.
+    reporter.on_step(12, 3, 5)
+    reporter.on_step(12, 4, 5)
+    assert row(job_id).step == 57
