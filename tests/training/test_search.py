@@ -32,7 +32,7 @@ class PruneAllButTheFirst(optuna.pruners.BasePruner):
 
 class Recorder(Callbacks):
     def __init__(self, stop_after_steps=None):
-        self.phases, self.epochs = [], []
+        self.phases, self.epochs, self.plans = [], [], []
         self.stop_after_steps = stop_after_steps
         self.steps = 0
         self.step_times = [time.monotonic()]
@@ -43,6 +43,9 @@ class Recorder(Callbacks):
     def on_step(self, epoch, step, steps_per_epoch):
         self.steps += 1
         self.step_times.append(time.monotonic())
+
+    def on_plan(self, epochs):
+        self.plans.append(epochs)
 
     @property
     def slowest_step(self):
@@ -245,6 +248,13 @@ def test_progress_names_the_trial_and_the_metrics_are_the_best_trials(searched):
     trials = len(sampled(result))
     assert any(p.startswith(f"search: trial {trials}/3") for p in recorder.phases)
     assert recorder.epochs == result.history  # only the delivered model's epochs
+    # Each run (the trials', the final run's) told the job's progress its epochs as it
+    # began, in order: a trial of 4 epochs is not shown as "epoch 4 of 2".
+    told = iter(recorder.plans)
+    runs = [
+        t for t in result.extra["search"]["trials"] if t.get("state") not in ("skipped", "failed")
+    ]
+    assert all(any(p == t["params"]["epochs"] for p in told) for t in runs), recorder.plans
 
 
 def test_a_failed_trial_is_recorded_and_the_search_keeps_to_its_budget(few_digits):

@@ -179,6 +179,7 @@ class Search:
             budget, margin = self.fit_budget(number)
             spec = spec.model_copy(update={"time_budget_seconds": budget})
             hooks.deadline = self.trials_deadline - margin
+            self.outer.on_plan(spec.epochs)  # the job's progress counts this trial's epochs
             t_fit = time.monotonic()
             result = fit(spec, data, hooks, **self.fit_kwargs)
         except Exception as exc:  # noqa: BLE001 - recorded; the search goes on
@@ -280,8 +281,10 @@ class Search:
         label = f"search: final run ({spec.epochs} epochs)"
         hooks = TrialCallbacks(self.outer, None, label, t0 + left)
         try:
+            data = self.data_for(spec, label)
+            self.outer.on_plan(spec.epochs)
             t_fit = time.monotonic()
-            result = fit(spec, self.data_for(spec, label), hooks, **self.fit_kwargs)
+            result = fit(spec, data, hooks, **self.fit_kwargs)
         except Exception as exc:  # noqa: BLE001 - recorded; the best trial stays delivered
             self.failed(row, exc, t0)
             return

@@ -17,9 +17,10 @@ PHASE_CHARS = 40  # jobs.phase is a VARCHAR(40)
 
 
 class TrialCallbacks(Callbacks):
-    """One trial's view of the job's callbacks: phases are labelled with the trial, steps go
-    through (progress, and the reporter's cancel check), epochs are reported to Optuna for
-    pruning but not to the job (its metrics become the best trial's, replayed at the end).
+    """One trial's view of the job's callbacks: phases are labelled with the trial, steps and
+    plans go through (progress, and the reporter's cancel check), epochs are reported to
+    Optuna for pruning but not to the job (its metrics become the best trial's, replayed at
+    the end).
     Stops the trial when the job asks, when Optuna prunes it, or at the search's deadline.
     A trial's model is not exported (the search keeps time for the best one's)."""
 
@@ -52,6 +53,11 @@ class TrialCallbacks(Callbacks):
     def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         self.share = step / max(1, steps_per_epoch)
         self.outer.on_step(epoch, step, steps_per_epoch)
+
+    def on_plan(self, epochs: float) -> None:
+        """A budget re-fit of this run's epochs: the job's progress counts them (the search
+        told it the run's planned epochs as the run began)."""
+        self.outer.on_plan(epochs)
 
     def on_epoch_end(self, metrics: dict[str, Any], best: dict[str, Any]) -> None:
         if self.first_epoch_at is None:
