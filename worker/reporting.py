@@ -70,7 +70,9 @@ class DbReporter(Callbacks):
 
     def on_phase(self, phase: str) -> None:
         self.phase = phase
-        self.started = time.monotonic() if phase == "training" else self.started
+        # The ETA counts from the training loop's start (a search run's phase is labelled).
+        training = phase == "training" or phase.endswith(": training")
+        self.started = time.monotonic() if training else self.started
         self._write(
             phase=phase,
             epoch=self.epoch,
@@ -106,6 +108,12 @@ class DbReporter(Callbacks):
             total_steps=total,
             eta_seconds=eta,
         )
+
+    def on_run(self, epochs: float) -> None:
+        # A search's next run: nothing of the last one's progress carries over.
+        self.epoch = self.done_steps = self.total_steps = 0
+        self.started = time.monotonic()
+        self.on_plan(epochs)
 
     def on_plan(self, epochs: float) -> None:
         # The budget re-fitted the schedule: progress and ETA count the epochs now planned,

@@ -358,3 +358,13 @@ def test_progress_counts_the_epochs_a_budget_re_fit_planned(job_id, integration_
     reporter.on_step(12, 3, 5)
     reporter.on_step(12, 4, 5)
     assert row(job_id).step == 57
+    # A search's next run (a trial of 2 epochs): its progress starts from nothing, not at
+    # "epoch 12 of 2", and its phase (labelled with the run) restarts the ETA's clock.
+    reporter.on_run(2)
+    reporter.on_phase("search: trial 2/3: training")
+    job = row(job_id)
+    assert (job.epoch, job.total_epochs, job.step, job.total_steps) == (0, 2, 0, 0)
+    reporter.on_step(1, 5, 5)
+    job = row(job_id)
+    assert (job.epoch, job.total_epochs, job.step, job.total_steps) == (1, 2, 5, 10)
+    assert 0 <= job.eta_seconds < 60

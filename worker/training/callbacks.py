@@ -27,6 +27,11 @@ class Callbacks:
         last one's share when it is a part of one (`5.35`: 5 whole epochs and 35% of a
         sixth)."""
 
+    def on_run(self, epochs: float) -> None:
+        """A new training run begins within the job (a search's trial or final run): its
+        progress starts from nothing and counts `epochs`. By default, a plan of them."""
+        self.on_plan(epochs)
+
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         """After each epoch (and after lp_ft's probe): everything needed to resume, as
         tensors, numbers, strings, lists and dicts (loadable with `weights_only=True`).

@@ -65,6 +65,11 @@ def default_pruner() -> optuna.pruners.BasePruner:
     )
 
 
+def run_epochs(spec: JobSpec) -> int:
+    """The epochs a run's progress counts: a linear probe's one step is its only one."""
+    return 1 if spec.strategy == "linear_probe" else spec.epochs
+
+
 def delivery_reserve(config: JobSpec, budget: float) -> float:
     """Seconds the search keeps for the best model's delivery: the auto recipe's estimate
     (`plan.speed.estimated_delivery_seconds`, from the dataset and the measured speed) when
@@ -179,7 +184,7 @@ class Search:
             budget, margin = self.fit_budget(number)
             spec = spec.model_copy(update={"time_budget_seconds": budget})
             hooks.deadline = self.trials_deadline - margin
-            self.outer.on_plan(spec.epochs)  # the job's progress counts this trial's epochs
+            self.outer.on_run(run_epochs(spec))  # the job's progress counts this trial's
             t_fit = time.monotonic()
             result = fit(spec, data, hooks, **self.fit_kwargs)
         except Exception as exc:  # noqa: BLE001 - recorded; the search goes on
@@ -282,7 +287,7 @@ class Search:
         hooks = TrialCallbacks(self.outer, None, label, t0 + left)
         try:
             data = self.data_for(spec, label)
-            self.outer.on_plan(spec.epochs)
+            self.outer.on_run(run_epochs(spec))
             t_fit = time.monotonic()
             result = fit(spec, data, hooks, **self.fit_kwargs)
         except Exception as exc:  # noqa: BLE001 - recorded; the best trial stays delivered
